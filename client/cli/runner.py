@@ -1,0 +1,37 @@
+"""Runs a Typer app so that a user's mistake is one line on stderr and a documented exit code, never a traceback.
+
+Exit codes shared by `fer-sim`, `fer-server` and `fer-client`:
+    0  success
+    1  a user error (bad path, bad data, bad option value, exhausted privacy budget); one line names the cause
+    2  a usage error (unknown option, missing argument), as click reports it
+    130 interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+
+def run_cli(app: typer.Typer, prog_name: str, argv: list[str] | None = None) -> int:
+    """Runs `app` with `argv` and returns the process exit code."""
+    try:
+        result = app(args=argv, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.UsageError as err:
+        # Usage errors keep click's hint line ("Try 'fer-sim run --help'") because it tells the fix.
+        err.show(file=sys.stderr)
+        return err.exit_code
+    except click.ClickException as err:
+        print(f"{prog_name}: error: {err.format_message()}", file=sys.stderr)
+        return err.exit_code
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.exceptions.Abort:
+        print(f"{prog_name}: aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"{prog_name}: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0

@@ -1,0 +1,1 @@
+"""FER architectures and their registry. Imports torch only."""

@@ -1,0 +1,1 @@
+"""The coordinator's side: the Flower ServerApp, strategies, update validation, evaluation, run directories."""

@@ -1,0 +1,1 @@
+"""Federated simulations on Flower's simulation engine: partitioning, client profiles, the `fer-sim` CLI."""
