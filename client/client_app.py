@@ -1,0 +1,172 @@
+"""The Flower ClientApp: a thin adapter between Flower's messages and the plain training loops in `client.task`.
+
+It uses Flower's NumPyClient (legacy) path on purpose: in Flower 1.41 secure aggregation (SecAgg+) only runs there,
+and one path for plain, DP and secure-aggregation runs means one thing to test.
+
+What leaves the node is a model *delta* (new weights − received weights), validated and norm-bounded by
+`privacy.guard` first: deltas quantise with far less error under secure aggregation than full weights, and a
+NaN or an exploding update is caught here rather than turned into garbage the server cannot see.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.client import ClientApp, NumPyClient
+from torch.utils.data import DataLoader
+
+from client import task
+from client.config import RunSettings
+from client.data.preprocess import Augment, FERTorchDataset
+from client.node_data import NodeData, load_node_data
+from models import create_model
+
+log = logging.getLogger("fer_fl.client")
+
+
+@dataclass(frozen=True)
+class NodeSetup:
+    """Everything node-specific a client needs: its data and how it trains (from its profile)."""
+
+    data: NodeData
+    profile: str
+    local_epochs: int
+    batch_size: int
+    state_dir: Path
+
+
+def setup_from_node_config(context: Context, settings: RunSettings) -> NodeSetup:
+    """A real node: its dataset and profile come from the SuperNode's `--node-config`."""
+    from client.profiles import PROFILES  # profiles are node settings, shared with simulations
+
+    cfg = context.node_config
+    if "dataset" not in cfg:
+        raise ValueError("node config has no 'dataset' (start the node with fer-client --dataset KIND=PATH)")
+    client_id = str(cfg.get("client-id", context.node_id))
+    data = load_node_data(
+        spec=str(cfg["dataset"]),
+        client_id=client_id,
+        image_size=settings.image_size,
+        seed=settings.seed,
+        test_fraction=settings.local_test_fraction,
+    )
+    profile_name = str(cfg.get("profile", ""))
+    profile = PROFILES.get(profile_name)
+    state_dir = Path(str(cfg.get("state-dir", Path.home() / ".fer-fl" / client_id)))
+    return NodeSetup(
+        data=data,
+        profile=profile_name or "default",
+        local_epochs=profile.local_epochs if profile else settings.local_epochs,
+        batch_size=profile.batch_size if profile else settings.batch_size,
+        state_dir=state_dir,
+    )
+
+
+class FerClient(NumPyClient):
+    """One node's training and evaluation for one message. Built fresh per message; state lives on disk."""
+
+    def __init__(self, *, setup: NodeSetup, settings: RunSettings, node_index: int) -> None:
+        self.setup = setup
+        self.settings = settings
+        self.node_index = node_index
+
+    def _model(self) -> torch.nn.Module:
+        # Federated models always use the GroupNorm build: BatchNorm's running statistics are per-site data
+        # statistics (a leak of their own) and average badly across non-IID sites.
+        return create_model(self.settings.model, dp=True)
+
+    def _seed(self, server_round: int) -> int:
+        return self.settings.seed * 1_000_003 + self.node_index * 1_009 + server_round
+
+    def get_parameters(self, config: dict) -> list[np.ndarray]:
+        return task.get_weights(self._model())
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        server_round = int(config.get("server-round", 0))
+        seed = self._seed(server_round)
+        torch.manual_seed(seed)
+        model = self._model()
+        task.set_weights(model, parameters)
+        data = self.setup.data
+        dataset = FERTorchDataset(data.train_images, data.train_labels, augment=Augment(), seed=seed)
+        loader = DataLoader(
+            dataset,
+            batch_size=min(self.setup.batch_size, max(1, len(dataset))),
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        optimizer = task.make_optimizer(model, name=self.settings.optimizer, lr=self.settings.lr)
+        proximal_mu = float(config.get("proximal-mu", 0.0))
+        reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+        result = task.train(
+            model,
+            loader,
+            epochs=self.setup.local_epochs,
+            optimizer=optimizer,
+            proximal_mu=proximal_mu,
+            reference=reference,
+        )
+        new_weights = task.get_weights(model)
+        delta = [new - np.asarray(old, dtype=np.float32) for new, old in zip(new_weights, parameters)]
+        delta, norm, clipped = bound_update(delta, max_norm=self.settings.max_update_norm)
+        metrics = {
+            "client-id": data.client_id,
+            "profile": self.setup.profile,
+            "train-loss": result.loss,
+            "train-accuracy": result.accuracy,
+            "update-norm": norm,
+            "update-clipped": clipped,
+        }
+        return delta, data.num_train, metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        data = self.setup.data
+        model = self._model()
+        task.set_weights(model, parameters)
+        loader = DataLoader(FERTorchDataset(data.test_images, data.test_labels), batch_size=256)
+        result = task.evaluate(model, loader)
+        return result.loss, result.num_examples, {"client-id": data.client_id, "accuracy": result.accuracy}
+
+
+def bound_update(delta: list[np.ndarray], *, max_norm: float) -> tuple[list[np.ndarray], float, bool]:
+    """Refuses a non-finite update and scales one whose global L2 norm exceeds `max_norm` down to it.
+
+    Returns the (possibly scaled) arrays, the original norm and whether it was scaled.
+    """
+    for array in delta:
+        if not np.all(np.isfinite(array)):
+            raise FloatingPointError("local training produced a non-finite update; refusing to send it")
+    norm = float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in delta)))
+    if norm <= max_norm:
+        return delta, norm, False
+    scale = max_norm / norm
+    return [(a * scale).astype(np.float32) for a in delta], norm, True
+
+
+def make_client_app(
+    *, provider=setup_from_node_config, settings: RunSettings | None = None, mods: tuple = ()
+) -> ClientApp:
+    """Builds the ClientApp.
+
+    Args:
+        provider: `provider(context, settings) -> NodeSetup` decides where a node's data comes from.
+        settings: fixed settings (an in-process simulation); None reads them from each message's run config.
+        mods: Flower client mods (secure aggregation).
+    """
+    fixed = settings
+
+    def client_fn(context: Context):
+        settings = fixed or RunSettings.from_run_config(dict(context.run_config))
+        setup = provider(context, settings)
+        node_index = int(context.node_config.get("partition-id", 0))
+        return FerClient(setup=setup, settings=settings, node_index=node_index).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=list(mods))
+
+
+app = make_client_app()

@@ -1,0 +1,162 @@
+"""The run configuration: every tunable of a federated run, read once at an app's entry point.
+
+Flower hands apps a flat `run_config` of kebab-case keys (`[tool.flwr.app.config]` in pyproject.toml, overridden by
+`flwr run --run-config` or by `fer-sim`). `RunSettings.from_run_config` turns it into one typed, validated object that
+is passed down as plain arguments, so nothing below the entry points reads a Context.
+
+It lives in `client/` because both apps need it and `server/` may import `client/` but not the reverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
+PARTITIONS = ("iid", "dirichlet", "pathological", "quantity")
+OPTIMIZERS = ("adam", "sgd")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+class ConfigError(ValueError):
+    """A run-configuration value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """All run-level tunables. Field names are the kebab-case config keys with `_` for `-`."""
+
+    # Data
+    dataset: str = "synthetic"  # "KIND=PATH[@CLIENTS]" entries separated by ";"
+    image_size: int = 48
+    num_clients: int = 10
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    profile_mix: str = ""  # "" = no profiles; e.g. "hospital=0.3,iot=0.7"
+    local_test_fraction: float = 0.2
+    # Model and local training
+    model: str = "cnn_am"
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    # Federation
+    num_server_rounds: int = 3
+    strategy: str = "fedavg"
+    fraction_fit: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_clients: int = 2
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    trimmed_beta: float = 0.2
+    krum_malicious: int = 0
+    max_update_norm: float = 100.0
+    max_examples: int = 1_000_000
+    seed: int = 42
+    out_dir: str = "runs/latest"
+    # Privacy (the privacy issue wires these through; 0 disables)
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    secure_agg: bool = False
+    secagg_shares: int = 3
+    secagg_threshold: int = 2
+    central_dp_noise: float = 0.0
+    central_clip: float = 0.0
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The kebab-case config keys, in declaration order."""
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
+        """Builds settings from Flower's run config; unknown keys and wrong types raise ConfigError naming the key."""
+        kwargs: dict[str, Any] = {}
+        by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
+        for key, value in run_config.items():
+            field = by_key.get(key)
+            if field is None:
+                raise ConfigError(f"unknown run-config key {key!r}; known keys: {', '.join(by_key)}")
+            kwargs[field.name] = _coerce(key, value, type(getattr(cls(), field.name)))
+        settings = cls(**kwargs)
+        settings.validate()
+        return settings
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The kebab-case dict Flower expects (bool, int, float and str values only)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunSettings:
+        settings = dataclasses.replace(self, **changes)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Checks ranges and combinations; raises ConfigError naming the offending key."""
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("partition", self.partition, PARTITIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("accountant", self.accountant, ACCOUNTANTS)
+        _positive("num-clients", self.num_clients)
+        _positive("num-server-rounds", self.num_server_rounds)
+        _positive("local-epochs", self.local_epochs)
+        _positive("batch-size", self.batch_size)
+        _positive("lr", self.lr)
+        _positive("alpha", self.alpha)
+        _positive("image-size", self.image_size)
+        _positive("max-update-norm", self.max_update_norm)
+        _positive("max-examples", self.max_examples)
+        _positive("min-clients", self.min_clients)
+        if not 0 < self.fraction_fit <= 1:
+            raise ConfigError(f"fraction-fit must be in (0, 1], got {self.fraction_fit}")
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        if not 0 <= self.local_test_fraction < 1:
+            raise ConfigError(f"local-test-fraction must be in [0, 1), got {self.local_test_fraction}")
+        if not 0 <= self.trimmed_beta < 0.5:
+            raise ConfigError(f"trimmed-beta must be in [0, 0.5), got {self.trimmed_beta}")
+        if self.dp_epsilon < 0 or not 0 < self.dp_delta < 1:
+            raise ConfigError("dp-epsilon must be >= 0 (0 = off) and dp-delta in (0, 1)")
+        if self.secure_agg and self.strategy in ROBUST_STRATEGIES:
+            # Robust rules need every individual update; under secure aggregation the server only sees the sum.
+            raise ConfigError(f"strategy {self.strategy!r} needs individual updates and cannot run with secure-agg")
+        if self.secure_agg and not 1 < self.secagg_threshold <= self.secagg_shares:
+            raise ConfigError("secagg-threshold must be > 1 and <= secagg-shares")
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_epsilon > 0
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"run-config key {key!r} expects {kind.__name__}, got {value!r}") from None
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {', '.join(options)}; got {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")

@@ -1,0 +1,315 @@
+"""The Flower ServerApp: builds the strategy, runs the rounds, and writes the run directory.
+
+It runs on Flower's legacy workflow path (LegacyContext + a `flwr.server.strategy` strategy): in Flower 1.41 that is
+the only path on which SecAgg+ works, so plain, DP and secure-aggregation runs all share it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.compat.common import recorddict_compat as compat
+from flwr.common import ndarrays_to_parameters
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.default_workflows import (
+    default_centralized_evaluation_workflow,
+    default_evaluate_workflow,
+    default_fit_workflow,
+)
+from flwr.serverapp import Grid, ServerApp
+
+from client import task
+from client.config import RunSettings
+from client.data.labels import EMOTIONS
+from client.node_data import cached_dataset, parse_dataset_list
+from models import create_model
+from server.evaluation import ServerEvaluator
+from server.metrics import client_distribution
+from server.rundir import RunDirectory
+from server.strategy import GuardedStrategy, create_strategy
+
+log = logging.getLogger("fer_fl.server")
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """Where a resumed run starts: the weights after `completed_round`."""
+
+    weights: list[np.ndarray]
+    completed_round: int
+
+
+def initial_weights(settings: RunSettings) -> list[np.ndarray]:
+    """The seeded initial global model, so the same seed gives the same run."""
+    torch.manual_seed(settings.seed)
+    return task.get_weights(create_model(settings.model, dp=True))
+
+
+def load_server_test_set(settings: RunSettings) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """The held-out test split(s) of the run's dataset(s), pooled; None when no dataset has a test split."""
+    images, labels, synthetic = [], [], False
+    for entry in parse_dataset_list(settings.dataset):
+        dataset = cached_dataset(entry.spec, settings.image_size, settings.seed)
+        synthetic = synthetic or dataset.synthetic
+        if "test" in dataset.splits:
+            images.append(dataset.splits["test"].images)
+            labels.append(dataset.splits["test"].labels)
+    if not images:
+        return None
+    return np.concatenate(images), np.concatenate(labels), synthetic
+
+
+def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedStrategy:
+    """The configured Flower strategy inside the update guard, with server-side evaluation."""
+    proximal_mu = settings.proximal_mu if settings.strategy == "fedprox" else 0.0
+
+    def fit_config(server_round: int) -> dict[str, Any]:
+        return {"server-round": server_round, "proximal-mu": proximal_mu}
+
+    common = {
+        "fraction_fit": settings.fraction_fit,
+        "fraction_evaluate": settings.fraction_evaluate,
+        "min_fit_clients": 1,
+        "min_evaluate_clients": 1 if settings.fraction_evaluate > 0 else 0,
+        "min_available_clients": settings.min_clients,
+        "initial_parameters": ndarrays_to_parameters(weights),
+        "on_fit_config_fn": fit_config,
+        "on_evaluate_config_fn": lambda r: {"server-round": r},
+        "accept_failures": True,
+    }
+    inner = create_strategy(
+        settings.strategy,
+        common=common,
+        options={
+            "proximal_mu": settings.proximal_mu,
+            "server_lr": settings.server_lr,
+            "trimmed_beta": settings.trimmed_beta,
+            "krum_malicious": settings.krum_malicious,
+        },
+    )
+    test_set = load_server_test_set(settings)
+    evaluator = None
+    if test_set is not None:
+        evaluator = ServerEvaluator(model_name=settings.model, images=test_set[0], labels=test_set[1])
+    return GuardedStrategy(
+        inner,
+        expected_shapes=[w.shape for w in weights],
+        max_update_norm=settings.max_update_norm,
+        max_examples=settings.max_examples,
+        evaluate_fn=evaluator,
+    )
+
+
+class FerWorkflow:
+    """Flower's DefaultWorkflow loop, plus what a real run needs: a start round (resume), a record and a
+    checkpoint after every round, and a callback for progress display.
+
+    Args:
+        strategy: the guarded strategy (also the source of each round's report).
+        num_rounds: the last round to run.
+        start_weights: global weights to start from.
+        start_round: first round to run (> 1 when resuming).
+        fit_workflow: Flower fit workflow (the default one, or the secure-aggregation one).
+        on_round: called with each round's record (round 0 = the initial model), after it is complete.
+    """
+
+    def __init__(
+        self,
+        *,
+        strategy: GuardedStrategy,
+        num_rounds: int,
+        start_weights: list[np.ndarray],
+        start_round: int = 1,
+        fit_workflow: Callable[[Grid, LegacyContext], None] = default_fit_workflow,
+        evaluate_clients: bool = True,
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.num_rounds = num_rounds
+        self.start_weights = start_weights
+        self.start_round = start_round
+        self.fit_workflow = fit_workflow
+        self.evaluate_clients = evaluate_clients
+        self.on_round = on_round or (lambda record: None)
+        self.final_weights: list[np.ndarray] = start_weights
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
+        try:
+            c_done.wait()
+            parameters = ndarrays_to_parameters(self.start_weights)
+            context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(parameters, True)
+            cfg = ConfigRecord()
+            cfg[Key.START_TIME] = time.perf_counter()
+            context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+            if self.start_round == 1:
+                started = time.perf_counter()
+                self.strategy.evaluate(0, parameters)
+                self.on_round(self._record(0, time.perf_counter() - started))
+            for server_round in range(self.start_round, self.num_rounds + 1):
+                started = time.perf_counter()
+                cfg[Key.CURRENT_ROUND] = server_round
+                self.fit_workflow(grid, context)
+                default_centralized_evaluation_workflow(grid, context)
+                if self.evaluate_clients:
+                    default_evaluate_workflow(grid, context)
+                self.final_weights = self._current_weights(context)
+                self.on_round(self._record(server_round, time.perf_counter() - started))
+        finally:
+            f_stop.set()
+            thread.join()
+
+    @staticmethod
+    def _current_weights(context: LegacyContext) -> list[np.ndarray]:
+        record = context.state.array_records[MAIN_PARAMS_RECORD]
+        from flwr.common import parameters_to_ndarrays
+
+        return parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
+
+    def _record(self, server_round: int, seconds: float) -> dict[str, Any]:
+        report = self.strategy.report(server_round)
+        server = self.strategy.server_metrics.get(server_round)
+        clients = {cid: {"accuracy": c["accuracy"], "num_examples": c["num_examples"]} for cid, c in report.eval_clients.items()}
+        accuracies = [c["accuracy"] for c in clients.values() if c["accuracy"] is not None]
+        federated = None
+        if clients:
+            total = sum(c["num_examples"] for c in clients.values())
+            federated = {
+                "loss": report.eval_loss,
+                "accuracy": sum(c["accuracy"] * c["num_examples"] for c in clients.values()) / total,
+                "clients": clients,
+                "distribution": client_distribution(accuracies),
+            }
+        record: dict[str, Any] = {
+            "round": server_round,
+            "seconds": seconds,
+            "bytes_up": report.bytes_up,
+            "bytes_down": report.bytes_down,
+            "server": server,
+            "federated": federated,
+        }
+        if server_round > 0:
+            record["fit"] = {
+                "num_clients": report.num_results,
+                "num_accepted": report.num_accepted,
+                "num_rejected": len(report.rejected),
+                "rejected": report.rejected,
+                "failures": report.failures,
+                "train_loss": report.train_loss,
+            }
+        return record
+
+
+def run_federation(
+    grid: Grid,
+    context: Context,
+    settings: RunSettings,
+    *,
+    run_dir: RunDirectory,
+    resume: ResumeState | None = None,
+    on_round: RoundCallback | None = None,
+) -> list[np.ndarray]:
+    """Runs the configured federation to its last round, writing every round to `run_dir`. Returns final weights."""
+    weights = resume.weights if resume else initial_weights(settings)
+    strategy = build_strategy(settings, weights)
+    started = time.perf_counter()
+
+    def record_round(record: dict[str, Any]) -> None:
+        run_dir.append_round(record)
+        if record["round"] > 0:
+            run_dir.save_model(
+                _state_dict(settings, workflow.final_weights),
+                model_name=settings.model,
+                model_cfg={"dp": True},
+                round=record["round"],
+                checkpoint=True,
+            )
+        _log_round(record, settings.num_server_rounds)
+        if on_round is not None:
+            on_round(record)
+
+    workflow = FerWorkflow(
+        strategy=strategy,
+        num_rounds=settings.num_server_rounds,
+        start_weights=weights,
+        start_round=(resume.completed_round + 1) if resume else 1,
+        evaluate_clients=settings.fraction_evaluate > 0,
+        on_round=record_round,
+    )
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.num_server_rounds), strategy=strategy)
+    workflow(grid, legacy)
+    run_dir.save_model(
+        _state_dict(settings, workflow.final_weights),
+        model_name=settings.model,
+        model_cfg={"dp": True},
+        round=settings.num_server_rounds,
+    )
+    run_dir.write_summary(summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings))
+    return workflow.final_weights
+
+
+def summarize(rounds: list[dict[str, Any]], *, seconds: float, settings: RunSettings) -> dict[str, Any]:
+    """The run's headline numbers for summary.json."""
+    scored = [r for r in rounds if r.get("server")]
+    final = scored[-1]["server"] if scored else {}
+    trained = [r for r in rounds if r["round"] > 0]
+    last_fed = next((r["federated"] for r in reversed(trained) if r.get("federated")), None)
+    return {
+        "model": settings.model,
+        "strategy": settings.strategy,
+        "dataset": settings.dataset,
+        "rounds": max((r["round"] for r in rounds), default=0),
+        "final_accuracy": final.get("accuracy"),
+        "best_accuracy": max((r["server"]["accuracy"] for r in scored), default=None),
+        "macro_f1": final.get("macro_f1"),
+        "initial_accuracy": scored[0]["server"]["accuracy"] if scored and scored[0]["round"] == 0 else None,
+        "federated_accuracy": last_fed["accuracy"] if last_fed else None,
+        "client_accuracy": last_fed["distribution"] if last_fed else None,
+        "seconds": seconds,
+        "bytes_per_round": (sum(r["bytes_up"] + r["bytes_down"] for r in trained) / len(trained)) if trained else 0,
+        "rejected_updates": sum(r["fit"]["num_rejected"] for r in trained),
+        "classes": list(EMOTIONS),
+    }
+
+
+def _state_dict(settings: RunSettings, weights: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    model = create_model(settings.model, dp=True)
+    task.set_weights(model, weights)
+    return model.state_dict()
+
+
+def _log_round(record: dict[str, Any], num_rounds: int) -> None:
+    server = record.get("server") or {}
+    fit = record.get("fit") or {}
+    log.info(
+        "round %d/%d: accuracy %s, accepted %s, rejected %s, %.1fs",
+        record["round"],
+        num_rounds,
+        f"{server['accuracy']:.4f}" if "accuracy" in server else "n/a",
+        fit.get("num_accepted", "-"),
+        fit.get("num_rejected", "-"),
+        record["seconds"],
+    )
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point under `flwr run`: settings come from the run config, the run directory from `out-dir`."""
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    run_dir = RunDirectory(settings.out_dir)
+    run_dir.write_config(settings.to_run_config())
+    run_federation(grid, context, settings, run_dir=run_dir)

@@ -1,0 +1,120 @@
+"""How a simulated federation is laid out: which client holds which samples, with which profile.
+
+Every simulated client computes the same plan from the same settings (it is deterministic and cached per process),
+so nothing but the run settings has to travel to the Ray workers.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context
+
+from client.client_app import NodeSetup, setup_from_node_config
+from client.config import ConfigError, RunSettings
+from client.node_data import cached_dataset, node_data_from_indices, parse_dataset_list
+from client.profiles import ClientProfile, assign_profiles, parse_profile_mix
+from simulation.partition import partition_labels, partition_stats
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    client_id: str
+    dataset_spec: str
+    indices: np.ndarray
+    profile: ClientProfile | None
+
+
+def clients_per_dataset(settings: RunSettings) -> list[tuple[str, int]]:
+    """Splits `num-clients` over the dataset entries: explicit `@N` counts win, the rest share the remainder."""
+    entries = parse_dataset_list(settings.dataset)
+    fixed = sum(e.clients for e in entries if e.clients)
+    open_entries = [e for e in entries if not e.clients]
+    if fixed and not open_entries:
+        return [(e.spec, e.clients) for e in entries]
+    remaining = settings.num_clients - fixed
+    if remaining < len(open_entries):
+        raise ConfigError(
+            f"num-clients {settings.num_clients} leaves too few clients for the datasets without an @N count"
+        )
+    share, extra = divmod(remaining, len(open_entries))
+    counts = {id(e): share + (1 if i < extra else 0) for i, e in enumerate(open_entries)}
+    return [(e.spec, e.clients or counts[id(e)]) for e in entries]
+
+
+@functools.lru_cache(maxsize=2)
+def federation_plan(settings: RunSettings) -> tuple[ClientPlan, ...]:
+    """The whole federation's layout for these settings."""
+    layout = clients_per_dataset(settings)
+    total = sum(n for _, n in layout)
+    profiles: list[ClientProfile | None] = [None] * total
+    if settings.profile_mix:
+        profiles = list(assign_profiles(total, parse_profile_mix(settings.profile_mix), seed=settings.seed))
+    plans, offset = [], 0
+    for spec, count in layout:
+        labels = cached_dataset(spec, settings.image_size, settings.seed).splits["train"].labels
+        block = profiles[offset : offset + count]
+        weights = [p.data_weight for p in block] if settings.profile_mix else None
+        parts = partition_labels(
+            labels,
+            num_partitions=count,
+            scheme=settings.partition,
+            alpha=settings.alpha,
+            classes_per_client=settings.classes_per_client,
+            size_weights=weights,
+            seed=settings.seed + offset,
+        )
+        for local_index, indices in enumerate(parts):
+            client = offset + local_index
+            plans.append(ClientPlan(f"client-{client:03d}", spec, np.asarray(indices), block[local_index]))
+        offset += count
+    return tuple(plans)
+
+
+def federation_stats(settings: RunSettings) -> dict:
+    """Per-client label counts and skew for partition.json and the report's partition plot."""
+    plans = federation_plan(settings)
+    stats: dict = {"clients": {}, "datasets": {}}
+    for spec, _ in clients_per_dataset(settings):
+        members = [p for p in plans if p.dataset_spec == spec]
+        labels = cached_dataset(spec, settings.image_size, settings.seed).splits["train"].labels
+        block = partition_stats(labels, [p.indices for p in members])
+        stats["datasets"][spec] = block
+        for plan, counts in zip(members, block["per_client"]):
+            stats["clients"][plan.client_id] = {
+                "dataset": spec,
+                "profile": plan.profile.name if plan.profile else None,
+                "per_class": counts,
+                "size": int(len(plan.indices)),
+            }
+    return stats
+
+
+def simulated_setup(context: Context, settings: RunSettings) -> NodeSetup:
+    """The data provider of simulated nodes (a node with a real `dataset` in its node config uses that)."""
+    if "dataset" in context.node_config:
+        return setup_from_node_config(context, settings)
+    partition_id = int(context.node_config["partition-id"])
+    plans = federation_plan(settings)
+    if partition_id >= len(plans):
+        raise ConfigError(f"simulated node {partition_id} has no partition: the plan has {len(plans)} clients")
+    plan = plans[partition_id]
+    dataset = cached_dataset(plan.dataset_spec, settings.image_size, settings.seed)
+    data = node_data_from_indices(
+        dataset,
+        plan.indices,
+        client_id=plan.client_id,
+        test_fraction=settings.local_test_fraction,
+        seed=settings.seed + partition_id,
+    )
+    profile = plan.profile
+    return NodeSetup(
+        data=data,
+        profile=profile.name if profile else "default",
+        local_epochs=profile.local_epochs if profile else settings.local_epochs,
+        batch_size=profile.batch_size if profile else settings.batch_size,
+        state_dir=Path(settings.out_dir) / "clients" / plan.client_id,
+    )
