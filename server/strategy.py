@@ -235,6 +235,8 @@ class GuardedStrategy(Strategy):
             loss = _as_float(res.metrics.get("train-loss"))
             if loss is not None:
                 losses.append((loss, int(res.num_examples)))
+        # Replies arrive in completion order; a fixed order makes float aggregation, and so the run, reproducible.
+        accepted.sort(key=lambda item: str(item[1].metrics.get("client-id", item[0].cid)))
         report.num_accepted = len(accepted)
         if losses:
             report.train_loss = sum(l * n for l, n in losses) / sum(n for _, n in losses)
@@ -269,6 +271,7 @@ class GuardedStrategy(Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         report = self.report(server_round)
         valid = [(p, r) for p, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
+        valid.sort(key=lambda item: str(item[1].metrics.get("client-id", item[0].cid)))
         for proxy, res in valid:
             client_id = str(res.metrics.get("client-id", proxy.cid))
             report.eval_clients[client_id] = {

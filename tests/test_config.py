@@ -1,0 +1,62 @@
+"""The run configuration: one typed object, identical to the keys Flower reads from pyproject.toml."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from client.config import ConfigError, RunSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject_app_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_config_matches_settings_keys_and_defaults():
+    """[tool.flwr.app.config] lists exactly the settings' keys, with the settings' defaults."""
+    table = _pyproject_app_config()
+
+    assert list(table) == RunSettings.keys()
+    assert RunSettings.from_run_config(table) == RunSettings()
+
+
+def test_round_trip_through_run_config():
+    """to_run_config and from_run_config are inverse."""
+    settings = RunSettings(strategy="krum", num_clients=7, alpha=0.1, secure_agg=False)
+
+    assert RunSettings.from_run_config(settings.to_run_config()) == settings
+
+
+@pytest.mark.parametrize(
+    ("run_config", "names"),
+    [
+        ({"stratgy": "fedavg"}, "stratgy"),
+        ({"strategy": "fedsgd"}, "strategy"),
+        ({"num-clients": "ten"}, "num-clients"),
+        ({"num-clients": 2.5}, "num-clients"),
+        ({"fraction-fit": 0.0}, "fraction-fit"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"secure-agg": True, "strategy": "krum"}, "secure-agg"),
+        ({"secure-agg": "maybe"}, "secure-agg"),
+    ],
+)
+def test_invalid_values_name_the_key(run_config, names):
+    """Every invalid value raises ConfigError whose one-line message names the key."""
+    with pytest.raises(ConfigError) as err:
+        RunSettings.from_run_config(run_config)
+
+    assert names in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_string_booleans_and_integral_floats_are_coerced():
+    """Values typed on a command line (strings, 3.0) become the field's type."""
+    settings = RunSettings.from_run_config({"secure-agg": "true", "num-server-rounds": 3.0, "lr": "0.01"})
+
+    assert settings.secure_agg is True
+    assert settings.num_server_rounds == 3
+    assert settings.lr == pytest.approx(0.01)

@@ -1,0 +1,152 @@
+"""Update validation and the guarded strategies: malformed replies are rejected, the round goes on with the rest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+
+from server.strategy import GuardedStrategy, create_strategy, list_strategies, validate_update
+
+SHAPES = [(3, 2), (4,)]
+
+
+class _Proxy(ClientProxy):
+    """A ClientProxy is only an identity for strategies; the transport methods are never called here."""
+
+    def get_properties(self, ins, timeout, group_id):  # pragma: no cover - not used by aggregation
+        raise NotImplementedError
+
+    get_parameters = fit = evaluate = reconnect = get_properties
+
+
+def _make_delta(value: float) -> list[np.ndarray]:
+    return [np.full(shape, value, dtype=np.float32) for shape in SHAPES]
+
+
+def _make_fitres(arrays, *, num_examples: int = 10, client: str = "c") -> FitRes:
+    return FitRes(
+        status=Status(code=Code.OK, message=""),
+        parameters=ndarrays_to_parameters(arrays),
+        num_examples=num_examples,
+        metrics={"client-id": client, "train-loss": 1.0},
+    )
+
+
+def _make_guard(name: str = "fedavg", **options) -> GuardedStrategy:
+    initial = [np.zeros(s, np.float32) for s in SHAPES]
+    common = {"min_fit_clients": 1, "min_available_clients": 1, "initial_parameters": ndarrays_to_parameters(initial)}
+    opts = {"proximal_mu": 0.1, "server_lr": 0.1, "trimmed_beta": 0.2, "krum_malicious": 0} | options
+    guard = GuardedStrategy(
+        create_strategy(name, common=common, options=opts),
+        expected_shapes=SHAPES,
+        max_update_norm=10.0,
+        max_examples=1000,
+    )
+    guard._global = [np.ones(s, np.float32) for s in SHAPES]  # the global model the deltas were computed against
+    return guard
+
+
+def _params(arrays) -> Parameters:
+    return ndarrays_to_parameters(arrays)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "num_examples", "expected"),
+    [
+        (_make_delta(0.1), 10, None),
+        (_make_delta(0.1)[:1], 10, "expected 2 arrays"),
+        ([np.zeros((2, 3), np.float32), np.zeros(4, np.float32)], 10, "shape"),
+        ([np.zeros((3, 2), np.float64), np.zeros(4, np.float32)], 10, "dtype"),
+        ([np.full((3, 2), np.nan, np.float32), np.zeros(4, np.float32)], 10, "NaN or Inf"),
+        ([np.zeros((3, 2), np.float32), np.full(4, np.inf, np.float32)], 10, "NaN or Inf"),
+        (_make_delta(5.0), 10, "exceeds the bound"),
+        (_make_delta(0.1), 0, "not positive"),
+        (_make_delta(0.1), -3, "not positive"),
+        (_make_delta(0.1), 10**9, "plausible maximum"),
+    ],
+)
+def test_validate_update_names_the_problem(arrays, num_examples, expected):
+    """Each kind of malformed update is rejected with a reason that names it; a good one passes."""
+    reason = validate_update(arrays, expected_shapes=SHAPES, num_examples=num_examples, max_norm=10.0, max_examples=1000)
+
+    if expected is None:
+        assert reason is None
+    else:
+        assert expected in reason
+
+
+def test_malformed_updates_are_rejected_and_the_round_goes_on():
+    """With one good, one NaN and one zero-count reply, the aggregate is global + the good delta alone."""
+    guard = _make_guard()
+    results = [
+        (_Proxy("1"), _make_fitres(_make_delta(0.5), client="good")),
+        (_Proxy("2"), _make_fitres([np.full((3, 2), np.nan, np.float32), np.zeros(4, np.float32)], client="nan")),
+        (_Proxy("3"), _make_fitres(_make_delta(0.2), num_examples=0, client="zero")),
+    ]
+
+    parameters, _ = guard.aggregate_fit(1, results, [])
+
+    aggregated = parameters_to_ndarrays(parameters)
+    assert [a.tolist() for a in aggregated] == [np.full(s, 1.5, np.float32).tolist() for s in SHAPES]
+    report = guard.report(1)
+    assert report.num_accepted == 1
+    assert {r["client"] for r in report.rejected} == {"nan", "zero"}
+
+
+def test_fedavg_weights_deltas_by_example_count():
+    """FedAvg through the guard equals global + the example-weighted mean of deltas (an independent computation)."""
+    guard = _make_guard()
+    results = [
+        (_Proxy("1"), _make_fitres(_make_delta(1.0), num_examples=30, client="a")),
+        (_Proxy("2"), _make_fitres(_make_delta(-1.0), num_examples=10, client="b")),
+    ]
+
+    parameters, _ = guard.aggregate_fit(1, results, [])
+
+    expected = 1.0 + (30 * 1.0 + 10 * -1.0) / 40
+    assert all(np.allclose(a, expected) for a in parameters_to_ndarrays(parameters))
+
+
+def test_no_acceptable_update_leaves_the_model_unchanged():
+    """When every reply is malformed the strategy returns no parameters (the workflow keeps the old model)."""
+    guard = _make_guard()
+
+    parameters, metrics = guard.aggregate_fit(1, [(_Proxy("1"), _make_fitres(_make_delta(9.0)))], [])
+
+    assert parameters is None and metrics == {}
+    assert guard.report(1).rejected[0]["reason"].startswith("update norm")
+
+
+def test_undecodable_bytes_are_rejected_not_unpickled():
+    """A reply whose tensors are not .npy bytes is rejected (numpy loads with allow_pickle=False)."""
+    guard = _make_guard()
+    bogus = FitRes(Status(Code.OK, ""), Parameters(tensors=[b"\x80\x04not-npy", b""], tensor_type="numpy.ndarray"), 5, {})
+
+    parameters, _ = guard.aggregate_fit(1, [(_Proxy("1"), bogus)], [])
+
+    assert parameters is None
+    assert "undecodable" in guard.report(1).rejected[0]["reason"]
+
+
+@pytest.mark.parametrize("name", list_strategies())
+def test_every_strategy_aggregates_identical_updates_to_that_update(name):
+    """Identical accepted deltas must give global + delta under every registered rule (FedAdam: moves towards it)."""
+    guard = _make_guard(name)
+    results = [(_Proxy(str(i)), _make_fitres(_make_delta(0.5), client=f"c{i}")) for i in range(5)]
+
+    parameters, _ = guard.aggregate_fit(1, results, [])
+
+    aggregated = parameters_to_ndarrays(parameters)
+    if name == "fedadam":
+        # FedAdam starts from its initial (zero) weights and takes one adaptive step towards the average (1.5).
+        assert all(np.all((a > 0) & (a < 1.5)) for a in aggregated)
+    else:
+        assert all(np.allclose(a, 1.5) for a in aggregated)
+
+
+def test_unknown_strategy_lists_known_ones():
+    """create_strategy names the known strategies when given an unknown one."""
+    with pytest.raises(ValueError, match="known: fedadam, fedavg"):
+        create_strategy("fedsgd", common={}, options={})
