@@ -1,0 +1,324 @@
+"""The run directory that `fer-sim` and `fer-server` write, and what reads it back (report, evaluate, resume).
+
+Layout:
+    config.json, config.toml   the resolved configuration (TOML only when it is representable, see write_config)
+    metrics.jsonl, metrics.csv one record per round; round 0 is the initial model
+    partition.json             who holds which labels (simulations)
+    model.pt, model.json       the final global model: a plain state_dict (loads with weights_only=True) + metadata
+    checkpoints/round-XXX.*    per-round checkpoints, same format
+    summary.json               headline numbers; privacy.json (privacy issue); plots/, report.md (server.report)
+
+Every file is written to a temporary name in the same folder and renamed over the target (os.replace is atomic on
+POSIX), so a reader or a crash never sees half a file, and no temporary survives a successful write.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.data.labels import EMOTIONS, NUM_CLASSES
+
+CONFIG_JSON = "config.json"
+CONFIG_TOML = "config.toml"
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+PARTITION_JSON = "partition.json"
+SUMMARY_JSON = "summary.json"
+PRIVACY_JSON = "privacy.json"
+MODEL_PT = "model.pt"
+CHECKPOINTS = "checkpoints"
+_CHECKPOINT_NAME = re.compile(r"^round-(\d+)\.pt$")
+
+
+class RunDirectory:
+    """One run's output folder.
+
+    Args:
+        path: the folder.
+        create: make it (and parents) if missing; False opens an existing run for reading (report, evaluate).
+        resume: continue a run already there: its metrics are loaded and later rounds replace the ones they
+            supersede (see append_round).
+
+    Raises:
+        FileExistsError: the folder exists and is not empty while neither resume nor create=False says that is
+            intended: a new run never mixes its files with an old one's.
+        FileNotFoundError: resume or create=False for a folder that does not exist.
+    """
+
+    def __init__(self, path: Path | str, *, create: bool = True, resume: bool = False) -> None:
+        self.path = Path(path)
+        if resume or not create:
+            if not self.path.is_dir():
+                raise FileNotFoundError(f"run directory {self.path} does not exist")
+        elif self.path.exists():
+            if not self.path.is_dir():
+                raise FileExistsError(f"{self.path} exists and is not a directory")
+            if any(self.path.iterdir()):
+                raise FileExistsError(
+                    f"run directory {self.path} already exists and is not empty; choose another --out or resume it"
+                )
+        else:
+            self.path.mkdir(parents=True)
+        self._rounds: list[dict] = self._read_rounds()
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        """Writes config.json, and config.toml when the config is plain enough for TOML.
+
+        TOML has no null and no mixed-type arrays; rather than invent encodings, config.toml is written only when
+        the config converts as it is (a stale one from an earlier call is removed otherwise), and config.json is
+        always the reference.
+        """
+        self.write_json(CONFIG_JSON, config)
+        text = _toml_text(_jsonable(config))
+        toml_path = self.path / CONFIG_TOML
+        if text is None:
+            toml_path.unlink(missing_ok=True)
+        else:
+            atomic_write(toml_path, text.encode())
+
+    def append_round(self, record: Mapping[str, Any]) -> None:
+        """Adds one round's record to metrics.jsonl (as one JSON line) and metrics.csv (as one flat row).
+
+        A record for round r replaces every stored record with round >= r: after a resume from the checkpoint of
+        round r-1, the rounds the interrupted run had already logged from r on belong to a model history that no
+        longer exists, and keeping them would report rounds twice. Both files are rewritten atomically, so they
+        never hold half a line and always agree.
+
+        Raises:
+            ValueError: the record has no integer "round".
+        """
+        round_number = record.get("round")
+        if isinstance(round_number, bool) or not isinstance(round_number, int):
+            raise ValueError(f"a round record needs an integer 'round', got {round_number!r}")
+        clean = _jsonable(record)
+        self._rounds = [r for r in self._rounds if r["round"] < round_number] + [clean]
+        lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in self._rounds)
+        atomic_write(self.path / METRICS_JSONL, lines.encode())
+        atomic_write(self.path / METRICS_CSV, _csv_text(self._rounds).encode())
+
+    def rounds(self) -> list[dict]:
+        """The round records, in round order (a copy)."""
+        return json.loads(json.dumps(self._rounds))
+
+    def write_partition(self, stats: Mapping[str, Any]) -> None:
+        """partition.json: the output of simulation.partition.partition_stats (plus anything the caller adds)."""
+        self.write_json(PARTITION_JSON, stats)
+
+    def save_model(self, state_dict: Mapping[str, Any], *, model_name: str, model_cfg: Mapping[str, Any],
+                   round: int, extra: Mapping[str, Any] | None = None, checkpoint: bool = False) -> Path:  # noqa: A002
+        """Saves a model as a plain state_dict plus a JSON sidecar; returns the .pt path.
+
+        Without `checkpoint` it is the run's final model (model.pt / model.json); with it, checkpoints/round-XXX.pt.
+        Tensors are copied to CPU and numpy arrays (Flower's parameter format) converted, so the file loads with
+        `torch.load(path, weights_only=True)` on any machine. The sidecar holds name, cfg, round, the class names,
+        num_classes, the .pt file's sha256, and `extra`'s keys (which may not shadow those).
+
+        Raises:
+            ValueError: `extra` reuses a reserved key.
+        """
+        import torch
+
+        tensors = {key: _to_tensor(value) for key, value in state_dict.items()}
+        if checkpoint:
+            target = self.path / CHECKPOINTS / f"round-{round:03d}.pt"
+            target.parent.mkdir(exist_ok=True)
+        else:
+            target = self.path / MODEL_PT
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        payload = buffer.getvalue()
+        meta: dict[str, Any] = {
+            "name": model_name,
+            "cfg": dict(model_cfg),
+            "round": int(round),
+            "classes": list(EMOTIONS),
+            "num_classes": NUM_CLASSES,
+            "format": "torch state_dict (weights_only)",
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        clash = sorted(set(extra or {}) & set(meta))
+        if clash:
+            raise ValueError(f"extra model metadata may not override {', '.join(clash)}")
+        meta.update(extra or {})
+        atomic_write(target, payload)
+        atomic_write(target.with_suffix(".json"), _json_bytes(meta))
+        return target
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint with the highest round number (what a resume starts from), or None."""
+        found = []
+        for path in (self.path / CHECKPOINTS).glob("round-*.pt"):
+            match = _CHECKPOINT_NAME.match(path.name)
+            if match and path.with_suffix(".json").exists():
+                found.append((int(match.group(1)), path))
+        return max(found)[1] if found else None
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """summary.json (see server.metrics.summarize)."""
+        self.write_json(SUMMARY_JSON, summary)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Writes `obj` as indented JSON to `name` inside the run directory, atomically.
+
+        numpy scalars and arrays become numbers and lists, paths become strings, and NaN or infinity become null
+        (JSON has no spelling for them; a diverged loss still shows as a gap rather than an unreadable file).
+        """
+        target = self._inside(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, _json_bytes(obj))
+
+    def read_json(self, name: str) -> Any | None:
+        """The parsed JSON file `name`, or None when it does not exist."""
+        target = self._inside(name)
+        if not target.exists():
+            return None
+        return json.loads(target.read_text())
+
+    def _inside(self, name: str) -> Path:
+        target = (self.path / name).resolve()
+        if self.path.resolve() not in target.parents:
+            raise ValueError(f"{name!r} is outside the run directory")
+        return target
+
+    def _read_rounds(self) -> list[dict]:
+        path = self.path / METRICS_JSONL
+        if not path.exists():
+            return []
+        records = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+        return sorted(records, key=lambda r: r["round"])
+
+
+def load_model(path: Path | str) -> tuple[dict, dict]:
+    """Reads a model saved by RunDirectory.save_model: (state_dict, metadata from the .json beside it).
+
+    Raises:
+        FileNotFoundError: the .pt file or its .json sidecar is missing.
+        ValueError: the file does not match the sha256 recorded beside it (truncated or replaced).
+    """
+    import torch
+
+    model_path = Path(path)
+    meta_path = model_path.with_suffix(".json")
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model file {model_path} does not exist")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} (the model's name and config) is missing beside {model_path}")
+    meta = json.loads(meta_path.read_text())
+    payload = model_path.read_bytes()
+    if meta.get("sha256") and hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{model_path} does not match the sha256 in {meta_path.name}")
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    return dict(state), meta
+
+
+def flatten_round(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One round record as a flat CSV row.
+
+    Nested keys are joined with "." ("server.accuracy", "federated.distribution.worst_10pct"). Lists of
+    NUM_CLASSES scalars under a "per_class_*" or "support" key get one column per emotion ("server.per_class_recall.happy");
+    other lists of scalars one per index. Per-client blocks ("clients"), the confusion matrix and other lists of
+    lists or dicts (rejected updates) stay in metrics.jsonl only: their width changes from round to round.
+    """
+    row: dict[str, Any] = {}
+    _flatten_into(row, "", record)
+    return row
+
+
+def _flatten_into(row: dict[str, Any], prefix: str, value: Any) -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if key == "clients":
+                continue
+            _flatten_into(row, f"{prefix}{key}" if not prefix else f"{prefix}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        if not all(item is None or isinstance(item, (int, float, str, bool)) for item in value):
+            return
+        key = prefix.rsplit(".", 1)[-1]
+        per_class = key.startswith("per_class") or key == "support"
+        names = EMOTIONS if per_class and len(value) == NUM_CLASSES else range(len(value))
+        for name, item in zip(names, value):
+            row[f"{prefix}.{name}"] = item
+    else:
+        row[prefix] = value
+
+
+def _csv_text(records: list[dict]) -> str:
+    rows = [flatten_round(record) for record in records]
+    header: dict[str, None] = {}
+    for row in rows:
+        header.update(dict.fromkeys(row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(header), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _to_tensor(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu").clone()
+    return torch.from_numpy(np.array(value, copy=True))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(key): _jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(value) for value in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n").encode()
+
+
+def _toml_text(config: Any) -> str | None:
+    import tomli_w  # Flower's own dependency (it writes pyproject run configs with it)
+
+    if not isinstance(config, dict):
+        return None
+    try:
+        return tomli_w.dumps(config)
+    except (TypeError, ValueError):
+        return None
+
+
+def atomic_write(target: Path, payload: bytes) -> None:
+    """Writes `payload` to a temporary file beside `target`, fsyncs it and renames it over `target`."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
