@@ -179,8 +179,8 @@ class _Tally:
         self.count = 0
         self.examples: list[str] = []
 
-    def add(self, source: str, n: int = 1) -> None:
-        self.count += n
+    def add(self, source: str) -> None:
+        self.count += 1
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(source)
 
@@ -535,7 +535,7 @@ def _load_labelled_tree(kind: str, root_arg: str, *, image_size: int, detect_fac
 # FER2013 CSV: emotion,pixels,Usage with 48*48 space-separated grey levels per row.
 
 
-def _read_csv_header(path: Path, name: str, reader) -> tuple[int, int, int | None]:
+def _read_csv_header(name: str, reader) -> tuple[int, int, int | None]:
     try:
         header = next(reader)
     except StopIteration:
@@ -587,7 +587,7 @@ def _load_fer2013_csv(path: Path, *, root_arg: str, image_size: int) -> FERDatas
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
-            columns = _read_csv_header(path, name, reader)
+            columns = _read_csv_header(name, reader)
             n_columns = 3 if columns[2] is not None else 2
             for row in reader:
                 if not row or (len(row) == 1 and not row[0].strip()):

@@ -74,9 +74,11 @@ def _problem_rows(problems: dict) -> list[tuple[str, int, str, list[str]]]:
                      f"{blank['all_black']:,} all-black, {blank['flat']:,} flat; {by_split}", blank["examples"]))
     for split, dup in problems["duplicates"]["by_split"].items():
         if dup["groups"]:
+            # Conflicting duplicates are the ones that hurt training, so they are the examples shown first.
+            examples = [" = ".join(g) for g in (dup["conflicting_examples"] or dup["examples"])]
             rows.append((f"duplicates in {split} (kept)", dup["extra_copies"],
                          f"extra copies in {dup['groups']:,} groups; {dup['conflicting_groups']:,} groups with "
-                         f"conflicting labels", [" = ".join(g) for g in (dup["conflicting_examples"] or dup["examples"])]))
+                         f"conflicting labels", examples))
     for pair, shared in problems["shared_across_splits"]["by_pair"].items():
         if shared["groups"]:
             later = pair.split("/")[1]
