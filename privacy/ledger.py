@@ -342,6 +342,10 @@ class PrivacyLedger:
         delta: float,
         accountant: str,
     ) -> PrivacyLedger:
+        for target in (path, anchor_path):
+            # Leftovers of writes killed before their rename; never read, removed under the lock.
+            for stray in target.parent.glob(f".{target.name}.*.tmp"):
+                stray.unlink(missing_ok=True)
         ledger_blob, anchor_blob = _read_or_none(path), _read_or_none(anchor_path)
         if ledger_blob is None and anchor_blob is None:
             document = {
