@@ -1,0 +1,171 @@
+"""Privacy report: central-DP ε, privacy.json content from real client status, markdown section."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import dp_accounting
+import pytest
+
+from privacy.accounting import central_epsilon
+from privacy.dp import DPClient, DPSettings
+from privacy.ledger import PrivacyLedger, generate_key_file
+from privacy.report import THREAT_MODEL, privacy_report, render_privacy_markdown, write_privacy_report
+
+# (σ, client fraction q, rounds, δ) → ε with Opacus 1.6.0's RDP accountant.
+CENTRAL_GOLDEN = [
+    ((1.0, 0.1, 100, 1e-5), 7.899255002434629),
+    ((2.0, 1.0, 10, 1e-3), 6.2361795987102),
+    ((0.8, 0.5, 50, 1e-5), 39.9134795014913),
+]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_opacus():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _central(**overrides) -> dict:
+    """Central-DP settings as the server would report them."""
+    return {"noise_multiplier": 1.0, "clipping_norm": 0.5, "sample_rate": 0.1, "rounds": 100, "delta": 1e-5, **overrides}
+
+
+def _client_status(tmp_path, client_id: str, rounds: int) -> dict:
+    """A real DPClient's status after charging ``rounds`` rounds."""
+    key = tmp_path / "ledger.key"
+    if not key.exists():
+        generate_key_file(key)
+    ledger = PrivacyLedger.open(
+        tmp_path / client_id / "ledger.bin",
+        key_file=key,
+        anchor_path=tmp_path / "anchors" / f"{client_id}.anchor",
+        client_id=client_id,
+        budget_epsilon=3.0,
+        delta=1e-5,
+    )
+    client = DPClient(
+        settings=DPSettings(epsilon=3.0), ledger=ledger, dataset_size=120, batch_size=8, local_epochs=1, planned_rounds=3
+    )
+    for server_round in range(1, rounds + 1):
+        client.begin_round(server_round=server_round)
+    return client.status()
+
+
+@pytest.mark.parametrize(("args", "expected"), CENTRAL_GOLDEN)
+def test_central_epsilon_golden_and_agrees_with_dp_accounting(args, expected):
+    """Central ε matches its golden value and Google's dp_accounting within 5 %."""
+    # Prepare
+    sigma, rate, rounds, delta = args
+    independent = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma))
+    independent.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+
+    # Execute
+    epsilon = central_epsilon(noise_multiplier=sigma, sample_rate=rate, rounds=rounds, delta=delta)
+
+    # Assert
+    assert epsilon == pytest.approx(expected, rel=1e-9)
+    assert epsilon / independent.get_epsilon(delta) == pytest.approx(1.0, abs=0.05)
+
+
+def test_central_epsilon_grows_with_rounds_and_shrinks_with_noise():
+    """ε increases strictly with rounds and decreases strictly with σ; zero rounds cost nothing."""
+    # Execute
+    by_rounds = [central_epsilon(noise_multiplier=1.0, sample_rate=0.2, rounds=r, delta=1e-5) for r in (0, 1, 5, 20, 80)]
+    by_sigma = [central_epsilon(noise_multiplier=s, sample_rate=0.2, rounds=20, delta=1e-5) for s in (0.7, 1.0, 1.5, 3.0)]
+
+    # Assert
+    assert by_rounds[0] == 0.0
+    assert all(a < b for a, b in zip(by_rounds, by_rounds[1:]))
+    assert all(a > b for a, b in zip(by_sigma, by_sigma[1:]))
+
+
+def test_report_carries_every_clients_real_figures(tmp_path):
+    """privacy.json holds each client's status figures, sorted by id, the central ε and the threat model."""
+    # Prepare
+    statuses = [_client_status(tmp_path, "site-b", rounds=3), _client_status(tmp_path, "site-a", rounds=1)]
+
+    # Execute
+    report = privacy_report(clients=statuses, central=_central(), secure_aggregation=True)
+
+    # Assert
+    assert [c["client_id"] for c in report["clients"]] == ["site-a", "site-b"]
+    site_a, site_b = report["clients"]
+    for entry, status in ((site_a, statuses[1]), (site_b, statuses[0])):
+        for field in ("epsilon_spent", "epsilon_budget", "delta", "noise_multiplier", "max_grad_norm", "sample_rate"):
+            assert entry[field] == status[field]
+        assert entry["steps"] == status["steps"] and entry["accountant"] == "rdp"
+    assert site_a["steps"] == 15 and site_b["steps"] == 45
+    assert site_b["epsilon_spent"] > site_a["epsilon_spent"] > 0
+    assert report["max_epsilon_spent"] == site_b["epsilon_spent"] <= 3.0
+    assert site_a["budget_exhausted"] is False
+    assert report["central"]["epsilon"] == pytest.approx(CENTRAL_GOLDEN[0][1], rel=1e-9)
+    assert report["secure_aggregation"] is True and report["local_dp"] is True
+    assert report["threat_model"] == THREAT_MODEL
+    assert json.loads(json.dumps(report, allow_nan=False)) == report
+
+
+def test_report_without_any_dp_states_that_plainly():
+    """With neither local nor central DP the report says so and has no ε."""
+    # Execute
+    report = privacy_report(clients=[], central=None, secure_aggregation=False)
+
+    # Assert
+    assert report["local_dp"] is False and report["central"] is None and report["max_epsilon_spent"] is None
+    assert "Local DP-SGD: off." in render_privacy_markdown(report)
+
+
+def _complete_status() -> dict:
+    """A well-formed client status."""
+    return {
+        "epsilon_spent": 1.0, "epsilon_budget": 3.0, "delta": 1e-5, "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0, "sample_rate": 0.1, "steps": 10, "accountant": "rdp",
+    }
+
+
+@pytest.mark.parametrize(
+    ("dropped", "override", "message"),
+    [
+        ("epsilon_budget", {}, "clients\\[0\\] lacks epsilon_budget"),
+        (None, {"noise_multiplier": float("nan")}, "clients\\[0\\].noise_multiplier must be a finite number"),
+        (None, {"accountant": "gdp"}, "clients\\[0\\].accountant"),
+    ],
+)
+def test_bad_client_entry_is_named(dropped, override, message):
+    """A missing field or a non-finite number raises ValueError naming the client and field."""
+    # Prepare
+    entry = {**_complete_status(), **override}
+    entry.pop(dropped, None)
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        privacy_report(clients=[entry], central=None, secure_aggregation=False)
+
+
+def test_written_report_and_markdown_show_the_numbers(tmp_path):
+    """write_privacy_report writes parseable JSON; the markdown shows ε values and the threat model."""
+    # Prepare
+    report = privacy_report(clients=[_client_status(tmp_path, "site-a", rounds=2)], central=_central(), secure_aggregation=True)
+
+    # Execute
+    path = write_privacy_report(path=tmp_path / "privacy.json", report=report)
+    markdown = render_privacy_markdown(report)
+
+    # Assert
+    assert json.loads(path.read_text()) == report
+    assert not list(tmp_path.glob(".privacy.json.*"))
+    assert f"{report['clients'][0]['epsilon_spent']:.3f}" in markdown
+    assert f"epsilon = {report['central']['epsilon']:.3f}" in markdown
+    assert "Secure aggregation (SecAgg+): on." in markdown
+    assert THREAT_MODEL in markdown
+
+
+def test_threat_model_is_one_paragraph_covering_server_dp_and_gaps():
+    """The threat model is one paragraph naming the server model, what DP protects and what nothing covers."""
+    # Assert
+    assert "\n" not in THREAT_MODEL
+    for phrase in ("honest-but-curious", "SecAgg+", "single training image", "Central DP", "Neither covers"):
+        assert phrase in THREAT_MODEL
