@@ -1,0 +1,487 @@
+"""Hardened SecAgg+ on Flower's real protocol: the real workflow and the real client mod, message by message.
+
+Rounds run through `tests.secagg_runtime` (Flower's link state and grid in one process, protobuf on the wire);
+one slow test runs the same round on Flower's Ray simulation (`run_simulation`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import Context, Message
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+from flwr.compat.common import recorddict_compat as compat
+from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.serverapp import Grid
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, private_key_to_bytes
+
+from privacy.secagg import (
+    UnmaskRequestRefused,
+    check_unmask_request,
+    derive_masks,
+    make_secagg_mod,
+)
+from server.secagg import HardenedSecAggPlusWorkflow, make_secagg_workflow
+from tests.secagg_runtime import InProcessRun, run_in_process
+
+SHAPES = [(40, 30), (30,), (7, 30), (7,)]
+NUM_NODES = 5
+CLIPPING_RANGE = 0.5
+QUANTIZATION_RANGE = 2**24
+MAX_WEIGHT = 1000.0
+
+
+def _delta(partition: int) -> list[np.ndarray]:
+    """A client's update: small, like a real model delta, different per client."""
+    rng = np.random.default_rng(1000 + partition)
+    return [(rng.standard_normal(shape) * 0.01).astype(np.float32) for shape in SHAPES]
+
+
+def _num_examples(partition: int) -> int:
+    return 100 + 50 * partition
+
+
+def _weighted_average(partitions: list[int], updates=_delta) -> list[np.ndarray]:
+    """The plain FedAvg aggregate, computed independently in float64."""
+    weights = np.array([_num_examples(p) for p in partitions], dtype=np.float64)
+    return [
+        sum(w * updates(p)[k].astype(np.float64) for w, p in zip(weights, partitions)) / weights.sum()
+        for k in range(len(SHAPES))
+    ]
+
+
+def _quantisation_bound(partitions: list[int]) -> float:
+    """Worst-case error of the decoded average: one quantum per client, over the sum of the weights."""
+    weight_sum = sum(round(_num_examples(p) / MAX_WEIGHT * QUANTIZATION_RANGE) for p in partitions)
+    return len(partitions) * 2 * CLIPPING_RANGE / weight_sum
+
+
+class _DeltaClient(NumPyClient):
+    def __init__(self, partition: int, *, dropping: frozenset[int], updates) -> None:
+        self.partition = partition
+        self.dropping = dropping
+        self.updates = updates
+
+    def fit(self, parameters, config):
+        if self.partition in self.dropping:
+            raise ConnectionError(f"client {self.partition} went offline during training")
+        return self.updates(self.partition), _num_examples(self.partition), {"partition": self.partition}
+
+
+def _make_client_app(*, dropping: frozenset[int] = frozenset(), updates=_delta, mod=None) -> ClientApp:
+    mod = make_secagg_mod(max_norm=CLIPPING_RANGE) if mod is None else mod
+
+    def client_fn(context: Context):
+        partition = int(context.node_config["partition-id"])
+        return _DeltaClient(partition, dropping=dropping, updates=updates).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[mod] if mod != "plain" else [])
+
+
+class _RecordingFedAvg(FedAvg):
+    """FedAvg that keeps exactly what `aggregate_fit` was handed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            fraction_evaluate=0.0,
+            min_fit_clients=NUM_NODES,
+            min_available_clients=NUM_NODES,
+            initial_parameters=ndarrays_to_parameters([np.zeros(shape, np.float32) for shape in SHAPES]),
+        )
+        self.received: list[tuple[int, list[np.ndarray], int]] = []
+
+    def aggregate_fit(self, server_round, results: list[tuple[ClientProxy, FitRes]], failures):
+        for proxy, fitres in results:
+            self.received.append((proxy.node_id, parameters_to_ndarrays(fitres.parameters), fitres.num_examples))
+        return super().aggregate_fit(server_round, results, failures)
+
+
+def _make_workflow(cls=HardenedSecAggPlusWorkflow, **overrides) -> HardenedSecAggPlusWorkflow:
+    settings = {
+        "num_shares": NUM_NODES,
+        "reconstruction_threshold": 3,
+        "clipping_range": CLIPPING_RANGE,
+        "quantization_range": QUANTIZATION_RANGE,
+        "max_weight": MAX_WEIGHT,
+    } | overrides
+    if cls is HardenedSecAggPlusWorkflow:
+        return make_secagg_workflow(**settings)
+    return cls(settings.pop("num_shares"), settings.pop("reconstruction_threshold"), **settings)
+
+
+@dataclass
+class _Round:
+    new_global: list[np.ndarray]
+    strategy: _RecordingFedAvg
+    workflow: HardenedSecAggPlusWorkflow | None
+    metrics: dict
+    run: InProcessRun
+
+
+def _run_round(*, client_app: ClientApp, workflow: HardenedSecAggPlusWorkflow | None) -> _Round:
+    """One federated round of NUM_NODES nodes; workflow None runs Flower's plain fit workflow."""
+    strategy = _RecordingFedAvg()
+    captured = {}
+
+    def server_main(grid: Grid, context: Context) -> None:
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
+        DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+        record = legacy.state.array_records[MAIN_PARAMS_RECORD]
+        captured["global"] = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
+        captured["metrics"] = legacy.history.metrics_distributed_fit
+
+    run = run_in_process(server_main, client_app, num_nodes=NUM_NODES)
+    return _Round(captured["global"], strategy, workflow, captured["metrics"], run)
+
+
+def _stage_replies(run: InProcessRun, *, key: str) -> list[Message]:
+    """Replies of one SecAgg+ stage, recognised by the key their config record carries."""
+    return [
+        reply
+        for reply in run.replies
+        if reply.has_content() and key in reply.content.config_records.get(RECORD_KEY_CONFIGS, {})
+    ]
+
+
+def _max_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    return max(float(np.abs(a.astype(np.float64) - e).max()) for a, e in zip(actual, expected))
+
+
+def test_secure_aggregate_equals_plain_aggregate_within_quantisation_error():
+    """All five clients: the SecAgg+ global update equals the plain FedAvg one within one quantum per client."""
+    # Prepare
+    everyone = list(range(NUM_NODES))
+
+    # Execute
+    plain = _run_round(client_app=_make_client_app(mod="plain"), workflow=None)
+    secure = _run_round(client_app=_make_client_app(), workflow=_make_workflow())
+
+    # Assert
+    assert _max_error(plain.new_global, _weighted_average(everyone)) < 1e-8
+    error = _max_error(secure.new_global, [p.astype(np.float64) for p in plain.new_global])
+    assert error <= _quantisation_bound(everyone)
+    assert secure.workflow.failed_rounds == []
+    assert secure.metrics["secagg_failed"] == [(1, 0)]
+    assert secure.metrics["secagg_clients"] == [(1, NUM_NODES)]
+
+
+def test_one_of_five_dropping_after_sharing_keys_gives_the_survivors_aggregate():
+    """Client 2 shares its keys, then fails in training: the aggregate is the other four's average."""
+    # Prepare
+    survivors = [0, 1, 3, 4]
+
+    # Execute
+    outcome = _run_round(client_app=_make_client_app(dropping=frozenset({2})), workflow=_make_workflow())
+
+    # Assert
+    key_share_senders = {r.metadata.src_node_id for r in _stage_replies(outcome.run, key=Key.CIPHERTEXT_LIST)}
+    vector_senders = {r.metadata.src_node_id for r in _stage_replies(outcome.run, key=Key.MASKED_PARAMETERS)}
+    assert len(key_share_senders) == NUM_NODES and len(vector_senders) == NUM_NODES - 1
+    assert _max_error(outcome.new_global, _weighted_average(survivors)) <= _quantisation_bound(survivors)
+    assert _max_error(outcome.new_global, _weighted_average(list(range(NUM_NODES)))) > 1e-4
+    assert outcome.metrics["secagg_dropped"] == [(1, 1)]
+    assert outcome.workflow.failed_rounds == []
+
+
+def test_strategy_and_wire_never_carry_an_individual_update():
+    """aggregate_fit gets the same average for every client, and no reply carries a client's update in clear."""
+    # Prepare
+    everyone = list(range(NUM_NODES))
+    individual = [_delta(p) for p in everyone]
+
+    # Execute
+    outcome = _run_round(client_app=_make_client_app(), workflow=_make_workflow())
+
+    # Assert
+    received = outcome.strategy.received
+    assert sorted(num for _, _, num in received) == [_num_examples(p) for p in everyone]
+    first = received[0][1]
+    for _, arrays, _ in received:
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, first))
+        for update in individual:
+            assert _max_error(arrays, [u.astype(np.float64) for u in update]) > 100 * _quantisation_bound(everyone)
+    replies = [reply for reply in outcome.run.replies if reply.has_content()]
+    assert all(len(record) == 0 for reply in replies for record in reply.content.array_records.values())
+    masked = [np.frombuffer(b, dtype=np.uint8) for r in _stage_replies(outcome.run, key=Key.MASKED_PARAMETERS)
+              for b in r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+    assert masked and all(m.size > 0 for m in masked)
+
+
+def test_masks_come_from_the_whole_secret():
+    """Seeds Flower 1.41 folds to the same 32 bits give one Flower mask but two different hardened masks."""
+    # Prepare
+    seed = bytes(range(32))
+    twin = bytearray(seed)
+    for i in range(4):
+        # XOR the same byte into two 4-byte words: the XOR fold to 32 bits is unchanged.
+        twin[i] ^= 0x5A
+        twin[4 + i] ^= 0x5A
+    twin = bytes(twin)
+    shapes = [(1,), (64, 8)]
+
+    # Execute
+    flower_masks = (pseudo_rand_gen(seed, 2**32, shapes), pseudo_rand_gen(twin, 2**32, shapes))
+    ours = derive_masks(seed, num_range=2**32, shapes=shapes)
+    ours_again = derive_masks(seed, num_range=2**32, shapes=shapes)
+    ours_twin = derive_masks(twin, num_range=2**32, shapes=shapes)
+
+    # Assert
+    assert all(np.array_equal(a, b) for a, b in zip(*flower_masks))
+    assert all(np.array_equal(a, b) for a, b in zip(ours, ours_again))
+    assert np.mean(ours[1] == ours_twin[1]) < 0.01
+    assert [m.shape for m in ours] == shapes
+
+
+@pytest.mark.parametrize("num_range", [2**16, 2**32])
+def test_masks_are_uniform_over_the_modulus(num_range):
+    """Mask values stay below the modulus and average to half of it."""
+    # Execute
+    (mask,) = derive_masks(b"k" * 32, num_range=num_range, shapes=[(200_000,)])
+
+    # Assert
+    assert int(mask.max()) < num_range
+    assert float(mask.mean()) / num_range == pytest.approx(0.5, abs=0.005)
+
+
+def test_server_rebuilds_a_dropped_nodes_pairwise_mask_exactly():
+    """The mask a neighbour added equals the one the server derives from the dropped node's Shamir shares."""
+    # Prepare
+    dropped_key, neighbour_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    dropped_pem = private_key_to_bytes(dropped_key)
+    shares = create_shares(dropped_pem, 3, 5)
+
+    # Execute
+    neighbour_side = derive_masks(
+        generate_shared_key(neighbour_key, dropped_key.public_key()), num_range=2**32, shapes=[(1000,)]
+    )
+    rebuilt = bytes_to_private_key(combine_shares(shares[1:4]))
+    server_side = derive_masks(
+        generate_shared_key(rebuilt, neighbour_key.public_key()), num_range=2**32, shapes=[(1000,)]
+    )
+    other = derive_masks(
+        generate_shared_key(ec.generate_private_key(ec.SECP384R1()), neighbour_key.public_key()),
+        num_range=2**32,
+        shapes=[(1000,)],
+    )
+
+    # Assert
+    assert np.array_equal(neighbour_side[0], server_side[0])
+    assert not np.array_equal(neighbour_side[0], other[0])
+
+
+class _MaliciousWorkflow(HardenedSecAggPlusWorkflow):
+    """A server that lists one node as both active and dropped, to get both of its secrets."""
+
+    victim: int | None = None
+
+    def unmask_request(self, nid, active, dropped):
+        type(self).victim = min(active)
+        return sorted(active), sorted(dropped | {min(active)})
+
+
+def test_malicious_unmask_request_is_refused_and_the_round_fails():
+    """Every client refuses, no key share leaves any client, the shares are wiped and the round is failed."""
+    # Execute
+    outcome = _run_round(client_app=_make_client_app(), workflow=_make_workflow(_MaliciousWorkflow))
+
+    # Assert
+    masked_senders = {r.metadata.src_node_id for r in _stage_replies(outcome.run, key=Key.MASKED_PARAMETERS)}
+    unmask_replies = [r for r in outcome.run.replies if r.has_error()]
+    assert {r.metadata.src_node_id for r in unmask_replies} == masked_senders
+    assert all("listed both as active and as dropped" in r.error.reason for r in unmask_replies)
+    assert _stage_replies(outcome.run, key=Key.SHARE_LIST) == []
+    (failure,) = outcome.workflow.failed_rounds
+    assert failure.stage == "unmask"
+    assert outcome.metrics["secagg_failed"] == [(1, 1)]
+    for context in outcome.run.node_contexts.values():
+        state = SecAggPlusState(**context.state.config_records[RECORD_KEY_STATE])
+        assert state.rd_seed_share_dict == {} and state.sk1_share_dict == {}
+
+
+def test_stock_flower_mod_answers_the_same_malicious_request():
+    """The attack the refusal stops: Flower 1.41's own mod hands over both secrets of the victim."""
+    # Execute
+    outcome = _run_round(client_app=_make_client_app(mod=secaggplus_mod), workflow=_make_workflow(_MaliciousWorkflow))
+
+    # Assert
+    victim = _MaliciousWorkflow.victim
+    seed_shares, key_shares = [], []
+    for reply in _stage_replies(outcome.run, key=Key.SHARE_LIST):
+        configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+        positions = [i for i, nid in enumerate(configs[Key.NODE_ID_LIST]) if nid == victim]
+        seed_shares.append(configs[Key.SHARE_LIST][positions[0]])
+        key_shares.append(configs[Key.SHARE_LIST][positions[1]])
+    assert len(seed_shares) >= 3
+    assert len(combine_shares(seed_shares[:3])) == 32
+    assert isinstance(bytes_to_private_key(combine_shares(key_shares[:3])), ec.EllipticCurvePrivateKey)
+
+
+@pytest.mark.parametrize(
+    ("active", "dropped", "message"),
+    [
+        ([1, 2, 3], [3], "both as active and as dropped"),
+        ([1, 2, 2], [], "listed twice"),
+        ([2, 3], [1], "listed as dropped while it is answering"),
+        ([1, 2, 9], [], "holds no shares of node(s) [9]"),
+    ],
+)
+def test_unmask_request_checks(active, dropped, message):
+    """Each request that could expose a node's masks is refused with a message naming why."""
+    # Prepare
+    state = SecAggPlusState(nid=1)
+    state.rd_seed_share_dict = {1: b"a", 2: b"b", 3: b"c"}
+    state.sk1_share_dict = dict(state.rd_seed_share_dict)
+    configs = {Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dropped}
+
+    # Execute / Assert
+    with pytest.raises(UnmaskRequestRefused, match=re.escape(message)):
+        check_unmask_request(state, configs)
+
+
+def test_too_many_dropouts_fail_the_round_visibly():
+    """Three of five drop (threshold 3): the round is recorded failed, the model and strategy untouched."""
+    # Execute
+    outcome = _run_round(client_app=_make_client_app(dropping=frozenset({0, 1, 2})), workflow=_make_workflow())
+
+    # Assert
+    (failure,) = outcome.workflow.failed_rounds
+    assert (failure.server_round, failure.stage) == (1, "collect_masked_vectors")
+    assert "too few clients left" in failure.reason
+    assert len(failure.client_errors) == 3
+    assert outcome.metrics == {"secagg_failed": [(1, 1)]}
+    assert outcome.strategy.received == []
+    assert all(not a.any() for a in outcome.new_global)
+
+
+def _poisoned(kind: str):
+    def updates(partition: int) -> list[np.ndarray]:
+        arrays = _delta(partition)
+        if partition != 3:
+            return arrays
+        if kind == "nan":
+            arrays[0][5, 5] = np.nan
+        elif kind == "inf":
+            arrays[2][0, 0] = -np.inf
+        elif kind == "shape":
+            arrays[1] = np.zeros(31, np.float32)
+        elif kind == "oversized":
+            # Weighted by 250/1000 this still exceeds the clipping range 4-fold.
+            arrays[3][:] = 16 * CLIPPING_RANGE
+        return arrays
+
+    return updates
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("nan", "tensor 0 contains NaN or Inf"),
+        ("inf", "tensor 2 contains NaN or Inf"),
+        ("shape", "tensor 1 has shape (31,)"),
+        ("oversized", "exceeds the SecAgg+ clipping_range"),
+    ],
+)
+def test_bad_update_is_refused_before_masking(kind, message):
+    """A NaN/Inf/mis-shaped/oversized update never gets masked; the round goes on with the other four."""
+    # Prepare: validation only, so an oversized update is refused rather than clipped.
+    client_app = _make_client_app(updates=_poisoned(kind), mod=make_secagg_mod(max_norm=None))
+    survivors = [0, 1, 2, 4]
+
+    # Execute
+    outcome = _run_round(client_app=client_app, workflow=_make_workflow())
+
+    # Assert
+    (error,) = [r for r in outcome.run.replies if r.has_error()]
+    assert message in error.error.reason
+    assert len(_stage_replies(outcome.run, key=Key.MASKED_PARAMETERS)) == NUM_NODES - 1
+    assert _max_error(outcome.new_global, _weighted_average(survivors)) <= _quantisation_bound(survivors)
+
+
+def test_oversized_update_is_norm_clipped_when_the_mod_clips():
+    """With max_norm set, client 3's huge update is scaled to that norm and aggregated, not refused."""
+    # Prepare
+    updates = _poisoned("oversized")
+    huge = updates(3)
+    norm = float(np.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in huge)))
+
+    def clipped(partition: int) -> list[np.ndarray]:
+        arrays = updates(partition)
+        return [a * (CLIPPING_RANGE / norm) for a in arrays] if partition == 3 else arrays
+
+    # Execute
+    outcome = _run_round(client_app=_make_client_app(updates=updates), workflow=_make_workflow())
+
+    # Assert
+    everyone = list(range(NUM_NODES))
+    assert not [r for r in outcome.run.replies if r.has_error()]
+    assert _max_error(outcome.new_global, _weighted_average(everyone, clipped)) <= _quantisation_bound(everyone)
+
+
+@pytest.mark.parametrize(
+    ("client_max_norm", "overrides", "reason"),
+    [
+        (2 * CLIPPING_RANGE, {}, "max_norm 1.0 exceeds the server's clipping_range"),
+        (CLIPPING_RANGE, {"quantization_range": 2**30}, "overflows modulus"),
+    ],
+)
+def test_unsafe_configuration_fails_at_setup(client_max_norm, overrides, reason):
+    """A clip the quantiser could still cut, or a sum that would wrap the modulus, stops the round at setup."""
+    # Execute
+    outcome = _run_round(
+        client_app=_make_client_app(mod=make_secagg_mod(max_norm=client_max_norm)),
+        workflow=_make_workflow(**overrides),
+    )
+
+    # Assert
+    (failure,) = outcome.workflow.failed_rounds
+    assert failure.stage == "setup"
+    assert reason in failure.reason or any(reason in e for e in failure.client_errors)
+
+
+@pytest.mark.slow
+def test_round_on_flowers_ray_simulation():
+    """The same round on `flwr.simulation.run_simulation` (Ray actors, pickled mod): survivors' average."""
+    # Prepare
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    strategy = _RecordingFedAvg()
+    workflow = _make_workflow()
+    captured = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _(grid: Grid, context: Context) -> None:
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
+        DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+        record = legacy.state.array_records[MAIN_PARAMS_RECORD]
+        captured["global"] = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
+
+    # Execute
+    run_simulation(
+        server_app=server_app,
+        client_app=_make_client_app(dropping=frozenset({2})),
+        num_supernodes=NUM_NODES,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
+
+    # Assert
+    survivors = [0, 1, 3, 4]
+    assert workflow.failed_rounds == []
+    assert _max_error(captured["global"], _weighted_average(survivors)) <= _quantisation_bound(survivors)
