@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/fer-sim demo --out runs/demo
+	$(BIN)/fer-sim demo
 
 test: setup
 	$(BIN)/python -m pytest -q

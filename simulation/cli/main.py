@@ -18,10 +18,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    # Imported here so `fer-sim --help` stays fast and a broken optional command cannot break the others.
-    from simulation.cli import inspect_cmd
+    # Command modules keep torch, Flower and Ray imports inside the commands, so `fer-sim --help` stays fast.
+    from simulation.cli import demo_cmd, evaluate_cmd, inspect_cmd, run_cmd
 
+    app.command("demo")(demo_cmd.demo)
     app.command("inspect")(inspect_cmd.inspect)
+    app.command("run")(run_cmd.run)
+    app.command("centralized")(run_cmd.centralized)
+    app.command("evaluate")(evaluate_cmd.evaluate)
 
 
 def main() -> None:

@@ -1,4 +1,8 @@
-"""`fer-sim run`: a federated simulation with the project's Flower apps on Flower's simulation engine."""
+"""`fer-sim run` and `fer-sim centralized`.
+
+`run` is a federated simulation with the project's Flower apps on Flower's simulation engine; `centralized` is its
+baseline on the pooled data. Both take the same options, so a comparison changes one word of the command line.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Annotated, Any
 import click
 import typer
 
-from client.config import ConfigError
+from client.config import ConfigError, RunSettings
 from client.data.formats import DatasetError
 
 DatasetOpt = Annotated[
@@ -20,68 +24,85 @@ DatasetOpt = Annotated[
         help="KIND=PATH[@CLIENTS]; repeat for several (e.g. fer2013=DIR@6 and rafdb=DIR@4). Default: synthetic.",
     ),
 ]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file of run-config keys.")]
+IntOpt = int | None
+FloatOpt = float | None
+StrOpt = str | None
 
 
-def run(
-    dataset: DatasetOpt = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file of run-config keys.")] = None,
-    num_clients: Annotated[int | None, typer.Option("--num-clients", "-n", help="Simulated clients.")] = None,
-    partition: Annotated[str | None, typer.Option(help="iid | dirichlet | pathological | quantity.")] = None,
-    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (lower = more label skew).")] = None,
-    classes_per_client: Annotated[int | None, typer.Option(help="Classes per client for 'pathological'.")] = None,
-    profiles: Annotated[str | None, typer.Option(help="Client profile mix, e.g. hospital=0.3,iot=0.7.")] = None,
-    model: Annotated[str | None, typer.Option(help="Model name (fer-sim models lists them).")] = None,
-    rounds: Annotated[int | None, typer.Option(help="Server rounds.")] = None,
-    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
-    strategy: Annotated[
-        str | None, typer.Option(help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum.")
-    ] = None,
-    proximal_mu: Annotated[float | None, typer.Option(help="FedProx μ.")] = None,
-    fraction_fit: Annotated[float | None, typer.Option(help="Fraction of clients trained per round.")] = None,
-    fraction_evaluate: Annotated[float | None, typer.Option(help="Fraction of clients evaluating per round.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed: the same seed gives the same metrics on CPU.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (must not exist or be empty).")] = None,
-    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
-) -> None:
-    """Run a federated simulation and write its run directory (metrics, model, plots, report.md)."""
-    from simulation.cli.options import resolve_settings
+def _make_command(mode: str):
+    def command(
+        dataset: DatasetOpt = None,
+        config: ConfigOpt = None,
+        num_clients: Annotated[IntOpt, typer.Option("--num-clients", "-n", help="Simulated clients.")] = None,
+        partition: Annotated[StrOpt, typer.Option(help="iid | dirichlet | pathological | quantity.")] = None,
+        alpha: Annotated[FloatOpt, typer.Option(help="Dirichlet concentration (lower = more label skew).")] = None,
+        classes_per_client: Annotated[IntOpt, typer.Option(help="Classes per client for 'pathological'.")] = None,
+        profiles: Annotated[StrOpt, typer.Option(help="Client profile mix, e.g. hospital=0.3,iot=0.7.")] = None,
+        model: Annotated[StrOpt, typer.Option(help="Model name (`fer-sim models` lists them).")] = None,
+        rounds: Annotated[IntOpt, typer.Option(help="Server rounds.")] = None,
+        local_epochs: Annotated[IntOpt, typer.Option(help="Local epochs per round.")] = None,
+        lr: Annotated[FloatOpt, typer.Option(help="Local learning rate.")] = None,
+        batch_size: Annotated[IntOpt, typer.Option(help="Local batch size.")] = None,
+        strategy: Annotated[
+            StrOpt, typer.Option(help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum.")
+        ] = None,
+        proximal_mu: Annotated[FloatOpt, typer.Option(help="FedProx μ.")] = None,
+        fraction_fit: Annotated[FloatOpt, typer.Option(help="Fraction of clients trained per round.")] = None,
+        fraction_evaluate: Annotated[FloatOpt, typer.Option(help="Fraction of clients evaluating per round.")] = None,
+        seed: Annotated[IntOpt, typer.Option(help="The same seed gives the same metrics on CPU.")] = None,
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (new or empty).")] = None,
+        verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
+    ) -> None:
+        from simulation.cli.options import resolve_settings
 
-    out = out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
-    overrides: dict[str, Any] = {
-        "dataset": ";".join(dataset) if dataset else None,
-        "num-clients": num_clients,
-        "partition": partition,
-        "alpha": alpha,
-        "classes-per-client": classes_per_client,
-        "profile-mix": profiles,
-        "model": model,
-        "num-server-rounds": rounds,
-        "local-epochs": local_epochs,
-        "lr": lr,
-        "batch-size": batch_size,
-        "strategy": strategy,
-        "proximal-mu": proximal_mu,
-        "fraction-fit": fraction_fit,
-        "fraction-evaluate": fraction_evaluate,
-        "seed": seed,
-        "out-dir": str(out),
-    }
-    settings = resolve_settings(config_file=config, overrides=overrides)
-    summary = execute(settings, verbose=verbose)
-    typer.echo(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
-               f"after {summary['rounds']} rounds in {summary['wall_seconds']:.0f}s")
-    typer.echo(f"report: {Path(settings.out_dir) / 'report.md'}")
+        out = out or Path("runs") / time.strftime(f"{mode}-%Y%m%d-%H%M%S")
+        overrides: dict[str, Any] = {
+            "dataset": ";".join(dataset) if dataset else None,
+            "num-clients": num_clients,
+            "partition": partition,
+            "alpha": alpha,
+            "classes-per-client": classes_per_client,
+            "profile-mix": profiles,
+            "model": model,
+            "num-server-rounds": rounds,
+            "local-epochs": local_epochs,
+            "lr": lr,
+            "batch-size": batch_size,
+            "strategy": strategy,
+            "proximal-mu": proximal_mu,
+            "fraction-fit": fraction_fit,
+            "fraction-evaluate": fraction_evaluate,
+            "seed": seed,
+            "out-dir": str(out),
+        }
+        settings = resolve_settings(config_file=config, overrides=overrides)
+        summary = execute(settings, mode=mode, verbose=verbose)
+        label = "synthetic data, " if summary.get("synthetic") else ""
+        typer.echo(
+            f"{mode}: final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}; "
+            f"{label}{summary['rounds']} rounds, {summary['seconds']:.0f}s)"
+        )
+        typer.echo(f"report: {Path(settings.out_dir) / 'report.md'}")
+
+    command.__doc__ = (
+        "Run a federated simulation and write its run directory (metrics, model, plots, report.md)."
+        if mode == "federated"
+        else "Train the same model on the clients' pooled data (the baseline) and write the same outputs."
+    )
+    return command
 
 
-def execute(settings, *, verbose: bool = False) -> dict[str, Any]:
-    """Runs the simulation with a progress bar; user mistakes become one-line errors."""
+run = _make_command("federated")
+centralized = _make_command("centralized")
+
+
+def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = False) -> dict[str, Any]:
+    """Runs a simulation or its baseline with a per-round progress bar; user mistakes become one-line errors."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from models import list_models
     from server.rundir import RunDirectory
-    from simulation.runner import run_simulation
 
     if settings.model not in list_models():
         raise click.ClickException(f"--model {settings.model!r} is unknown; known: {', '.join(list_models())}")
@@ -90,7 +111,7 @@ def execute(settings, *, verbose: bool = False) -> dict[str, Any]:
     except (FileExistsError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns) as progress:
         bar = progress.add_task("round 0 (initial model)", total=settings.num_server_rounds)
 
         def on_round(record: dict[str, Any]) -> None:
@@ -99,6 +120,12 @@ def execute(settings, *, verbose: bool = False) -> dict[str, Any]:
             progress.update(bar, completed=record["round"], description=f"round {record['round']} {accuracy}")
 
         try:
+            if mode == "centralized":
+                from simulation.centralized import run_centralized
+
+                return run_centralized(settings, run_dir=run_dir, on_round=on_round)
+            from simulation.runner import run_simulation
+
             return run_simulation(settings, run_dir=run_dir, on_round=on_round, verbose=verbose)
         except (DatasetError, ConfigError) as err:
             raise click.ClickException(str(err)) from None

@@ -1,0 +1,94 @@
+"""The centralised baseline every federated result is compared with.
+
+Same model, same loops (`client.task`), same training data (the union of the federated clients' local training
+sets, so the comparison isolates federation itself), same number of passes over each sample
+(rounds × local epochs), same held-out test set and the same run-directory outputs, one "round" per
+`local-epochs` epochs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from client import task
+from client.config import RunSettings
+from client.data.preprocess import Augment, FERTorchDataset
+from client.node_data import cached_dataset, node_data_from_indices
+from models import create_model
+from server.evaluation import ServerEvaluator
+from server.report import write_report
+from server.rundir import RunDirectory
+from server.server_app import initial_weights, load_server_test_set, summarize
+from simulation.federation import federation_plan, federation_stats
+
+
+def pooled_training_data(settings: RunSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The union of every simulated client's local training set (their local test sets stay out)."""
+    images, labels = [], []
+    for index, plan in enumerate(federation_plan(settings)):
+        dataset = cached_dataset(plan.dataset_spec, settings.image_size, settings.seed)
+        data = node_data_from_indices(
+            dataset, plan.indices, client_id=plan.client_id,
+            test_fraction=settings.local_test_fraction, seed=settings.seed + index,
+        )
+        images.append(data.train_images)
+        labels.append(data.train_labels)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def run_centralized(
+    settings: RunSettings, *, run_dir: RunDirectory, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Trains on the pooled data and writes the same run directory as a federated run."""
+    started = time.perf_counter()
+    run_dir.write_config({**settings.to_run_config(), "mode": "centralized"})
+    run_dir.write_partition(federation_stats(settings))
+    images, labels = pooled_training_data(settings)
+    test_set = load_server_test_set(settings)
+    evaluator = ServerEvaluator(model_name=settings.model, images=test_set[0], labels=test_set[1]) if test_set else None
+
+    model = create_model(settings.model, dp=True)
+    task.set_weights(model, initial_weights(settings))
+    optimizer = task.make_optimizer(model, name=settings.optimizer, lr=settings.lr)
+    dataset = FERTorchDataset(images, labels, augment=Augment(), seed=settings.seed)
+    loader = DataLoader(
+        dataset, batch_size=settings.batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
+
+    def record(server_round: int, seconds: float, train_loss: float | None) -> None:
+        server = None
+        if evaluator is not None:
+            loss, metrics = evaluator(server_round, task.get_weights(model))
+            server = {"loss": loss, **metrics}
+        entry = {"round": server_round, "seconds": seconds, "bytes_up": 0, "bytes_down": 0, "server": server,
+                 "federated": None}
+        if server_round > 0:
+            entry["fit"] = {"num_clients": 1, "num_accepted": 1, "num_rejected": 0, "rejected": [], "failures": [],
+                            "train_loss": train_loss}
+        run_dir.append_round(entry)
+        if on_round is not None:
+            on_round(entry)
+
+    torch.manual_seed(settings.seed)
+    record(0, 0.0, None)
+    for server_round in range(1, settings.num_server_rounds + 1):
+        round_started = time.perf_counter()
+        result = task.train(model, loader, epochs=settings.local_epochs, optimizer=optimizer)
+        record(server_round, time.perf_counter() - round_started, result.loss)
+        run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},
+                           round=server_round, checkpoint=True)
+    run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},
+                       round=settings.num_server_rounds)
+    summary = summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings)
+    summary.update(mode="centralized", train_examples=int(len(labels)),
+                   synthetic=any(p.dataset_spec.startswith("synthetic") for p in federation_plan(settings)))
+    run_dir.write_summary(summary)
+    write_report(run_dir.path)
+    return summary

@@ -1,0 +1,80 @@
+"""`fer-sim evaluate`: the metrics of a saved model on a dataset split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+
+def evaluate_saved_model(*, model_path: Path, dataset: str, split: str, image_size: int = 48) -> dict[str, Any]:
+    """Loads `model.pt` (+ its `model.json`) and returns accuracy, macro-F1, per-class recall and confusion matrix.
+
+    Raises:
+        click.ClickException: a missing or unreadable model file, or a dataset problem, in one line.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from client import task
+    from client.data.formats import DatasetError, load_dataset
+    from client.data.preprocess import FERTorchDataset
+    from models import create_model
+    from server.metrics import classification_metrics
+
+    meta_path = model_path.with_suffix(".json")
+    if not model_path.is_file():
+        raise click.ClickException(f"{model_path}: model file not found")
+    if not meta_path.is_file():
+        raise click.ClickException(f"{meta_path}: missing (it names the model architecture beside {model_path.name})")
+    try:
+        meta = json.loads(meta_path.read_text())
+        # weights_only: a checkpoint is data, never code; a tampered file cannot execute anything here.
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+        model = create_model(meta["model"], dp=bool(meta.get("cfg", {}).get("dp", True)))
+        model.load_state_dict(state)
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise click.ClickException(f"{model_path}: cannot load the model ({first_line})") from None
+    try:
+        data = load_dataset(dataset, image_size=image_size)
+    except DatasetError as err:
+        raise click.ClickException(str(err)) from None
+    if split not in data.splits:
+        raise click.ClickException(f"--split {split!r}: {dataset} has splits {', '.join(sorted(data.splits))}")
+    part = data.splits[split]
+    loader = DataLoader(FERTorchDataset(part.images, part.labels), batch_size=256)
+    result = task.evaluate(model, loader)
+    metrics = classification_metrics(result.targets, result.predictions)
+    return {
+        "model": meta["model"],
+        "dataset": dataset,
+        "split": split,
+        "synthetic": data.synthetic,
+        "num_examples": result.num_examples,
+        "loss": result.loss,
+        **metrics,
+    }
+
+
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A run's model.pt (model.json must sit beside it).")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="KIND=PATH, or synthetic.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Evaluate a saved model: accuracy, macro-F1, per-class recall and the confusion matrix."""
+    result = evaluate_saved_model(model_path=model, dataset=dataset, split=split)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    from client.data.labels import EMOTIONS
+
+    typer.echo(f"{result['model']} on {dataset} [{split}] ({result['num_examples']} images"
+               f"{', synthetic' if result['synthetic'] else ''})")
+    typer.echo(f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}")
+    for name, recall in zip(EMOTIONS, result["per_class_recall"]):
+        typer.echo(f"  recall {name:<9} {'n/a' if recall is None else f'{recall:.3f}'}")

@@ -1,0 +1,78 @@
+"""The ClientApp called directly with Flower Messages: what a SuperNode would hand it, no network needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+
+from client.client_app import bound_update, make_client_app
+from client.config import RunSettings
+from server.server_app import initial_weights
+
+SETTINGS = RunSettings(dataset="synthetic=280", model="cnn_am", local_epochs=1, batch_size=32, out_dir="unused")
+
+
+def _make_context(tmp_path) -> Context:
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"dataset": "synthetic=280", "client-id": "site-a", "state-dir": str(tmp_path)},
+        state=RecordDict(),
+        run_config=SETTINGS.to_run_config(),
+    )
+
+
+def _make_message(kind: str, weights: list[np.ndarray], config: dict) -> Message:
+    parameters = ndarrays_to_parameters(weights)
+    if kind == "train":
+        content, message_type = compat.fitins_to_recorddict(FitIns(parameters, config), True), MessageType.TRAIN
+    else:
+        content, message_type = compat.evaluateins_to_recorddict(EvaluateIns(parameters, config), True), MessageType.EVALUATE
+    return Message(content=content, dst_node_id=7, message_type=message_type, group_id="1")
+
+
+def test_train_message_returns_a_delta_of_the_global_shapes_and_num_examples(tmp_path):
+    """A TRAIN reply carries one float32 delta per global array and num-examples = the node's training set size."""
+    weights = initial_weights(SETTINGS)
+    app = make_client_app()
+
+    reply = app(_make_message("train", weights, {"server-round": 1, "proximal-mu": 0.0}), _make_context(tmp_path))
+
+    assert not reply.has_error(), reply.error if reply.has_error() else ""
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
+    delta = parameters_to_ndarrays(fitres.parameters)
+    assert [d.shape for d in delta] == [w.shape for w in weights]
+    assert all(d.dtype == np.float32 for d in delta)
+    # synthetic=280 has 280 training images; the node holds out none because the set has its own test split.
+    assert fitres.num_examples == 280
+    assert fitres.metrics["client-id"] == "site-a"
+    norm = np.sqrt(sum(float((d.astype(np.float64) ** 2).sum()) for d in delta))
+    assert norm == pytest.approx(fitres.metrics["update-norm"], rel=1e-5)
+    assert norm > 0
+
+
+def test_evaluate_message_reports_accuracy_on_the_local_test_split(tmp_path):
+    """An EVALUATE reply counts the node's test split and reports an accuracy in [0, 1]."""
+    app = make_client_app()
+
+    reply = app(_make_message("evaluate", initial_weights(SETTINGS), {"server-round": 1}), _make_context(tmp_path))
+
+    evalres = compat.recorddict_to_evaluateres(reply.content)
+    assert evalres.num_examples == 56  # synthetic test split = N // 5
+    assert 0.0 <= evalres.metrics["accuracy"] <= 1.0
+
+
+def test_bound_update_scales_to_the_norm_and_refuses_non_finite():
+    """Updates above the bound are scaled onto it; NaN never leaves the node."""
+    delta = [np.full(4, 3.0, np.float32)]  # norm 6
+
+    bounded, norm, clipped = bound_update(delta, max_norm=2.0)
+
+    assert norm == pytest.approx(6.0) and clipped
+    assert np.linalg.norm(bounded[0]) == pytest.approx(2.0, rel=1e-6)
+    with pytest.raises(FloatingPointError):
+        bound_update([np.array([np.nan], np.float32)], max_norm=1.0)
