@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from opacus.accountants import create_accountant
 from opacus.data_loader import DPDataLoader, wrap_collate_with_empty
 from opacus.grad_sample import prepare_module
+from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
 from opacus.optimizers import get_optimizer_class
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -242,6 +243,24 @@ class _PoissonDataLoader(DPDataLoader):
         )
 
 
+def _release_stale_hooks(model: nn.Module) -> None:
+    """Removes the per-sample-gradient hooks an earlier round's wrapper left on ``model``.
+
+    Opacus refuses to wrap a model twice, and a process that keeps its model between rounds (a
+    simulation actor, a test) would otherwise fail from the second round on.
+    """
+    handles = getattr(model, "autograd_grad_sample_hooks", None)
+    if handles is None:
+        return
+    while handles:
+        handles.pop().remove()
+    delattr(model, "autograd_grad_sample_hooks")
+    for p in model.parameters():
+        for attr in OPACUS_PARAM_MONKEYPATCH_ATTRS:
+            if hasattr(p, attr):
+                delattr(p, attr)
+
+
 class DPClient:
     """One client's DP-SGD state across rounds: calibration, ledger charging, Opacus set-up.
 
@@ -386,7 +405,8 @@ class DPClient:
         """Wraps one round's model, optimizer and data for DP-SGD under a charged plan.
 
         Args:
-            model: An Opacus-compatible model (``create_model(name, dp=True)``: no BatchNorm).
+            model: An Opacus-compatible model (``create_model(name, dp=True)``: no BatchNorm). Hooks an
+                earlier round left on it are removed first, so one model object can serve every round.
             optimizer: An optimizer over ``model``'s parameters.
             dataset: The client's training set, of ``dataset_size`` (image, label) items.
             plan: The plan :meth:`begin_round` just returned; each plan can be used once.
@@ -422,6 +442,7 @@ class DPClient:
         criterion = nn.CrossEntropyLoss() if criterion is None else criterion
         self._used_plans.add(plan.ledger_seq)
 
+        _release_stale_hooks(model)
         extra = {"max_grad_norm": plan.max_grad_norm} if grad_sample_mode == "ghost" else {}
         private_model = prepare_module(
             model, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean", **extra

@@ -367,3 +367,28 @@ def test_every_grad_sample_mode_trains_the_charged_steps(tmp_path, mode):
     assert len(client.accountant.history) == 1 and client.accountant.history[0][2] == plan.steps
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_one_model_object_serves_consecutive_rounds(tmp_path, mode):
+    """Wrapping the same model in round 2 replaces round 1's hooks instead of failing or doubling them."""
+    # Prepare
+    torch.manual_seed(0)
+    model, dataset, steps = _make_model(), _make_dataset(), []
+
+    # Execute
+    for server_round in (1, 2):
+        client = _make_client(tmp_path)
+        plan = client.begin_round(server_round=server_round)
+        private = client.make_private(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            dataset=dataset,
+            plan=plan,
+            grad_sample_mode=mode,
+        )
+        steps.append(_train(private))
+
+    # Assert
+    assert steps == [plan.steps, plan.steps]
+    assert len(model.autograd_grad_sample_hooks) == 2 * sum(1 for m in model.modules() if isinstance(m, nn.Linear))
