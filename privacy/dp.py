@@ -15,12 +15,31 @@
    ``PrivacyEngine`` per round does. A step hook refuses any step beyond the plan, or with a σ or clip
    norm other than the plan's, before the optimizer applies it.
 
-Opacus 1.6's own ``secure_mode`` needs ``torchcsprng``, which was archived and ships no build for any
-current torch, so ``PrivacyEngine(secure_mode=True)`` cannot run here. ``DPSettings(secure_mode=True)``
+Opacus 1.6's own ``secure_mode`` needs ``torchcsprng`` (archived; last release 0.2.1 of March 2021, and pip
+finds no distribution of it for Python 3.11 / torch 2.x), so ``PrivacyEngine(secure_mode=True)`` raises
+ImportError here. ``DPSettings(secure_mode=True)``
 instead draws both the Poisson sampling and the noise from ChaCha20 (``cryptography``, keyed from
 ``os.urandom``) and keeps Opacus's defence against floating-point attacks (each noise value is the sum
 of four Gaussians over two, Holohan et al. 2021, §5.1). ``PrivacyEngine`` is not used at all: the
 pieces are assembled directly so that q, the steps and the accounting are exactly the ones charged.
+
+One round on a client::
+
+    ledger = PrivacyLedger.open(ledger_path, key_file=key, anchor_path=anchor, client_id=node,
+                                budget_epsilon=3.0, delta=1e-5)
+    dp = DPClient(settings=DPSettings(epsilon=3.0, delta=1e-5), ledger=ledger, dataset_size=len(train),
+                  batch_size=64, local_epochs=1, planned_rounds=num_rounds)
+    try:
+        plan = dp.begin_round(server_round=server_round)      # charged and fsynced here
+    except BudgetExhausted as declined:
+        return no_update(reason=str(declined), **dp.status())  # the server carries on without this client
+    private = dp.make_private(model=model, optimizer=optimizer, dataset=train, plan=plan)
+    for _ in range(plan.local_epochs):
+        for x, y in private.loader:                             # Poisson batches, possibly empty
+            private.optimizer.zero_grad()
+            private.criterion(private.model(x), y).backward()
+            private.optimizer.step()
+    send(model.state_dict(), metrics=dp.status())              # ledger_seq / ledger_id let the server flag rollbacks
 """
 
 from __future__ import annotations
