@@ -146,6 +146,9 @@ def central_epsilon(
     noise multiplier σ with respect to adding or removing one client, and sampling a fraction q of the
     clients is subsampling with rate q. Flower samples a fixed number of clients rather than each one
     independently, so the Poisson analysis used here is the standard approximation (exact for q = 1).
+    The analysis needs each client to weigh the same in the aggregate (uniform mean, as in McMahan et al.
+    2018): with FedAvg weighted by example counts, a client of weight w > 1/n moves the mean by up to
+    w·C, so the effective σ is σ/(n·w), smaller than the one passed here.
 
     Args:
         noise_multiplier: σ, the noise standard deviation over the clipping norm.
