@@ -108,27 +108,27 @@ def summarize(rounds: Sequence[dict], *, seconds: float, model_name: str) -> dic
         bytes_down (totals), final_federated_accuracy, final_worst_10pct, accuracy_source, model.
     """
     ordered = sorted(rounds, key=lambda record: record["round"])
-    source = "server" if any(_number(r.get("server", {}), "accuracy") is not None for r in ordered) else "federated"
-    scored = [(r["round"], _number(r.get(source, {}), "accuracy")) for r in ordered]
+    source = "server" if any(_number(r.get("server"), "accuracy") is not None for r in ordered) else "federated"
+    scored = [(r["round"], _number(r.get(source), "accuracy")) for r in ordered]
     scored = [(rnd, acc) for rnd, acc in scored if acc is not None]
     training = [r for r in ordered if r["round"] > 0]
     final = ordered[-1] if ordered else {}
     best_round, best_accuracy = max(scored, key=lambda item: (item[1], -item[0])) if scored else (None, None)
     traffic = [int(r.get("bytes_up", 0) or 0) + int(r.get("bytes_down", 0) or 0) for r in training]
-    distribution = final.get("federated", {}).get("distribution", {}) if final else {}
+    distribution = (final.get("federated") or {}).get("distribution") or {}
     return {
         "final_accuracy": scored[-1][1] if scored else None,
         "best_accuracy": best_accuracy,
         "best_round": best_round,
         "initial_accuracy": next((acc for rnd, acc in scored if rnd == 0), None),
-        "macro_f1": _number(final.get(source, {}), "macro_f1") if final else None,
+        "macro_f1": _number(final.get(source), "macro_f1"),
         "rounds": max((r["round"] for r in training), default=0),
         "seconds": float(seconds),
         "seconds_per_round": float(seconds) / len(training) if training else None,
         "bytes_per_round": float(np.mean(traffic)) if traffic else 0.0,
         "bytes_up": sum(int(r.get("bytes_up", 0) or 0) for r in training),
         "bytes_down": sum(int(r.get("bytes_down", 0) or 0) for r in training),
-        "final_federated_accuracy": _number(final.get("federated", {}), "accuracy") if final else None,
+        "final_federated_accuracy": _number(final.get("federated"), "accuracy"),
         "final_worst_10pct": _number(distribution, "worst_10pct"),
         "accuracy_source": source,
         "model": model_name,

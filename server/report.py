@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,8 @@ def _save_figure(target: Path, painter: Callable[..., bool], *args: Any, tag: st
         target.unlink(missing_ok=True)
         return None
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    # The title is also stored as PNG text metadata, so tools (and tests) can tell what a plot shows unopened.
+    figure.savefig(buffer, format="png", metadata={"Title": figure.axes[0].get_title()})
     atomic_write(target, buffer.getvalue())
     return f"{PLOTS}/{target.name}"
 
@@ -196,22 +198,69 @@ def _plot_confusion(figure: Any, rounds: Sequence[dict], *, tag: str) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class _PartitionView:
+    """partition.json in one shape, whichever of the accepted layouts it was written in."""
+
+    clients: list[str]
+    counts: np.ndarray  # clients x classes
+    classes: list[str]
+    profiles: list[str | None]
+    skew: dict[str, float]  # label skew (mean TV) per dataset, or {"": value} for a single split
+
+
+def _partition_view(partition: Mapping[str, Any] | None) -> _PartitionView | None:
+    """Reads either one `partition_stats` block (per_client at the top) or a federation layout:
+
+    {"clients": {id: {"per_class": [...], "profile": ..., "dataset": ...}}, "datasets": {spec: partition_stats}}.
+    """
+    if not partition:
+        return None
+    classes = [str(c) for c in partition.get("classes") or EMOTIONS]
+    skew: dict[str, float] = {}
+    if partition.get("per_client"):
+        counts = np.asarray(partition["per_client"], dtype=float)
+        ids = [str(c) for c in partition.get("client_ids") or range(len(counts))]
+        profiles = list(partition.get("profiles") or [None] * len(counts))
+        if isinstance(partition.get("label_skew_tv"), (int, float)):
+            skew[""] = float(partition["label_skew_tv"])
+    elif isinstance(partition.get("clients"), Mapping) and partition["clients"]:
+        entries = [(str(cid), e) for cid, e in partition["clients"].items() if isinstance(e, Mapping)]
+        rows = []
+        for _, entry in entries:
+            per_class = entry.get("per_class") or []
+            rows.append([per_class.get(c, 0) for c in classes] if isinstance(per_class, Mapping) else per_class)
+        if not rows or any(len(row) != len(rows[0]) for row in rows) or not rows[0]:
+            return None
+        counts = np.asarray(rows, dtype=float)
+        ids = [cid for cid, _ in entries]
+        profiles = [entry.get("profile") for _, entry in entries]
+        for spec, block in (partition.get("datasets") or {}).items():
+            if isinstance(block, Mapping) and isinstance(block.get("label_skew_tv"), (int, float)):
+                skew[str(spec)] = float(block["label_skew_tv"])
+        classes = [str(c) for c in next((b.get("classes") for b in (partition.get("datasets") or {}).values()
+                                         if isinstance(b, Mapping) and b.get("classes")), classes)]
+    else:
+        return None
+    if counts.ndim != 2 or counts.shape[1] != len(classes):
+        classes = [str(k) for k in range(counts.shape[1])] if counts.ndim == 2 else classes
+    return _PartitionView(ids, counts, classes, profiles, skew)
+
+
 def _plot_partition(figure: Any, partition: Mapping[str, Any] | None, *, tag: str) -> bool:
-    if not partition or not partition.get("counts"):
+    view = _partition_view(partition)
+    if view is None:
         return False
-    counts = np.asarray(partition["counts"], dtype=float)
-    names = partition.get("classes") or [str(k) for k in range(counts.shape[1])]
-    labels = [str(name) for name in partition.get("client_ids") or range(len(counts))]
+    many = len(view.clients) > 12
+    labels = [cid if many or not profile else f"{cid}\n{profile}" for cid, profile in zip(view.clients, view.profiles)]
     axes = figure.add_subplot()
-    bottom = np.zeros(len(counts))
-    colours = [f"C{k}" for k in range(counts.shape[1])]
-    for k, name in enumerate(names):
-        axes.bar(range(len(counts)), counts[:, k], bottom=bottom, label=name, color=colours[k])
-        bottom += counts[:, k]
-    axes.set_xticks(range(len(counts)), labels, rotation=90 if len(counts) > 12 else 0,
-                    fontsize=8 if len(counts) > 12 else 10)
-    skew = partition.get("label_skew_tv")
-    subtitle = f" — label skew (mean TV) {skew:.2f}" if isinstance(skew, (int, float)) else ""
+    bottom = np.zeros(len(view.counts))
+    for k, name in enumerate(view.classes):
+        axes.bar(range(len(view.counts)), view.counts[:, k], bottom=bottom, label=name, color=f"C{k}")
+        bottom += view.counts[:, k]
+    axes.set_xticks(range(len(labels)), labels, rotation=90 if many else 0, fontsize=7 if many else 8)
+    skew = ", ".join(f"{spec + ' ' if spec else ''}{value:.2f}" for spec, value in view.skew.items())
+    subtitle = f"\nlabel skew (mean TV from the global mix): {skew}" if skew else ""
     axes.set(title=f"Label distribution per client{tag}{subtitle}", xlabel="client", ylabel="samples")
     axes.legend(fontsize=8, ncol=2)
     return True
@@ -339,18 +388,24 @@ def _clients_section(rounds: Sequence[dict], clients_plot: str | None) -> list[s
 
 
 def _partition_section(partition: Mapping[str, Any], plot: str | None) -> list[str]:
+    view = _partition_view(partition)
     lines = ["## Data partition", ""]
-    sizes = partition.get("sizes") or []
-    facts = [
-        ("clients", partition.get("num_clients")),
-        ("samples", partition.get("num_samples")),
-        ("scheme", partition.get("scheme")),
-        ("alpha", partition.get("alpha")),
-        ("label skew (mean total-variation distance from the global label mix)", partition.get("label_skew_tv")),
-        ("client sizes (min / median / max)",
-         f"{min(sizes)} / {int(np.median(sizes))} / {max(sizes)}" if sizes else None),
-    ]
-    lines += [f"- {label}: {_cell(value)}" for label, value in facts if value is not None]
+    if view is not None:
+        sizes = view.counts.sum(axis=1)
+        lines += [f"- clients: {len(view.clients)}, samples: {int(sizes.sum())}",
+                  f"- client sizes (min / median / max): {int(sizes.min())} / {int(np.median(sizes))} / "
+                  f"{int(sizes.max())}"]
+        for spec, value in view.skew.items():
+            where = f" ({spec})" if spec else ""
+            lines.append(f"- label skew{where}, mean total-variation distance from the global label mix: {value:.3f}")
+        kinds = sorted({p for p in view.profiles if p})
+        for kind in kinds:
+            members = [size for size, p in zip(sizes, view.profiles) if p == kind]
+            lines.append(f"- profile {kind}: {len(members)} client{'s' if len(members) != 1 else ''}, "
+                         f"{np.mean(members):.0f} samples each on average")
+    for key in ("scheme", "alpha"):
+        if isinstance(partition.get(key), (str, int, float)):
+            lines.append(f"- {key}: {partition[key]}")
     lines.append("")
     if plot:
         lines += [f"![label distribution per client]({plot})", ""]

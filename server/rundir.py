@@ -233,9 +233,10 @@ def flatten_round(record: Mapping[str, Any]) -> dict[str, Any]:
     """One round record as a flat CSV row.
 
     Nested keys are joined with "." ("server.accuracy", "federated.distribution.worst_10pct"). Lists of
-    NUM_CLASSES scalars under a "per_class_*" or "support" key get one column per emotion ("server.per_class_recall.happy");
-    other lists of scalars one per index. Per-client blocks ("clients"), the confusion matrix and other lists of
-    lists or dicts (rejected updates) stay in metrics.jsonl only: their width changes from round to round.
+    NUM_CLASSES scalars under a "per_class_*" or "support" key get one column per emotion
+    ("server.per_class_recall.happy"); other lists of scalars one per index; None values are left blank.
+    Per-client blocks ("clients"), the confusion matrix and other lists of lists or dicts (rejected updates) stay
+    in metrics.jsonl only: their width changes from round to round.
     """
     row: dict[str, Any] = {}
     _flatten_into(row, "", record)
@@ -256,7 +257,8 @@ def _flatten_into(row: dict[str, Any], prefix: str, value: Any) -> None:
         names = EMOTIONS if per_class and len(value) == NUM_CLASSES else range(len(value))
         for name, item in zip(names, value):
             row[f"{prefix}.{name}"] = item
-    else:
+    elif value is not None:
+        # A missing block (round 0 has no "federated") would otherwise become a column of its own.
         row[prefix] = value
 
 
