@@ -464,3 +464,47 @@ def test_synthetic_bad_size_is_rejected(spec):
     """N must be an integer of at least 5 so the test split is not empty."""
     with pytest.raises(DatasetError, match="N must be an integer >= 5"):
         load_dataset(spec)
+
+
+# --- photos that need face detection (folder kind, RAF-DB original) ---------------------------------------------
+
+def _astronaut_gray() -> np.ndarray:
+    """A real photograph of a face shipped with scikit-image (512x512)."""
+    data = pytest.importorskip("skimage.data")
+    return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2GRAY)
+
+
+def test_folder_kind_detects_faces_and_skips_photos_without_one(tmp_path):
+    """A photo with a face becomes its aligned crop; a photo without one is skipped and reported as no_face."""
+    # Prepare
+    preprocess = pytest.importorskip("client.data.preprocess")
+    photo = _astronaut_gray()
+    _write(tmp_path / "happy" / "astronaut.png", photo)
+    _write(tmp_path / "sad" / "wall.png", cv2.GaussianBlur(_face(0, height=300, width=400), (31, 31), 0))
+
+    # Execute
+    dataset = load_dataset(f"folder={tmp_path}")
+
+    # Assert
+    train = dataset.splits["train"]
+    assert (dataset.format, train.sources, train.labels.tolist()) == ("folder", ("happy/astronaut.png",), [3])
+    np.testing.assert_array_equal(train.images[0], preprocess.FacePreprocessor(size=48).process(photo))
+    assert dataset.problems["no_face"] == {"count": 1, "examples": ["sad/wall.png"]}
+    assert dataset.native_sizes == {"512x512": 1, "400x300": 1}
+
+
+def test_rafdb_original_photos_go_through_face_detection(tmp_path):
+    """Without Image/aligned, RAF-DB's original photos are detected and cropped to the requested size."""
+    # Prepare
+    pytest.importorskip("client.data.preprocess")
+    _write(tmp_path / "Image" / "original" / "train_00001.jpg", _astronaut_gray())
+    (tmp_path / "EmoLabel").mkdir()
+    (tmp_path / "EmoLabel" / "list_patition_label.txt").write_text("train_00001.jpg 4\n")
+
+    # Execute
+    dataset = load_dataset(f"rafdb={tmp_path}", image_size=64)
+
+    # Assert
+    assert dataset.format == "rafdb-original"
+    assert dataset.splits["train"].images.shape == (1, 64, 64)
+    assert dataset.splits["train"].labels.tolist() == [EMOTIONS.index("happy")]

@@ -416,11 +416,12 @@ def _decode_items(root: Path, items: list[_Item], *, image_size: int, detect_fac
             continue
         kept = []
         for i in indices:
+            if status[i] == "unreadable":
+                loaded.unreadable.add(items[i].relpath)
+                continue
+            native_sizes[sizes[i]] += 1  # a size found in the data, whether or not a face was found in it
             if status[i] is None:
                 kept.append(i)
-                native_sizes[sizes[i]] += 1
-            elif status[i] == "unreadable":
-                loaded.unreadable.add(items[i].relpath)
             else:
                 loaded.no_face.add(items[i].relpath)
         # Items of a split are contiguous; a view avoids copying the images when nothing was skipped.
