@@ -1,0 +1,360 @@
+"""Run directory and report: round trips, atomic writes, no clobbering, resume semantics, plots that exist."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import struct
+import tomllib
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from server.metrics import classification_metrics, client_distribution, summarize
+from server.report import write_report
+from server.rundir import RunDirectory, flatten_round, load_model
+from simulation.partition import partition_labels, partition_stats
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_CONFIG = {"dataset": "synthetic", "num-clients": 4, "model": "cnn_am", "alpha": 0.5, "secure-agg": False}
+
+
+def _make_round(index: int, *, accuracy: float = 0.5, clients: int = 4) -> dict:
+    """A round record in the schema the ServerApp appends (round 0: server evaluation only)."""
+    rng = np.random.default_rng(index)
+    y_true = rng.integers(0, 7, 70)
+    y_pred = np.where(rng.random(70) < accuracy, y_true, rng.integers(0, 7, 70))
+    server = {"loss": 2.0 - 0.2 * index, **classification_metrics(y_true, y_pred)}
+    record = {"round": index, "seconds": 1.25, "bytes_up": 1000 * index, "bytes_down": 2000 * index,
+              "server": server, "federated": None}
+    if index > 0:
+        accuracies = {str(c): float(a) for c, a in enumerate(rng.uniform(0.2, 0.8, clients))}
+        record["federated"] = {
+            "loss": 1.9 - 0.2 * index, "accuracy": float(np.mean(list(accuracies.values()))),
+            "clients": {c: {"accuracy": a, "num_examples": 15} for c, a in accuracies.items()},
+            "distribution": client_distribution(list(accuracies.values())),
+        }
+        record["fit"] = {"num_clients": clients, "num_rejected": 1,
+                         "rejected": [{"client": "3", "reason": "update norm 1e9 > 100"}], "train_loss": 1.5}
+    return record
+
+
+def _make_run(path, *, config=_CONFIG, rounds: int = 3, partition: bool = True, privacy: dict | None = None):
+    """A complete run directory as a finished simulation leaves it."""
+    run = RunDirectory(path)
+    run.write_config(config)
+    for index in range(rounds + 1):
+        run.append_round(_make_round(index, accuracy=0.2 + 0.2 * index))
+    if partition:
+        run.write_partition({"num_clients": 4, "num_samples": 40, "classes": ["a", "b", "c"],
+                             "per_client": [[5, 3, 2], [0, 8, 2], [9, 0, 1], [2, 2, 6]], "sizes": [10, 10, 10, 10],
+                             "label_skew_tv": 0.31})
+    if privacy is not None:
+        run.write_json("privacy.json", privacy)
+    run.write_summary(summarize(run.rounds(), seconds=5.0, model_name="cnn_am"))
+    return run
+
+
+def _png_text(data: bytes) -> dict[str, str]:
+    """The tEXt chunks of a PNG, decoded."""
+    texts, offset = {}, len(_PNG_SIGNATURE)
+    while offset < len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        body = data[offset + 8:offset + 8 + length]
+        if kind == b"tEXt":
+            key, _, value = body.partition(b"\0")
+            texts[key.decode("latin-1")] = value.decode("latin-1")
+        elif kind == b"zTXt":
+            key, _, value = body.partition(b"\0")
+            texts[key.decode("latin-1")] = zlib.decompress(value[1:]).decode("latin-1")
+        elif kind == b"iTXt":  # used for text outside Latin-1, such as the em dash in the partition title
+            key, _, rest = body.partition(b"\0")
+            compressed, value = rest[0], rest[2:].split(b"\0", 2)[2]
+            texts[key.decode("latin-1")] = (zlib.decompress(value) if compressed else value).decode("utf-8")
+        offset += 12 + length
+    return texts
+
+
+def _temporaries(path) -> list:
+    """Files an interrupted atomic write would leave behind."""
+    return [p for p in path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_round_trip_of_everything_written(tmp_path):
+    """config, rounds, partition and summary read back exactly as written."""
+    run = _make_run(tmp_path / "run")
+
+    reopened = RunDirectory(tmp_path / "run", create=False)
+
+    assert reopened.read_json("config.json") == _CONFIG
+    assert tomllib.loads((tmp_path / "run" / "config.toml").read_text()) == _CONFIG
+    assert reopened.rounds() == json.loads(json.dumps([_make_round(i, accuracy=0.2 + 0.2 * i) for i in range(4)]))
+    assert reopened.read_json("partition.json")["per_client"][1] == [0, 8, 2]
+    assert reopened.read_json("summary.json") == summarize(run.rounds(), seconds=5.0, model_name="cnn_am")
+    assert _temporaries(tmp_path) == []
+
+
+def test_metrics_jsonl_is_one_parseable_line_per_round(tmp_path):
+    """metrics.jsonl holds exactly one JSON object per line, in round order."""
+    _make_run(tmp_path / "run", rounds=2)
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+
+    assert [json.loads(line)["round"] for line in lines] == [0, 1, 2]
+
+
+def test_metrics_csv_flattens_rounds(tmp_path):
+    """metrics.csv has dotted columns, one per emotion for per-class lists, no per-client or matrix columns."""
+    _make_run(tmp_path / "run", rounds=2)
+
+    with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+
+    record = _make_round(2, accuracy=0.6)
+    assert [row["round"] for row in rows] == ["0", "1", "2"]
+    assert float(rows[2]["server.accuracy"]) == pytest.approx(record["server"]["accuracy"])
+    assert float(rows[2]["server.per_class_recall.happy"]) == pytest.approx(record["server"]["per_class_recall"][3])
+    assert float(rows[2]["federated.distribution.worst_10pct"]) == pytest.approx(
+        record["federated"]["distribution"]["worst_10pct"])
+    assert rows[0]["federated.accuracy"] == ""  # round 0 has no federated evaluation
+    assert not [c for c in rows[0] if "confusion" in c or c.startswith(("federated.clients", "fit.rejected"))]
+
+
+def test_flatten_round_hand_worked():
+    """A small nested record flattens to the expected columns."""
+    record = {"round": 1, "server": {"accuracy": 0.5, "per_class_recall": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, None],
+                                     "confusion_matrix": [[1]]},
+              "fit": {"rejected": [{"client": "a"}], "num_clients": 3}, "federated": {"clients": {"x": {}}}}
+
+    row = flatten_round(record)
+
+    assert row == {"round": 1, "server.accuracy": 0.5, "server.per_class_recall.angry": 0.1,
+                   "server.per_class_recall.disgust": 0.2, "server.per_class_recall.fear": 0.3,
+                   "server.per_class_recall.happy": 0.4, "server.per_class_recall.sad": 0.5,
+                   "server.per_class_recall.surprise": 0.6, "server.per_class_recall.neutral": None,
+                   "fit.num_clients": 3}
+
+
+def test_refuses_to_clobber_a_non_empty_run_directory(tmp_path):
+    """A new run in a non-empty folder fails naming it, and leaves the old files untouched."""
+    _make_run(tmp_path / "run", rounds=1)
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+
+    with pytest.raises(FileExistsError, match=re.escape(str(tmp_path / "run"))):
+        RunDirectory(tmp_path / "run")
+
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+
+
+def test_empty_existing_folder_is_accepted_and_missing_resume_is_not(tmp_path):
+    """An empty folder can hold a new run; resuming a folder that does not exist is an error."""
+    (tmp_path / "empty").mkdir()
+
+    RunDirectory(tmp_path / "empty").write_json("summary.json", {"rounds": 0})
+
+    assert (tmp_path / "empty" / "summary.json").exists()
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        RunDirectory(tmp_path / "nowhere", resume=True)
+
+
+def test_resumed_round_replaces_the_rounds_it_supersedes(tmp_path):
+    """After a resume, a re-run round r replaces the stored r and everything after it; nothing is duplicated."""
+    _make_run(tmp_path / "run", rounds=3)
+
+    resumed = RunDirectory(tmp_path / "run", resume=True)
+    resumed.append_round({"round": 2, "seconds": 9.0, "server": {"accuracy": 0.99}})
+    resumed.append_round({"round": 3, "seconds": 9.0, "server": {"accuracy": 0.98}})
+
+    rounds = RunDirectory(tmp_path / "run", create=False).rounds()
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert [r["seconds"] for r in rounds] == [1.25, 1.25, 9.0, 9.0]
+    with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
+        assert [row["round"] for row in csv.DictReader(handle)] == ["0", "1", "2", "3"]
+
+
+def test_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    """A write that fails half-way (unserialisable value) keeps the old file intact and leaves no .tmp."""
+    run = RunDirectory(tmp_path / "run")
+    run.write_json("summary.json", {"final_accuracy": 0.5})
+
+    with pytest.raises(TypeError):
+        run.write_json("summary.json", {"final_accuracy": object()})
+
+    assert run.read_json("summary.json") == {"final_accuracy": 0.5}
+    assert _temporaries(tmp_path) == []
+
+
+def test_non_finite_numbers_become_null_and_numpy_becomes_json(tmp_path):
+    """NaN/inf are written as null (valid JSON); numpy scalars and arrays as numbers and lists."""
+    run = RunDirectory(tmp_path / "run")
+
+    run.append_round({"round": 1, "server": {"loss": float("nan"), "accuracy": np.float32(0.25)},
+                      "fit": {"train_loss": float("inf"), "sizes": np.array([1, 2])}})
+
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"round": 1, "server": {"loss": None, "accuracy": 0.25},
+                                "fit": {"train_loss": None, "sizes": [1, 2]}}
+
+
+def test_config_toml_only_when_representable(tmp_path):
+    """A config with a null has no TOML spelling: config.json is written, config.toml is not."""
+    run = RunDirectory(tmp_path / "run")
+
+    run.write_config({"dataset": "fer2013=/data", "lr": None})
+
+    assert run.read_json("config.json") == {"dataset": "fer2013=/data", "lr": None}
+    assert not (tmp_path / "run" / "config.toml").exists()
+
+
+def test_append_round_requires_an_integer_round(tmp_path):
+    """A record without an integer round is refused before anything is written."""
+    run = RunDirectory(tmp_path / "run")
+
+    with pytest.raises(ValueError, match="integer 'round'"):
+        run.append_round({"round": "1"})
+
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_saved_model_loads_with_weights_only(tmp_path):
+    """model.pt is a plain state_dict (weights_only=True) equal to what was saved; model.json describes it."""
+    run = RunDirectory(tmp_path / "run")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+
+    path = run.save_model(model.state_dict(), model_name="cnn_am", model_cfg={"depth": 2}, round=5,
+                          extra={"synthetic": True})
+
+    loaded = torch.load(path, weights_only=True)
+    assert list(loaded) == list(model.state_dict())
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert (meta["name"], meta["cfg"], meta["round"], meta["synthetic"]) == ("cnn_am", {"depth": 2}, 5, True)
+    assert meta["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+
+
+def test_checkpoints_accept_numpy_and_the_latest_is_found(tmp_path):
+    """Checkpoints go to checkpoints/round-XXX.pt; numpy arrays (Flower's format) load back as tensors."""
+    run = RunDirectory(tmp_path / "run")
+    weights = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+
+    for index in (1, 2, 10):
+        run.save_model(weights, model_name="dmsnet_iot", model_cfg={}, round=index, checkpoint=True)
+
+    latest = run.latest_checkpoint()
+    state, meta = load_model(latest)
+    assert latest == tmp_path / "run" / "checkpoints" / "round-010.pt"
+    assert meta["round"] == 10
+    assert torch.equal(state["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_load_model_detects_a_replaced_file(tmp_path):
+    """A model file that no longer matches its recorded sha256 is refused."""
+    run = RunDirectory(tmp_path / "run")
+    path = run.save_model({"w": torch.ones(2)}, model_name="cnn_am", model_cfg={}, round=1)
+    torch.save({"w": torch.zeros(2)}, path)
+
+    with pytest.raises(ValueError, match="sha256"):
+        load_model(path)
+
+
+def test_extra_metadata_may_not_shadow_the_model_name(tmp_path):
+    """extra={'name': ...} would make model.json lie about the architecture."""
+    run = RunDirectory(tmp_path / "run")
+
+    with pytest.raises(ValueError, match="name"):
+        run.save_model({"w": torch.ones(1)}, model_name="cnn_am", model_cfg={}, round=1, extra={"name": "x"})
+
+
+def test_report_references_plots_that_exist_and_are_png(tmp_path):
+    """Every image report.md links to exists, starts with the PNG signature and is not trivially small."""
+    _make_run(tmp_path / "run")
+
+    report = write_report(tmp_path / "run")
+
+    text = report.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert sorted(links) == sorted(["plots/accuracy.png", "plots/loss.png", "plots/clients.png",
+                                    "plots/confusion.png", "plots/partition.png"])
+    for link in links:
+        data = (tmp_path / "run" / link).read_bytes()
+        assert data[:8] == _PNG_SIGNATURE, link
+        assert len(data) > 5000, link
+    assert "| final_accuracy |" in text
+    assert _temporaries(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_synthetic_runs_say_so_in_report_and_plot_titles(tmp_path):
+    """With the synthetic dataset, report.md and every plot title say "synthetic"; a real dataset says nothing."""
+    _make_run(tmp_path / "synthetic")
+    _make_run(tmp_path / "real", config={**_CONFIG, "dataset": "fer2013=/data/fer2013"})
+
+    synthetic = write_report(tmp_path / "synthetic").read_text()
+    real = write_report(tmp_path / "real").read_text()
+
+    assert "synthetic" in synthetic.splitlines()[0].lower()
+    assert "synthetic" not in real.lower()
+    for png in (tmp_path / "synthetic" / "plots").glob("*.png"):
+        assert "synthetic" in _png_text(png.read_bytes())["Title"], png.name
+    for png in (tmp_path / "real" / "plots").glob("*.png"):
+        assert "synthetic" not in _png_text(png.read_bytes())["Title"], png.name
+
+
+def test_report_has_a_privacy_section_from_privacy_json(tmp_path):
+    """privacy.json adds a Privacy section with each client's epsilon, the run-level facts and a plot."""
+    privacy = {"clients": {"0": {"epsilon_spent": 2.5, "epsilon_budget": 3.0, "delta": 1e-5, "accountant": "rdp"},
+                           "1": {"epsilon_spent": 1.25, "epsilon_budget": 3.0, "delta": 1e-5, "accountant": "rdp"}},
+               "secure_aggregation": True,
+               "threat_model": "The server is honest but curious; under SecAgg+ it sees only the sum of updates. "
+                               "DP bounds what any output reveals about one image."}
+    _make_run(tmp_path / "run", privacy=privacy)
+
+    text = write_report(tmp_path / "run").read_text()
+
+    section = text[text.index("## Privacy"):]
+    assert "| 0 | 2.5 | 3 | 1e-05 | rdp |" in section
+    assert "| 1 | 1.25 | 3 | 1e-05 | rdp |" in section
+    assert "secure_aggregation: True" in section
+    assert "honest but curious" in section
+    assert "plots/privacy.png" in section
+    assert (tmp_path / "run" / "plots" / "privacy.png").read_bytes()[:8] == _PNG_SIGNATURE
+
+
+def test_report_skips_what_is_missing(tmp_path):
+    """A run with only round 0 and no partition, summary or privacy still reports, with no dangling links."""
+    run = RunDirectory(tmp_path / "run")
+    run.write_config({"dataset": "synthetic"})
+    run.append_round(_make_round(0))
+
+    text = write_report(tmp_path / "run").read_text()
+
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert sorted(links) == ["plots/accuracy.png", "plots/confusion.png", "plots/loss.png"]
+    assert all((tmp_path / "run" / link).exists() for link in links)
+    assert "## Privacy" not in text and "## Data partition" not in text and "## Clients" not in text
+
+
+def test_report_reads_the_federation_partition_layout(tmp_path):
+    """partition.json keyed by client id, with profiles and per-dataset stats, gives the plot and per-profile sizes."""
+    labels = np.random.default_rng(0).integers(0, 7, 300)
+    weights = [4.0, 1.0, 1.0, 1.0, 1.0]
+    parts = partition_labels(labels, num_partitions=5, scheme="dirichlet", size_weights=weights, seed=0)
+    block = partition_stats(labels, parts)
+    clients = {f"client-{i:03d}": {"dataset": "synthetic", "profile": "hospital" if w == 4 else "iot",
+                                   "per_class": counts, "size": len(part)}
+               for i, (w, counts, part) in enumerate(zip(weights, block["per_client"], parts))}
+    run = _make_run(tmp_path / "run", partition=False)
+    run.write_partition({"clients": clients, "datasets": {"synthetic": block}})
+
+    text = write_report(tmp_path / "run").read_text()
+
+    section = text[text.index("## Data partition"):]
+    assert f"- profile hospital: 1 client, {len(parts[0])} samples each on average" in section
+    assert f"label skew (synthetic), mean total-variation distance from the global label mix: " \
+           f"{block['label_skew_tv']:.3f}" in section
+    assert (tmp_path / "run" / "plots" / "partition.png").read_bytes()[:8] == _PNG_SIGNATURE
