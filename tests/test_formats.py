@@ -474,6 +474,7 @@ def _astronaut_gray() -> np.ndarray:
     return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2GRAY)
 
 
+@pytest.mark.slow  # the preprocessing module imports torch: seconds on a busy 2-core machine
 def test_folder_kind_detects_faces_and_skips_photos_without_one(tmp_path):
     """A photo with a face becomes its aligned crop; a photo without one is skipped and reported as no_face."""
     # Prepare
@@ -493,6 +494,7 @@ def test_folder_kind_detects_faces_and_skips_photos_without_one(tmp_path):
     assert dataset.native_sizes == {"512x512": 1, "400x300": 1}
 
 
+@pytest.mark.slow  # the preprocessing module imports torch: seconds on a busy 2-core machine
 def test_rafdb_original_photos_go_through_face_detection(tmp_path):
     """Without Image/aligned, RAF-DB's original photos are detected and cropped to the requested size."""
     # Prepare
