@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from client import task
 from client.config import RunSettings
+from client.dp_training import open_dp_client
 from client.data.preprocess import Augment, FERTorchDataset
 from client.node_data import NodeData, load_node_data
 from models import create_model
@@ -70,10 +71,13 @@ def setup_from_node_config(context: Context, settings: RunSettings) -> NodeSetup
 class FerClient(NumPyClient):
     """One node's training and evaluation for one message. Built fresh per message; state lives on disk."""
 
-    def __init__(self, *, setup: NodeSetup, settings: RunSettings, node_index: int) -> None:
+    def __init__(
+        self, *, setup: NodeSetup, settings: RunSettings, node_index: int, node_config: dict | None = None
+    ) -> None:
         self.setup = setup
         self.settings = settings
         self.node_index = node_index
+        self.node_config = dict(node_config or {})
 
     def _model(self) -> torch.nn.Module:
         # Federated models always use the GroupNorm build: BatchNorm's running statistics are per-site data
@@ -101,16 +105,20 @@ class FerClient(NumPyClient):
             generator=torch.Generator().manual_seed(seed),
         )
         optimizer = task.make_optimizer(model, name=self.settings.optimizer, lr=self.settings.lr)
-        proximal_mu = float(config.get("proximal-mu", 0.0))
-        reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-        result = task.train(
-            model,
-            loader,
-            epochs=self.setup.local_epochs,
-            optimizer=optimizer,
-            proximal_mu=proximal_mu,
-            reference=reference,
-        )
+        privacy: dict = {}
+        if self.settings.dp_enabled:
+            result, privacy = self._fit_private(model, optimizer, dataset, server_round)
+        else:
+            proximal_mu = float(config.get("proximal-mu", 0.0))
+            reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+            result = task.train(
+                model,
+                loader,
+                epochs=self.setup.local_epochs,
+                optimizer=optimizer,
+                proximal_mu=proximal_mu,
+                reference=reference,
+            )
         new_weights = task.get_weights(model)
         delta = [new - np.asarray(old, dtype=np.float32) for new, old in zip(new_weights, parameters)]
         delta, norm, clipped = bound_update(delta, max_norm=self.settings.max_update_norm)
@@ -121,8 +129,35 @@ class FerClient(NumPyClient):
             "train-accuracy": result.accuracy,
             "update-norm": norm,
             "update-clipped": clipped,
+            **{f"dp-{key}": value for key, value in privacy.items()},
         }
         return delta, data.num_train, metrics
+
+    def _fit_private(self, model, optimizer, dataset, server_round: int) -> tuple[task.TrainResult, dict]:
+        """DP-SGD: the round's spend is charged to the node's ledger before training starts.
+
+        `BudgetExhausted` propagates: Flower turns it into an error reply naming the reason, and the server
+        carries on without this node.
+        """
+        cfg = self.node_config
+        dp = open_dp_client(
+            settings=self.settings,
+            client_id=self.setup.data.client_id,
+            state_dir=self.setup.state_dir,
+            dataset_size=len(dataset),
+            batch_size=self.setup.batch_size,
+            local_epochs=self.setup.local_epochs,
+            key_file=Path(cfg["ledger-key"]) if "ledger-key" in cfg else None,
+            anchor_path=Path(cfg["ledger-anchor"]) if "ledger-anchor" in cfg else None,
+            create_key="partition-id" in cfg,
+        )
+        plan = dp.begin_round(server_round=server_round)
+        private = dp.make_private(model=model, optimizer=optimizer, dataset=dataset, plan=plan)
+        result = task.train(
+            private.model, private.loader, epochs=plan.local_epochs, optimizer=private.optimizer,
+            criterion=private.criterion,
+        )
+        return result, dp.status()
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         data = self.setup.data
@@ -164,7 +199,9 @@ def make_client_app(
         settings = fixed or RunSettings.from_run_config(dict(context.run_config))
         setup = provider(context, settings)
         node_index = int(context.node_config.get("partition-id", 0))
-        return FerClient(setup=setup, settings=settings, node_index=node_index).to_client()
+        return FerClient(
+            setup=setup, settings=settings, node_index=node_index, node_config=dict(context.node_config)
+        ).to_client()
 
     return ClientApp(client_fn=client_fn, mods=list(mods))
 

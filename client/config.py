@@ -125,6 +125,10 @@ class RunSettings:
         if self.secure_agg and self.strategy in ROBUST_STRATEGIES:
             # Robust rules need every individual update; under secure aggregation the server only sees the sum.
             raise ConfigError(f"strategy {self.strategy!r} needs individual updates and cannot run with secure-agg")
+        if self.dp_enabled and self.strategy == "fedprox":
+            # The proximal term depends on parameters only, so Opacus's per-sample gradients would not include it:
+            # the client would silently train plain DP-SGD while claiming FedProx.
+            raise ConfigError("strategy 'fedprox' cannot be combined with dp-epsilon (local DP-SGD)")
         if self.secure_agg and not 1 < self.secagg_threshold <= self.secagg_shares:
             raise ConfigError("secagg-threshold must be > 1 and <= secagg-shares")
 

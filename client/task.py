@@ -68,6 +68,7 @@ def train(
     *,
     epochs: int,
     optimizer: torch.optim.Optimizer,
+    criterion: nn.Module | None = None,
     proximal_mu: float = 0.0,
     reference: Sequence[torch.Tensor] | None = None,
     device: str = "cpu",
@@ -77,23 +78,23 @@ def train(
     Args:
         model: the model to train (already on `device`).
         loader: yields (images, labels) batches; under DP-SGD this is Opacus's Poisson-sampled loader, whose
-            batches can be empty, which are skipped.
+            batches can be empty: those still take an optimiser step (the noise is added and the step counted,
+            exactly as the accountant assumed) but do not count in the loss and accuracy.
         epochs: local epochs.
         optimizer: the optimiser, possibly wrapped by Opacus.
+        criterion: the loss; defaults to cross-entropy (Opacus's ghost clipping supplies its own wrapper).
         proximal_mu: FedProx's μ; adds μ/2·‖w − w_global‖² so heterogeneous clients drift less from the global model.
         reference: the global parameters the proximal term pulls towards (same order as `model.parameters()`).
         device: torch device.
     """
     if proximal_mu > 0 and reference is None:
         raise ValueError("proximal_mu > 0 needs the reference (global) parameters")
-    criterion = nn.CrossEntropyLoss()
+    criterion = criterion or nn.CrossEntropyLoss()
     model.train()
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(epochs):
         for images, labels in loader:
-            if len(labels) == 0:
-                continue
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = model(images)
@@ -103,10 +104,12 @@ def train(
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
             optimizer.step()
+            steps += 1
+            if len(labels) == 0:
+                continue
             total_loss += float(loss.detach()) * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
-            steps += 1
     if seen == 0:
         return TrainResult(loss=float("nan"), accuracy=0.0, num_examples=0, steps=steps)
     return TrainResult(loss=total_loss / seen, accuracy=correct / seen, num_examples=seen, steps=steps)

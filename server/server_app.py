@@ -32,6 +32,7 @@ from client.config import RunSettings
 from client.data.labels import EMOTIONS
 from client.node_data import cached_dataset, parse_dataset_list
 from models import create_model
+from privacy.report import privacy_report
 from server.evaluation import ServerEvaluator
 from server.metrics import client_distribution
 from server.rundir import RunDirectory
@@ -199,6 +200,11 @@ class FerWorkflow:
             "server": server,
             "federated": federated,
         }
+        if self.strategy.privacy:
+            record["privacy"] = {
+                cid: {"epsilon_spent": p.get("epsilon_spent"), "epsilon_budget": p.get("epsilon_budget")}
+                for cid, p in sorted(self.strategy.privacy.items())
+            }
         if server_round > 0:
             record["fit"] = {
                 "num_clients": report.num_results,
@@ -255,8 +261,26 @@ def run_federation(
         model_cfg={"dp": True},
         round=settings.num_server_rounds,
     )
+    if settings.dp_enabled or settings.secure_agg or settings.central_dp_noise > 0:
+        run_dir.write_json("privacy.json", build_privacy_report(settings, strategy))
     run_dir.write_summary(summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings))
     return workflow.final_weights
+
+
+def build_privacy_report(settings: RunSettings, strategy: GuardedStrategy) -> dict[str, Any]:
+    """privacy.json: each node's cumulative ε as it last reported it, the central ε, and whether SecAgg+ was on."""
+    central = None
+    if settings.central_dp_noise > 0:
+        central = {
+            "noise_multiplier": settings.central_dp_noise,
+            "clipping_norm": settings.central_clip,
+            "sample_rate": settings.fraction_fit,
+            "rounds": settings.num_server_rounds,
+            "delta": settings.dp_delta,
+        }
+    return privacy_report(
+        clients=list(strategy.privacy.values()), central=central, secure_aggregation=settings.secure_agg
+    )
 
 
 def summarize(rounds: list[dict[str, Any]], *, seconds: float, settings: RunSettings) -> dict[str, Any]:

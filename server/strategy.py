@@ -184,6 +184,8 @@ class GuardedStrategy(Strategy):
         self.evaluate_fn = evaluate_fn
         self.reports: dict[int, RoundReport] = {}
         self.server_metrics: dict[int, dict[str, Any]] = {}
+        # Latest DP status each node reported (epsilon spent, ledger sequence): for privacy.json and rollback checks.
+        self.privacy: dict[str, dict[str, Any]] = {}
         self._global: list[np.ndarray] | None = None
 
     def __repr__(self) -> str:
@@ -225,6 +227,14 @@ class GuardedStrategy(Strategy):
                 log.warning("round %d: rejected the update of client %s: %s", server_round, client_id, reason)
                 report.rejected.append({"client": client_id, "reason": reason})
                 continue
+            privacy = {k[3:]: v for k, v in res.metrics.items() if k.startswith("dp-")}
+            reason = self._check_ledger(client_id, privacy)
+            if reason is not None:
+                log.warning("round %d: rejected the update of client %s: %s", server_round, client_id, reason)
+                report.rejected.append({"client": client_id, "reason": reason})
+                continue
+            if privacy:
+                self.privacy[client_id] = privacy
             delta = parameters_to_ndarrays(res.parameters)
             weights = [g + d for g, d in zip(self._global, delta)]
             accepted.append((proxy, _with_parameters(res, ndarrays_to_parameters(weights))))
@@ -244,6 +254,22 @@ class GuardedStrategy(Strategy):
             log.warning("round %d: no acceptable update; the global model is unchanged", server_round)
             return None, {}
         return self.inner.aggregate_fit(server_round, accepted, failures)
+
+    def _check_ledger(self, client_id: str, privacy: dict[str, Any]) -> str | None:
+        """A node's privacy ledger only moves forward: a replaced ledger or a lower sequence number means its
+        recorded spend was rolled back (e.g. both ledger and anchor restored from a backup), which the node
+        alone cannot detect."""
+        previous = self.privacy.get(client_id)
+        if not privacy or previous is None:
+            return None
+        if privacy.get("ledger_id") != previous.get("ledger_id"):
+            return "its privacy ledger was replaced since its last update (possible budget reset)"
+        if int(privacy.get("ledger_seq", -1)) <= int(previous.get("ledger_seq", -1)):
+            return (
+                f"its privacy ledger went back from sequence {previous.get('ledger_seq')} "
+                f"to {privacy.get('ledger_seq')} (possible rollback)"
+            )
+        return None
 
     def _check(self, res: FitRes) -> str | None:
         try:

@@ -7,7 +7,9 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import bound_update, make_client_app
 from client.config import RunSettings
@@ -27,6 +29,8 @@ def _make_context(tmp_path) -> Context:
 
 
 def _make_message(kind: str, weights: list[np.ndarray], config: dict) -> Message:
+    # Messages are stamped with the sending process's identity; here the test plays the SuperLink's ServerApp.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     parameters = ndarrays_to_parameters(weights)
     if kind == "train":
         content, message_type = compat.fitins_to_recorddict(FitIns(parameters, config), True), MessageType.TRAIN
