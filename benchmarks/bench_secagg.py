@@ -282,6 +282,9 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     deltas = {p: _delta(p) for p in range(max(s.clients for s in SETTINGS))}
     results: dict[str, Any] = {}
+    for mode in MODES:
+        # Warm-up: the first rounds in a process pay for lazy imports and first-touch allocations.
+        _run(mode, _Setting(3, 3, 2), 1, deltas)
     for setting in SETTINGS:
         walls: dict[str, list[float]] = defaultdict(list)
         cpus: dict[str, list[float]] = defaultdict(list)

@@ -60,6 +60,7 @@ def _delta(partition: int) -> list[np.ndarray]:
 
 
 def _num_examples(partition: int) -> int:
+    """Unequal client sizes, so that a wrong weighting shows."""
     return 100 + 50 * partition
 
 
@@ -79,6 +80,8 @@ def _quantisation_bound(partitions: list[int]) -> float:
 
 
 class _DeltaClient(NumPyClient):
+    """Returns its fixed update as a delta; a client in `dropping` fails during training instead."""
+
     def __init__(self, partition: int, *, dropping: frozenset[int], updates) -> None:
         self.partition = partition
         self.dropping = dropping
@@ -103,8 +106,13 @@ def _drop_at(stage: str, partitions: frozenset[int]):
 
 
 def _make_client_app(
-    *, dropping: frozenset[int] = frozenset(), updates=_delta, mod=None, drop_at: tuple[str, frozenset[int]] | None = None
+    *,
+    dropping: frozenset[int] = frozenset(),
+    updates=_delta,
+    mod=None,
+    drop_at: tuple[str, frozenset[int]] | None = None,
 ) -> ClientApp:
+    """NUM_NODES-ready app of `_DeltaClient`s behind `mod` ("plain" for none); `drop_at` loses nodes at a stage."""
     mod = make_secagg_mod(max_norm=CLIPPING_RANGE) if mod is None else mod
 
     def client_fn(context: Context):
@@ -136,6 +144,7 @@ class _RecordingFedAvg(FedAvg):
 
 
 def _make_workflow(cls=HardenedSecAggPlusWorkflow, **overrides) -> HardenedSecAggPlusWorkflow:
+    """The hardened workflow with the test's settings (5 shares, threshold 3), or a subclass of it."""
     settings = {
         "num_shares": NUM_NODES,
         "reconstruction_threshold": 3,
@@ -150,6 +159,8 @@ def _make_workflow(cls=HardenedSecAggPlusWorkflow, **overrides) -> HardenedSecAg
 
 @dataclass
 class _Round:
+    """What one round left: the new global model, the strategy's inputs, the workflow, metrics and wire log."""
+
     new_global: list[np.ndarray]
     strategy: _RecordingFedAvg
     workflow: HardenedSecAggPlusWorkflow | None
@@ -183,6 +194,7 @@ def _stage_replies(run: InProcessRun, *, key: str) -> list[Message]:
 
 
 def _max_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    """Largest absolute difference over all tensors, in float64."""
     return max(float(np.abs(a.astype(np.float64) - e).max()) for a, e in zip(actual, expected))
 
 
@@ -437,6 +449,8 @@ def test_too_many_dropouts_fail_the_round_visibly():
 
 
 def _poisoned(kind: str):
+    """Updates where client 3's is spoiled in the given way (NaN, Inf, wrong shape, oversized)."""
+
     def updates(partition: int) -> list[np.ndarray]:
         arrays = _delta(partition)
         if partition != 3:
