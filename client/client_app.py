@@ -26,6 +26,7 @@ from client.dp_training import open_dp_client
 from client.data.preprocess import Augment, FERTorchDataset
 from client.node_data import NodeData, load_node_data
 from models import create_model
+from privacy.secagg import secure_aggregation_mod
 
 log = logging.getLogger("fer_fl.client")
 
@@ -127,10 +128,11 @@ class FerClient(NumPyClient):
             "profile": self.setup.profile,
             "train-loss": result.loss,
             "train-accuracy": result.accuracy,
-            "update-norm": norm,
-            "update-clipped": clipped,
             **{f"dp-{key}": value for key, value in privacy.items()},
         }
+        if not self.settings.secure_agg:
+            # Metrics travel in the clear even under SecAgg+; an individual update's norm must not.
+            metrics.update({"update-norm": norm, "update-clipped": clipped})
         return delta, data.num_train, metrics
 
     def _fit_private(self, model, optimizer, dataset, server_round: int) -> tuple[task.TrainResult, dict]:
@@ -206,4 +208,6 @@ def make_client_app(
     return ClientApp(client_fn=client_fn, mods=list(mods))
 
 
-app = make_client_app()
+# SecAgg+ is always mounted: it answers the protocol's stages when the server runs it and lets plain rounds through
+# (unless the node requires secure aggregation). The client already bounds its update, so the mod only checks.
+app = make_client_app(mods=(secure_aggregation_mod,))

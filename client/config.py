@@ -65,6 +65,8 @@ class RunSettings:
     secure_agg: bool = False
     secagg_shares: int = 3
     secagg_threshold: int = 2
+    secagg_max_weight: float = 10_000.0  # largest num-examples a client may report under SecAgg+ (sets precision)
+    secagg_timeout: float = 0.0  # seconds per SecAgg+ stage; 0 waits forever (simulation), set it in deployments
     central_dp_noise: float = 0.0
     central_clip: float = 0.0
 
@@ -129,8 +131,11 @@ class RunSettings:
             # The proximal term depends on parameters only, so Opacus's per-sample gradients would not include it:
             # the client would silently train plain DP-SGD while claiming FedProx.
             raise ConfigError("strategy 'fedprox' cannot be combined with dp-epsilon (local DP-SGD)")
-        if self.secure_agg and not 1 < self.secagg_threshold <= self.secagg_shares:
-            raise ConfigError("secagg-threshold must be > 1 and <= secagg-shares")
+        if self.secure_agg and not (self.secagg_shares > 2 and 1 < self.secagg_threshold < self.secagg_shares):
+            # Flower's SecAgg+ needs more than 2 shares and a threshold strictly below the share count.
+            raise ConfigError("secagg-shares must be > 2 and secagg-threshold in (1, secagg-shares)")
+        if self.secagg_max_weight <= 0 or self.secagg_timeout < 0:
+            raise ConfigError("secagg-max-weight must be positive and secagg-timeout >= 0")
 
     @property
     def dp_enabled(self) -> bool:

@@ -136,6 +136,14 @@ def derive_masks(seed: bytes, *, num_range: int, shapes: Sequence[tuple[int, ...
     return _split(flat, shapes)
 
 
+class SecureAggregationRequired(PermissionError):
+    """The node requires SecAgg+ and was asked for an update outside it."""
+
+
+def _is_true(value: object) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
 class SecAggPlusMod:
     """Flower mod running the hardened SecAgg+ client; use `make_secagg_mod` to build one.
 
@@ -148,10 +156,22 @@ class SecAggPlusMod:
         self.max_norm = max_norm
 
     def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-        """Answers one SecAgg+ stage; non-train messages pass through untouched."""
+        """Answers one SecAgg+ stage; non-train messages pass through untouched.
+
+        A plain (non-SecAgg) train message passes through too, so one ClientApp serves every run mode, unless the
+        node's operator set `require-secure-agg` in its node config: then the node refuses to send any update the
+        server could see individually, whatever the coordinator configured.
+        """
         # Adapted from flwr 1.41 `secaggplus_mod` (the dispatcher binds its stage functions by module name, so it
         # cannot be reused): same stage checks and state handling; masking, unmasking and setup checks replaced.
         if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, ctxt)
+        if RECORD_KEY_CONFIGS not in msg.content.config_records:
+            if _is_true(ctxt.node_config.get("require-secure-agg", False)):
+                raise SecureAggregationRequired(
+                    "this node requires secure aggregation (require-secure-agg) and the server asked for a plain "
+                    "update; refusing to train"
+                )
             return call_next(msg, ctxt)
 
         if RECORD_KEY_STATE not in ctxt.state.config_records:

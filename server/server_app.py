@@ -36,11 +36,15 @@ from privacy.report import privacy_report
 from server.evaluation import ServerEvaluator
 from server.metrics import client_distribution
 from server.rundir import RunDirectory
+from server.secagg import make_secagg_workflow
 from server.strategy import GuardedStrategy, create_strategy
 
 log = logging.getLogger("fer_fl.server")
 
 RoundCallback = Callable[[dict[str, Any]], None]
+
+# 2**24 levels per value keeps clients x levels below the 2**32 modulus for up to 255 clients per round.
+SECAGG_QUANTIZATION_RANGE = 2**24
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,10 @@ class FerWorkflow:
                 for cid, p in sorted(self.strategy.privacy.items())
             }
         if server_round > 0:
+            failed = [f for f in getattr(self.fit_workflow, "failed_rounds", []) if f.server_round == server_round]
             record["fit"] = {
+                "failed": bool(failed),
+                "failure": str(failed[0]) if failed else None,
                 "num_clients": report.num_results,
                 "num_accepted": report.num_accepted,
                 "num_rejected": len(report.rejected),
@@ -245,7 +252,19 @@ def run_federation(
         if on_round is not None:
             on_round(record)
 
+    fit_workflow = default_fit_workflow
+    if settings.secure_agg:
+        fit_workflow = make_secagg_workflow(
+            num_shares=settings.secagg_shares,
+            reconstruction_threshold=settings.secagg_threshold,
+            # Clients bound each delta's L2 norm by max-update-norm, so no coordinate exceeds it: nothing is clipped.
+            clipping_range=settings.max_update_norm,
+            quantization_range=SECAGG_QUANTIZATION_RANGE,
+            max_weight=settings.secagg_max_weight,
+            timeout=settings.secagg_timeout or None,
+        )
     workflow = FerWorkflow(
+        fit_workflow=fit_workflow,
         strategy=strategy,
         num_rounds=settings.num_server_rounds,
         start_weights=weights,
@@ -303,6 +322,9 @@ def summarize(rounds: list[dict[str, Any]], *, seconds: float, settings: RunSett
         "seconds": seconds,
         "bytes_per_round": (sum(r["bytes_up"] + r["bytes_down"] for r in trained) / len(trained)) if trained else 0,
         "rejected_updates": sum(r["fit"]["num_rejected"] for r in trained),
+        "failed_rounds": [r["round"] for r in trained if r["fit"].get("failed")],
+        "secure_aggregation": settings.secure_agg,
+        "local_dp": settings.dp_enabled,
         "classes": list(EMOTIONS),
     }
 

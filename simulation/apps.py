@@ -7,9 +7,10 @@ partition of the run's dataset; a real node (one started with a `dataset` in its
 from __future__ import annotations
 
 from client.client_app import make_client_app
+from privacy.secagg import secure_aggregation_mod
 from server.server_app import app as server_app
 from simulation.federation import simulated_setup
 
-client_app = make_client_app(provider=simulated_setup)
+client_app = make_client_app(provider=simulated_setup, mods=(secure_aggregation_mod,))
 
 __all__ = ["client_app", "server_app"]

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.client_app import make_client_app
 from client.config import RunSettings
+from privacy.secagg import secure_aggregation_mod
 from server.report import write_report
 from server.rundir import RunDirectory
 from server.server_app import ResumeState, run_federation
@@ -76,6 +77,9 @@ def run_simulation(
 
     started = time.perf_counter()
     plans = federation_plan(settings)
+    if settings.secure_agg:
+        # The SecAgg+ quantiser's precision scales with sum(num_examples) / max_weight: use the real largest client.
+        settings = settings.replace(secagg_max_weight=float(max(len(p.indices) for p in plans)))
     run_dir.write_config(settings.to_run_config())
     run_dir.write_partition(federation_stats(settings))
     errors: list[BaseException] = []
@@ -90,7 +94,7 @@ def run_simulation(
             errors.append(err)
             raise
 
-    client_app = make_client_app(provider=simulated_setup, settings=settings)
+    client_app = make_client_app(provider=simulated_setup, settings=settings, mods=(secure_aggregation_mod,))
     with quiet_flower(verbose):
         _run_simulation(
             num_supernodes=len(plans),
