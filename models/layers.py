@@ -223,36 +223,49 @@ class DeformConv2d(nn.Module):
 class ReceptiveFieldBlock(nn.Module):
     """Receptive Field Block (Liu et al., ECCV 2018), the DMSNet paper's RFB.
 
-    Three branches see the input through 3×3 convs dilated 1, 3 and 5 (after 1×1, 3×3 and 5×5-as-two-3×3
-    reductions), mimicking receptive fields that grow with eccentricity; their concatenation is fused by a 1×1 conv
-    and added to a 1×1 shortcut. Here it also maps a stage's channels to the head width.
+    Three branches see the input through 3×3 convs dilated 1, 3 and 5, mimicking receptive fields that grow with
+    eccentricity; their concatenation is fused by a 1×1 conv and added to a 1×1 shortcut. Here it also maps a
+    stage's channels to the head width.
+
+    `lite=False` is Liu et al.'s block: each branch has its own 1×1 reduction, and the dilated 3×3 is preceded by
+    one 3×3 (branch 2) or two 3×3 (branch 3, a 5×5 factorised), 11 convs in all. `lite=True` shares one 1×1
+    reduction among the branches and keeps only the dilated 3×3s: 6 convs, for the IoT build, where DP-SGD's
+    cost grows with the number of layers more than with their size.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, *, norm_layer: NormLayer) -> None:
+    DILATIONS = (1, 3, 5)
+
+    def __init__(self, in_chs: int, out_chs: int, *, norm_layer: NormLayer, lite: bool = False) -> None:
         super().__init__()
         mid = max(out_chs // 4, 4)
-        self.branch0 = nn.Sequential(
-            ConvNormAct(in_chs, mid, 1, norm_layer=norm_layer),
-            ConvNormAct(mid, mid, 3, norm_layer=norm_layer, act=False),
-        )
-        self.branch1 = nn.Sequential(
-            ConvNormAct(in_chs, mid, 1, norm_layer=norm_layer),
-            ConvNormAct(mid, mid, 3, norm_layer=norm_layer),
-            ConvNormAct(mid, mid, 3, norm_layer=norm_layer, dilation=3, act=False),
-        )
-        self.branch2 = nn.Sequential(
-            ConvNormAct(in_chs, mid, 1, norm_layer=norm_layer),
-            ConvNormAct(mid, mid, 3, norm_layer=norm_layer),
-            ConvNormAct(mid, mid, 3, norm_layer=norm_layer),
-            ConvNormAct(mid, mid, 3, norm_layer=norm_layer, dilation=5, act=False),
-        )
+        self.lite = lite
+        self.mid = mid
+        if lite:
+            self.reduce = ConvNormAct(in_chs, 3 * mid, 1, norm_layer=norm_layer)
+            self.branches = nn.ModuleList(
+                ConvNormAct(mid, mid, 3, norm_layer=norm_layer, dilation=d, act=False) for d in self.DILATIONS
+            )
+        else:
+            self.branches = nn.ModuleList(
+                nn.Sequential(
+                    ConvNormAct(in_chs, mid, 1, norm_layer=norm_layer),
+                    *[ConvNormAct(mid, mid, 3, norm_layer=norm_layer) for _ in range(index)],
+                    ConvNormAct(mid, mid, 3, norm_layer=norm_layer, dilation=d, act=False),
+                )
+                for index, d in enumerate(self.DILATIONS)
+            )
         self.fuse = ConvNormAct(3 * mid, out_chs, 1, norm_layer=norm_layer, act=False)
         self.shortcut = ConvNormAct(in_chs, out_chs, 1, norm_layer=norm_layer, act=False)
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branches = torch.cat([self.branch0(x), self.branch1(x), self.branch2(x)], dim=1)
-        return self.act(self.fuse(branches) + self.shortcut(x))
+        if self.lite:
+            # Contiguous chunks: Opacus's conv sampler assumes the default layout (see DeformConv2d.forward).
+            parts = [part.contiguous() for part in self.reduce(x).split(self.mid, dim=1)]
+            outs = [branch(part) for branch, part in zip(self.branches, parts)]
+        else:
+            outs = [branch(x) for branch in self.branches]
+        return self.act(self.fuse(torch.cat(outs, dim=1)) + self.shortcut(x))
 
 
 def upsample_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
