@@ -108,13 +108,14 @@ class FacePreprocessor:
             return None
         x, y, w, h = (int(v) for v in max(faces, key=lambda f: int(f[2]) * int(f[3])))
         # Eyes sit in the upper half of a Haar face box; searching only there keeps nostrils and mouth corners,
-        # which the eye cascade also likes, out of the candidates.
+        # which the eye cascade also likes, out of the candidates. The region is equalised on its own: a
+        # whole-image histogram is dominated by background and can leave the eyes washed out.
         top, bottom = y + h // 10, y + (h * 6) // 10
-        region = equalized[top:bottom, x:x + w]
+        region = cv2.equalizeHist(np.ascontiguousarray(gray[top:bottom, x:x + w]))
         candidates = self._eyes.detectMultiScale(region, scaleFactor=1.1, minNeighbors=5,
                                                  minSize=(max(8, w // 9), max(8, w // 9)),
                                                  maxSize=(w // 2, w // 2))
-        centres = [(x + ex + ew / 2.0, top + ey + eh / 2.0, float(ew)) for ex, ey, ew, eh in candidates]
+        centres = [(x + float(ex) + ew / 2.0, top + float(ey) + eh / 2.0, float(ew)) for ex, ey, ew, eh in candidates]
         return (x, y, w, h), _pick_eye_pair(centres, (x, y, w, h))
 
     def _detect_yunet(self, gray: np.ndarray):
