@@ -1,0 +1,29 @@
+"""`fer-client`: a hospital's or home hub's command. One module per sub-command; this file only wires them."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from client.cli.runner import run_cli
+
+app = typer.Typer(
+    name="fer-client",
+    help="Join a federated FER run from this site: make the node's keys, check the data, start the SuperNode.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    from client.cli import keygen_cmd, start_cmd
+
+    app.command("keygen")(keygen_cmd.keygen)
+    app.command("start")(start_cmd.start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register()
+    sys.exit(run_cli(app, "fer-client", argv))

@@ -1,0 +1,218 @@
+"""Running a site's Flower SuperNode: node keys, the pre-join data check, and the SuperNode process.
+
+A site's data never leaves it: the SuperNode's node config only names the dataset path, which the ClientApp opens
+on this machine. The check before joining opens it the same way, so a wrong path or an unreadable folder is one
+clear error at start-up instead of a failed round on the coordinator's screen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+PRIVATE_KEY = "node.key"
+PUBLIC_KEY = "node.pub"
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    """A node's authentication key pair: OpenSSH-format EC P-384, as Flower's node authentication reads it."""
+
+    private_key: Path
+    public_key: Path
+
+
+def generate_node_keys(*, out_dir: Path, name: str = "node", overwrite: bool = False) -> NodeKeys:
+    """Writes `<name>.key` (private, mode 0600) and `<name>.pub` (hand this one to the coordinator).
+
+    Raises:
+        ValueError: the files exist and `overwrite` is False (a new key would silently un-enrol the node).
+    """
+    out_dir = Path(out_dir)
+    keys = NodeKeys(private_key=out_dir / f"{name}.key", public_key=out_dir / f"{name}.pub")
+    for path in (keys.private_key, keys.public_key):
+        if path.exists() and not overwrite:
+            raise ValueError(f"{path} already exists; use --overwrite to replace the node's keys")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write_secret(keys.private_key, private)
+    tmp = keys.public_key.with_name(f".{keys.public_key.name}.tmp")
+    tmp.write_bytes(public + f" {name}\n".encode())
+    os.replace(tmp, keys.public_key)
+    return keys
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, *, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Waits until something accepts TCP connections on host:port; raises TimeoutError on timeout or if
+    `process` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise TimeoutError(f"the process listening on {host}:{port} exited with code {process.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing answered on {host}:{port} within {timeout:.0f} s")
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (from /proc), children first. Flower detaches some of its helpers into new
+    sessions, so a process-group kill misses them; walking the parent links does not."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def stop_tree(process: subprocess.Popen, *, timeout: float = 5.0, kill: bool = False) -> None:
+    """Stops `process` and everything it started: SIGTERM (SIGKILL with `kill`), then SIGKILL after `timeout`."""
+    if process.poll() is not None:
+        return
+    pids = [process.pid, *descendants(process.pid)]
+    sig = signal.SIGKILL if kill else signal.SIGTERM
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def check_data(*, spec: str, image_size: int = 48, seed: int = 42) -> str:
+    """Opens the node's dataset exactly as the ClientApp will, and returns a one-line description of it.
+
+    Raises:
+        client.data.formats.DatasetError: the data cannot be read (the message names the file or row).
+    """
+    from client.data.formats import DatasetError, load_dataset
+
+    dataset = load_dataset(spec, image_size=image_size, seed=seed)
+    train = dataset.splits.get("train")
+    if train is None or len(train.labels) == 0:
+        raise DatasetError(f"{spec}: no training images found")
+    counts = {split: len(part.labels) for split, part in dataset.splits.items()}
+    return f"{dataset.kind} data, " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " images"
+
+
+@dataclass(frozen=True)
+class SuperNodeSettings:
+    """How to start a site's SuperNode.
+
+    Args:
+        superlink: the coordinator's HOST:PORT.
+        node_config: Flower node config (dataset, client-id, profile, state-dir, ledger-key, ...).
+        state_dir: this node's Flower home and log folder.
+        ca_cert: the coordinator's CA certificate (TLS); None only with `insecure`.
+        private_key: the node's authentication key (`fer-client keygen`); None only with `insecure`.
+        insecure: plaintext, no node authentication.
+        runtime_port: local port of the SuperNode's ClientApp API (distinct per node on one machine).
+        isolation: Flower's ClientApp isolation mode (subprocess: one fresh process per message).
+        max_retries: reconnect attempts before giving up (None: forever, so a restarted server is rejoined).
+    """
+
+    superlink: str
+    node_config: dict[str, str]
+    state_dir: Path
+    ca_cert: Path | None = None
+    private_key: Path | None = None
+    insecure: bool = False
+    runtime_port: int = 9094
+    isolation: str = "subprocess"
+    max_retries: int | None = None
+
+    def command(self) -> list[str]:
+        """The `flower-supernode` command line."""
+        config = " ".join(f"{key}={json.dumps(str(value))}" for key, value in self.node_config.items())
+        cmd = [
+            str(Path(sys.executable).parent / "flower-supernode"),
+            "--superlink", self.superlink,
+            "--node-config", config,
+            "--port", str(self.runtime_port),
+            "--isolation", self.isolation,
+        ]
+        if self.max_retries is not None:
+            cmd += ["--max-retries", str(self.max_retries)]
+        if self.insecure:
+            cmd.append("--insecure")
+        else:
+            if self.ca_cert is None or self.private_key is None:
+                raise ValueError("a secure SuperNode needs the CA certificate and the node's private key")
+            cmd += ["--root-certificates", str(self.ca_cert), "--auth-supernode-private-key", str(self.private_key)]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        """Flower home under the node's state dir, telemetry off, our scripts on PATH, one torch thread per
+        ClientApp (several nodes or messages on one machine would otherwise oversubscribe its cores)."""
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["FLWR_HOME"] = str(self.state_dir / "flwr")
+        env["FLWR_TELEMETRY_ENABLED"] = "0"
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return env
+
+
+def start_supernode(settings: SuperNodeSettings, *, log_file: Path | None = None) -> subprocess.Popen:
+    """Starts `flower-supernode`; its output goes to `log_file` (or is inherited when None)."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    if log_file is None:
+        return subprocess.Popen(settings.command(), env=settings.env(), stdin=subprocess.DEVNULL)
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(
+            settings.command(), env=settings.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )

@@ -1,0 +1,71 @@
+"""`fer-server resume RUN_DIR`: continue an interrupted run from its last completed round's checkpoint.
+
+Flower marks the interrupted run as failed; this submits a new run with the same configuration that starts from
+the checkpoint, writing into the same run directory (rounds after the checkpoint replace any the dead run logged).
+SuperNodes reconnect by themselves; each node's privacy ledger lives on the node, so its spend carries over.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from server.cli.enroll_cmd import DEFAULT_STATE
+from server.cli.serve_cmd import (
+    DEFAULT_SECAGG_TIMEOUT,
+    CertsOpt,
+    ConnectOpt,
+    EnrollOpt,
+    HostOpt,
+    InsecureOpt,
+    KeepOpt,
+    PortOpt,
+    StateOpt,
+    TimeoutOpt,
+    launch,
+)
+
+
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="The interrupted run's directory.")],
+    certs: CertsOpt = Path("certs"),
+    state_dir: StateOpt = DEFAULT_STATE,
+    host: HostOpt = "0.0.0.0",
+    port: PortOpt = 9092,
+    connect_host: ConnectOpt = "127.0.0.1",
+    insecure: InsecureOpt = False,
+    enroll: EnrollOpt = None,
+    timeout: TimeoutOpt = None,
+    keep_running: KeepOpt = False,
+) -> None:
+    """Resume RUN_DIR from its latest checkpoint and run it to its last round."""
+    from client.config import ConfigError, RunSettings
+    from server.rundir import RunDirectory
+
+    run_dir = run_dir.resolve()
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise click.ClickException(f"{run_dir} is not a run directory (no config.json)")
+    run = RunDirectory(run_dir, create=False)
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is None:
+        raise click.ClickException(f"{run_dir} has no checkpoint yet; start the run again with `fer-server start`")
+    done = json.loads(checkpoint.with_suffix(".json").read_text())["round"]
+    try:
+        settings = RunSettings.from_run_config(json.loads(config_path.read_text()))
+        settings = settings.replace(out_dir=str(run_dir), resume_from=str(checkpoint))
+        if settings.secure_agg and settings.secagg_timeout == 0:
+            settings = settings.replace(secagg_timeout=DEFAULT_SECAGG_TIMEOUT)
+    except ConfigError as err:
+        raise click.ClickException(f"{config_path}: {err}") from None
+    if done >= settings.num_server_rounds:
+        raise click.ClickException(f"{run_dir} already completed all {settings.num_server_rounds} rounds")
+    typer.echo(f"resuming {run_dir} after round {done} of {settings.num_server_rounds}")
+    launch(
+        settings=settings, certs=certs, state_dir=state_dir, host=host, port=port, connect_host=connect_host,
+        insecure=insecure, enroll=enroll or [], timeout=timeout, keep_running=keep_running,
+    )

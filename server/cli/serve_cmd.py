@@ -1,0 +1,194 @@
+"""`fer-server start` (also plain `fer-server`): start the SuperLink, submit our app, follow it, write the report.
+
+Secure by default: TLS with the certificates `fer-server certs` made, and only enrolled SuperNodes may join.
+`--insecure` turns both off and says so loudly on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from server.cli.enroll_cmd import DEFAULT_STATE
+
+# A SecAgg+ stage waits this long for slow nodes before treating them as dropped (0 would wait forever).
+DEFAULT_SECAGG_TIMEOUT = 120.0
+INSECURE_WARNING = (
+    "WARNING: --insecure: TLS and node authentication are OFF. Anyone who can reach this port can join the "
+    "federation and read every model update in transit. Use only for a throw-away local test."
+)
+
+CertsOpt = Annotated[Path, typer.Option("--certs", help="Folder from `fer-server certs`.")]
+StateOpt = Annotated[Path, typer.Option("--state-dir", help="SuperLink state (SQLite), Flower home and log.")]
+HostOpt = Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")]
+PortOpt = Annotated[int, typer.Option(help="The one HTTPS port SuperNodes and the CLI use.")]
+ConnectOpt = Annotated[
+    str, typer.Option(help="Name this machine's own CLI dials; must be in the certificate's hosts.")
+]
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (loud warning).")]
+EnrollOpt = Annotated[
+    list[Path] | None, typer.Option("--enroll", help="A site's node.pub to enrol before the run; repeat.")
+]
+TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help="Give up after this many seconds.")]
+KeepOpt = Annotated[bool, typer.Option(help="Keep the SuperLink running after the run (Ctrl-C to stop).")]
+
+
+def start(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (new or empty).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file of run-config keys.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="The server's held-out test data, KIND=PATH (default: synthetic).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model name.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Server rounds.")] = None,
+    min_clients: Annotated[int | None, typer.Option(help="Wait for this many nodes before round 1.")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam | fedmedian | ...")] = None,
+    dp_epsilon: Annotated[float | None, typer.Option(help="Per-node DP-SGD budget ε (0 = off).")] = None,
+    secure_agg: Annotated[bool | None, typer.Option("--secure-agg/--no-secure-agg", help="SecAgg+.")] = None,
+    secagg_timeout: Annotated[float | None, typer.Option(help="Seconds per SecAgg+ stage.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the initial model.")] = None,
+    certs: CertsOpt = Path("certs"),
+    state_dir: StateOpt = DEFAULT_STATE,
+    host: HostOpt = "0.0.0.0",
+    port: PortOpt = 9092,
+    connect_host: ConnectOpt = "127.0.0.1",
+    insecure: InsecureOpt = False,
+    enroll: EnrollOpt = None,
+    timeout: TimeoutOpt = None,
+    keep_running: KeepOpt = False,
+) -> None:
+    """Start the SuperLink and run the federation to its last round, writing the run directory."""
+    from client.config import ConfigError, RunSettings
+
+    out = (out or Path("runs") / time.strftime("server-%Y%m%d-%H%M%S")).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise click.ClickException(f"run directory {out} already exists and is not empty; choose another --out")
+    run_config: dict[str, Any] = _read_toml(config) if config else {}
+    overrides = {
+        "dataset": dataset, "model": model, "num-server-rounds": rounds, "min-clients": min_clients,
+        "local-epochs": local_epochs, "strategy": strategy, "dp-epsilon": dp_epsilon, "secure-agg": secure_agg,
+        "secagg-timeout": secagg_timeout, "seed": seed,
+    }
+    run_config.update({k: v for k, v in overrides.items() if v is not None})
+    run_config["out-dir"] = str(out)
+    run_config["resume-from"] = ""
+    try:
+        settings = RunSettings.from_run_config(run_config)
+        if settings.secure_agg and settings.secagg_timeout == 0:
+            settings = settings.replace(secagg_timeout=DEFAULT_SECAGG_TIMEOUT)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+    launch(
+        settings=settings, certs=certs, state_dir=state_dir, host=host, port=port, connect_host=connect_host,
+        insecure=insecure, enroll=enroll or [], timeout=timeout, keep_running=keep_running,
+    )
+
+
+def launch(
+    *,
+    settings,
+    certs: Path,
+    state_dir: Path,
+    host: str,
+    port: int,
+    connect_host: str,
+    insecure: bool,
+    enroll: list[Path],
+    timeout: float | None,
+    keep_running: bool,
+) -> None:
+    """Starts the SuperLink, enrols keys, submits the run and follows it; shared by `start` and `resume`."""
+    from server.deploy import DeployError, SuperLink, SuperLinkSettings, TlsFiles
+    from server.report import write_report
+
+    _check_server_data(settings)
+    for key in enroll:
+        if not key.is_file():
+            raise click.ClickException(f"public key file {key} does not exist")
+    try:
+        tls = None if insecure else TlsFiles.from_dir(certs)
+    except DeployError as err:
+        raise click.ClickException(str(err)) from None
+    if insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    link_settings = SuperLinkSettings(
+        state_dir=state_dir, host=host, port=port, tls=tls, insecure=insecure, connect_host=connect_host
+    )
+    run_dir = Path(settings.out_dir)
+    try:
+        link = SuperLink.start(link_settings)
+    except DeployError as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        scheme = "http" if insecure else "https"
+        typer.echo(f"SuperLink listening on {scheme}://{host}:{port} (state: {link.state_dir})")
+        for key in enroll:
+            typer.echo(f"enrolled node {link.enroll(key)} ({key.name})")
+        run_id = link.submit(app_dir=app_dir(), run_config=settings.to_run_config())
+        typer.echo(f"run {run_id} submitted: {settings.num_server_rounds} rounds of {settings.model}; "
+                   f"waiting for {settings.min_clients} nodes")
+        link.follow(run_id, run_dir=run_dir, on_round=lambda r: typer.echo(_progress_line(r, settings)),
+                    timeout=timeout)
+        report = write_report(run_dir)
+        summary = (run_dir / "summary.json")
+        typer.echo(f"run directory: {run_dir} (report: {report.name})")
+        if summary.exists():
+            import json
+
+            final = json.loads(summary.read_text()).get("final_accuracy")
+            if final is not None:
+                typer.echo(f"final accuracy {final:.4f}")
+        if keep_running:
+            typer.echo("SuperLink keeps running; Ctrl-C stops it")
+            while link.process is not None and link.process.poll() is None:
+                time.sleep(1.0)
+    except DeployError as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        link.stop()
+
+
+def app_dir() -> Path:
+    """The folder whose pyproject.toml declares our Flower app (what `flwr run` packages)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def _check_server_data(settings) -> None:
+    from client.data.formats import DatasetError
+    from client.node_data import parse_dataset_list
+
+    try:
+        for entry in parse_dataset_list(settings.dataset):
+            from client.data.formats import load_dataset
+
+            load_dataset(entry.spec, image_size=settings.image_size, seed=settings.seed)
+    except DatasetError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise click.ClickException(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise click.ClickException(f"{path}: not valid TOML ({err})") from None
+
+
+def _progress_line(record: dict[str, Any], settings) -> str:
+    server = record.get("server") or {}
+    fit = record.get("fit") or {}
+    accuracy = f"accuracy {server['accuracy']:.4f}" if "accuracy" in server else "no server test set"
+    if record["round"] == 0:
+        return f"round 0 (initial model): {accuracy}"
+    status = "FAILED " if fit.get("failed") else ""
+    return (f"round {record['round']}/{settings.num_server_rounds}: {status}{accuracy}, "
+            f"{fit.get('num_accepted', 0)} updates accepted, {fit.get('num_rejected', 0)} rejected, "
+            f"{record.get('seconds', 0):.1f} s")

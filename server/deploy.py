@@ -1,0 +1,331 @@
+"""Running the coordinator's side of a real federation: the Flower SuperLink process, node enrolment through
+Flower's CLI, submitting our app as a run, and following it to the end.
+
+Everything Flower keeps for the coordinator (its SQLite state, its CLI config naming the SuperLink and the CA, the
+FABs it unpacks) lives under one *state directory*, with FLWR_HOME pointed there, so nothing lands in the user's
+home directory and two coordinators on one machine never see each other's state.
+
+Security defaults: TLS on and SuperNode authentication on (only enrolled public keys may join); runtime
+installation of app dependencies off (a submitted app cannot pip-install on the coordinator). `insecure=True`
+turns both TLS and node authentication off, because Flower cannot authenticate nodes over plaintext.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.deploy import descendants, free_port, stop_tree, wait_for_port  # noqa: F401
+
+CONNECTION = "fer"
+DATABASE = "superlink.db"
+LOG_FILE = "superlink.log"
+# Flower run states as `flwr ls` reports them.
+FINISHED = "finished"
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed for a reason the user can act on; the message is one line."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The SuperLink's TLS material (see server.certs)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+    @classmethod
+    def from_dir(cls, certs_dir: Path) -> TlsFiles:
+        """The files `fer-server certs` writes into `certs_dir`; raises DeployError naming a missing one."""
+        from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+
+        files = cls(certs_dir / CA_CERT, certs_dir / SERVER_CERT, certs_dir / SERVER_KEY)
+        for path in (files.ca_cert, files.server_cert, files.server_key):
+            if not path.is_file():
+                raise DeployError(f"{path} not found; create certificates with `fer-server certs --out {certs_dir}`")
+        return files
+
+
+def flower_env(*, flwr_home: Path | None = None, threads: int | None = None) -> dict[str, str]:
+    """The environment for every Flower process we start: our venv's scripts first on PATH (the SuperLink and
+    SuperNode spawn `flower-superexec`, `flwr-serverapp`, `flwr-clientapp` by name), telemetry off, and Flower's
+    home redirected. `threads` caps torch/BLAS threads, so several ClientApps on one machine do not oversubscribe
+    its cores."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    if threads is not None:
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[key] = str(threads)
+    return env
+
+
+def flower_script(name: str) -> str:
+    """Path of a Flower console script installed beside this interpreter."""
+    return str(Path(sys.executable).parent / name)
+
+
+@dataclass(frozen=True)
+class SuperLinkSettings:
+    """How to start the SuperLink.
+
+    Args:
+        state_dir: Flower's home, the SQLite state and the log for this coordinator.
+        host: address to listen on (0.0.0.0 for every interface; 127.0.0.1 keeps it on this machine).
+        port: the one HTTPS port for Fleet (SuperNodes), Control (`flwr` CLI) and Runtime (ServerApp) APIs.
+        tls: certificates; None only with `insecure`.
+        insecure: plaintext and no node authentication (for a throw-away local test only).
+        connect_host: the name the `flwr` CLI dials; must be one of the certificate's SANs.
+    """
+
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 9092
+    tls: TlsFiles | None = None
+    insecure: bool = False
+    connect_host: str = "127.0.0.1"
+
+    def command(self) -> list[str]:
+        """The `flower-superlink` command line."""
+        cmd = [
+            flower_script("flower-superlink"),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--database", str(self.state_dir / DATABASE),
+            "--disable-runtime-dependency-installation",
+        ]
+        if self.insecure:
+            cmd.append("--insecure")
+        else:
+            if self.tls is None:
+                raise DeployError("TLS certificates are required (or pass --insecure for a local test)")
+            cmd += [
+                "--ssl-ca-certfile", str(self.tls.ca_cert),
+                "--ssl-certfile", str(self.tls.server_cert),
+                "--ssl-keyfile", str(self.tls.server_key),
+                "--enable-supernode-auth",
+            ]
+        return cmd
+
+
+def write_flower_config(*, flwr_home: Path, address: str, ca_cert: Path | None, insecure: bool) -> Path:
+    """Writes the `flwr` CLI's config.toml in `flwr_home`: one connection, `fer`, to our SuperLink."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{address}"']
+    if insecure:
+        lines.append("insecure = true")
+    elif ca_cert is not None:
+        lines.append(f'root-certificates = "{Path(ca_cert).resolve()}"')
+    path = flwr_home / "config.toml"
+    tmp = path.with_name(".config.toml.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+class SuperLink:
+    """A running SuperLink plus the `flwr` CLI pointed at it.
+
+    Use `SuperLink.start(settings)` for a new process, or `SuperLink.attach(state_dir)` to drive one another
+    command started (enrol, list, revoke while `fer-server` runs).
+    """
+
+    def __init__(self, *, state_dir: Path, process: subprocess.Popen | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.process = process
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr"
+
+    @classmethod
+    def start(cls, settings: SuperLinkSettings, *, timeout: float = 60.0) -> SuperLink:
+        """Starts `flower-superlink` and waits until its port answers; its output goes to state_dir/superlink.log."""
+        state_dir = Path(settings.state_dir).resolve()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        link = cls(state_dir=state_dir)
+        address = f"{settings.connect_host}:{settings.port}"
+        write_flower_config(
+            flwr_home=link.flwr_home, address=address,
+            ca_cert=settings.tls.ca_cert if settings.tls else None, insecure=settings.insecure,
+        )
+        log = open(state_dir / LOG_FILE, "ab")  # noqa: SIM115 - the child owns it
+        try:
+            link.process = subprocess.Popen(
+                settings.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=flower_env(flwr_home=link.flwr_home), cwd=state_dir,
+            )
+        finally:
+            log.close()
+        try:
+            wait_for_port(settings.connect_host, settings.port, timeout=timeout, process=link.process)
+        except TimeoutError as err:
+            link.stop()
+            raise DeployError(f"the SuperLink did not start ({err}); see {state_dir / LOG_FILE}") from None
+        return link
+
+    @classmethod
+    def attach(cls, state_dir: Path) -> SuperLink:
+        """The SuperLink a running `fer-server --state-dir state_dir` started."""
+        link = cls(state_dir=Path(state_dir).resolve())
+        if not (link.flwr_home / "config.toml").is_file():
+            raise DeployError(f"{state_dir} holds no fer-server state; start `fer-server start --state-dir {state_dir}`")
+        return link
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stops the SuperLink and every process under it (ServerApp included)."""
+        if self.process is not None:
+            stop_tree(self.process, kill=kill)
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Runs `flwr ARGS --format json` against this SuperLink and returns its JSON answer.
+
+        Raises:
+            DeployError: the command failed; the message is Flower's own one-line reason.
+        """
+        cmd = [flower_script("flwr"), *args, "--format", "json"]
+        try:
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout, env=flower_env(flwr_home=self.flwr_home),
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise DeployError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s") from None
+        answer = _last_json(done.stdout)
+        if done.returncode != 0 or answer is None or not answer.get("success", False):
+            reason = (answer or {}).get("error-message") or _last_line(done.stderr) or _last_line(done.stdout)
+            raise DeployError(f"flwr {' '.join(args[:2])} failed: {reason}")
+        return answer
+
+    def enroll(self, public_key: Path, *, name: str | None = None) -> str:
+        """Registers a SuperNode's public key (`flwr supernode register`); returns the node id."""
+        args = ["supernode", "register", str(Path(public_key).resolve()), CONNECTION]
+        if name:
+            args += ["--name", name]
+        return str(self.flwr(*args)["node-id"])
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The registered SuperNodes with their status (`flwr supernode ls`)."""
+        return list(self.flwr("supernode", "ls", CONNECTION).get("nodes", []))
+
+    def revoke(self, node_id: str) -> None:
+        """Unregisters a SuperNode (`flwr supernode unregister`): it can no longer connect with its key."""
+        self.flwr("supernode", "unregister", str(node_id), CONNECTION)
+
+    def submit(self, *, app_dir: Path, run_config: dict[str, Any]) -> str:
+        """Submits our Flower app (`flwr run`) with `run_config` overrides; returns the run id."""
+        overrides = " ".join(f"{key}={_toml_value(value)}" for key, value in run_config.items())
+        answer = self.flwr("run", str(app_dir), CONNECTION, "--run-config", overrides, timeout=300.0)
+        return str(answer["run-id"])
+
+    def run_status(self, run_id: str) -> dict[str, Any]:
+        """One run's record from `flwr ls --run-id`."""
+        runs = self.flwr("ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+        if not runs:
+            raise DeployError(f"the SuperLink knows no run {run_id}")
+        return runs[0]
+
+    def stop_run(self, run_id: str) -> None:
+        """Stops a run (`flwr stop`)."""
+        self.flwr("stop", str(run_id), CONNECTION)
+
+    def follow(
+        self,
+        run_id: str,
+        *,
+        run_dir: Path,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+        poll: float = 1.0,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Waits for a run to end, calling `on_round` with each new metrics.jsonl record the ServerApp writes.
+
+        Returns the final run record. Raises DeployError when the run ends other than `finished:completed`, when
+        the SuperLink process dies, or after `timeout` seconds.
+        """
+        seen = 0
+        started = time.monotonic()
+        last_check = 0.0
+        while True:
+            for record in _read_metrics(run_dir)[seen:]:
+                seen += 1
+                if on_round is not None:
+                    on_round(record)
+            if self.process is not None and self.process.poll() is not None:
+                raise DeployError(f"the SuperLink exited (code {self.process.returncode}); see its log")
+            now = time.monotonic()
+            if now - last_check >= max(poll, 3.0):
+                last_check = now
+                status = self.run_status(run_id)
+                if str(status.get("status", "")).startswith(FINISHED):
+                    for record in _read_metrics(run_dir)[seen:]:
+                        seen += 1
+                        if on_round is not None:
+                            on_round(record)
+                    detail = status.get("status-details") or ""
+                    if status["status"] != "finished:completed" and "completed" not in str(detail):
+                        raise DeployError(f"run {run_id} ended as {status['status']} {detail}".strip())
+                    return status
+            if timeout is not None and now - started > timeout:
+                raise DeployError(f"run {run_id} did not finish within {timeout:.0f} s")
+            time.sleep(poll)
+
+
+@contextmanager
+def running_superlink(settings: SuperLinkSettings) -> Iterator[SuperLink]:
+    """A SuperLink for the duration of a `with` block; always stopped, whatever happens inside."""
+    link = SuperLink.start(settings)
+    try:
+        yield link
+    finally:
+        link.stop()
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def _last_json(text: str) -> dict[str, Any] | None:
+    start = text.find("{")
+    while start != -1:
+        try:
+            return json.loads(text[start:])
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+    return None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip(" │╭╰─") for line in (text or "").strip().splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else ""
