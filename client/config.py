@@ -69,6 +69,8 @@ class RunSettings:
     secagg_timeout: float = 0.0  # seconds per SecAgg+ stage; 0 waits forever (simulation), set it in deployments
     central_dp_noise: float = 0.0
     central_clip: float = 0.0
+    # Deployment: a checkpoint (checkpoints/round-XXX.pt of this run's out-dir) to continue from; "" starts fresh
+    resume_from: str = ""
 
     @classmethod
     def keys(cls) -> list[str]:

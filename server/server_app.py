@@ -356,6 +356,25 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point under `flwr run`: settings come from the run config, the run directory from `out-dir`."""
     settings = RunSettings.from_run_config(dict(context.run_config))
-    run_dir = RunDirectory(settings.out_dir)
+    resume = None
+    if settings.resume_from:
+        # A resumed run (fer-server resume) continues the same run directory: rounds after the checkpoint's
+        # replace whatever the interrupted run had logged for them.
+        run_dir = RunDirectory(settings.out_dir, resume=True)
+        resume = load_resume_state(settings)
+    else:
+        run_dir = RunDirectory(settings.out_dir)
     run_dir.write_config(settings.to_run_config())
-    run_federation(grid, context, settings, run_dir=run_dir)
+    run_federation(grid, context, settings, run_dir=run_dir, resume=resume)
+
+
+def load_resume_state(settings: RunSettings) -> ResumeState:
+    """The weights and round number of the checkpoint `resume-from` names (loaded weights-only)."""
+    from server.rundir import load_model
+
+    state, meta = load_model(settings.resume_from)
+    if meta.get("name") != settings.model:
+        raise ValueError(f"checkpoint {settings.resume_from} holds model {meta.get('name')!r}, not {settings.model!r}")
+    model = create_model(settings.model, dp=True)
+    model.load_state_dict(state)
+    return ResumeState(weights=task.get_weights(model), completed_round=int(meta["round"]))
