@@ -20,9 +20,10 @@ Choices where the paper is silent or its figures disagree with its text, and why
 - dmsnet_light: the paper reports 5.6 M parameters for a "VGG-16" backbone, yet VGG-16's 13 convs alone hold
   14.7 M (138 M with its classifier). We keep VGG-16's depth and layout and slim its widths (`width=0.6`) so the
   whole model has the paper's parameter count (5.63 M); `width=1.0` builds the true VGG-16.
-- FLOPs: the paper's 100.8 / 140.2 MFLOPs cannot be reproduced at any one input size together with its parameter
-  counts (ResNet-50 alone needs ~0.2 G multiply-adds at 48×48 and 4.1 G at 224×224), so we report our own
-  multiply-accumulate counts at 48×48 and at 224×224 beside the paper's figures (`fer-sim models`).
+- FLOPs: no input size reproduces the paper's 140.2 (heavy) and 100.8 (light) MFLOPs together with its parameter
+  counts: a 13-conv VGG costs more than ResNet-50 at every input from 36×36 up (at 32×32 ours are 91 M and 138 M
+  multiply-accumulates, at 48×48 227 M and 308 M; ResNet-50 alone is 4.1 G at 224×224). So we report our own
+  counts at 48×48 and at 224×224 beside the paper's figures (`fer-sim models`).
 - dmsnet_iot is this project's variant for home hubs: the same structure on a 0.31 M-parameter ResNet-10-style
   backbone (`models.backbones.iot_backbone`), heads 24 wide, and the lite RFB (one shared 1×1 reduction, 6 convs
   instead of 11; see `ReceptiveFieldBlock`). Under DP-SGD the cost grows with the number of layers (Opacus
@@ -43,7 +44,10 @@ from models.layers import DeformConv2d, DepthwiseSeparableConv, NormLayer, Recep
 
 __all__ = ["DMSNet", "DMSBranch", "dmsnet_heavy", "dmsnet_light", "dmsnet_iot"]
 
-_PAPER = "DMSNet: A Lightweight and Efficient Facial Expression Recognition Model for IoT and WoT Applications (WWW 2025)"
+_PAPER = (
+    "DMSNet: A Lightweight and Efficient Facial Expression Recognition Model for IoT and WoT Applications "
+    "(WWW 2025)"
+)
 
 
 class Encoder(nn.Sequential):
@@ -128,8 +132,8 @@ class DMSNet(nn.Module):
         paper_flops=140.2e6,
         paper_fps=25.0,
         deviation=(
-            "params match (full ResNet-50 + heads); the paper's 140.2 MFLOPs fits no input size with a full "
-            "ResNet-50 (≈0.2 GMACs at 48×48, 4.1 at 224×224)"
+            "params match (ResNet-50 + 40-wide heads); FLOPs do not: ours 227 M MACs at 48×48, and no input "
+            "size gives the paper's 140.2 (heavy) and 100.8 (light) together"
         ),
     )
 )
@@ -158,8 +162,8 @@ def dmsnet_heavy(
         paper_flops=100.8e6,
         paper_fps=30.0,
         deviation=(
-            "a real VGG-16 has 14.7 M conv params, so we slim its widths ×0.6 to meet the paper's 5.6 M; "
-            "FLOPs differ as for heavy (paper's input size unknown)"
+            "a real VGG-16 has 14.7 M conv params, so widths ×0.6 give the paper's 5.6 M; ours 308 M MACs at "
+            "48×48: a 13-conv VGG costs more than ResNet-50 at any input ≥ 36×36, the paper says the opposite"
         ),
     )
 )
@@ -182,7 +186,10 @@ def dmsnet_light(
 @register_model(
     info=ModelInfo(
         paper=_PAPER + " — IoT variant defined by this project",
-        summary="ResNet-10-style 0.3 M backbone → 4 × (RFB → deformable/separable encoder → RFB → decoder) → MLP",
+        summary=(
+            "ResNet-10-style 0.3 M backbone → 4 × (lite RFB → deformable/separable encoder → lite RFB → decoder) "
+            "→ MLP"
+        ),
         input_size=(1, 48, 48),
         deviation="not in the paper: the same heads on a small backbone so home hubs can train it on a CPU",
     )

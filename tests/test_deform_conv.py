@@ -90,9 +90,8 @@ def test_zero_offsets_sample_exactly_the_unfolded_patches(stride, padding, dilat
     x = _make_input()
     offset = _make_offsets(x, stride=stride, padding=padding, dilation=dilation, scale=0.0)
     # Execute
-    taps = bilinear_sample_taps(
-        x, offset, kernel_size=(3, 3), stride=(stride, stride), padding=(padding, padding), dilation=(dilation, dilation)
-    )
+    geometry = {"stride": (stride, stride), "padding": (padding, padding), "dilation": (dilation, dilation)}
+    taps = bilinear_sample_taps(x, offset, kernel_size=(3, 3), **geometry)
     # Assert: unfold orders a patch (c, i, j); the taps are (i, j, c)
     patches = F.unfold(x, 3, dilation=dilation, padding=padding, stride=stride)
     patches = patches.view(x.shape[0], x.shape[1], 9, -1).permute(0, 3, 2, 1).reshape(taps.shape)

@@ -3,11 +3,15 @@ weights round trips; plus the registry's errors and the architectures' documente
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
 import torch
+import typer
 from torch import nn
+
+from client.cli.runner import run_cli
 
 from models import (
     complexity,
@@ -326,3 +330,42 @@ def test_macs_count_convolutions_by_hand():
         + 9216 * 128 + 128 * 7  # FC, classifier
     )
     assert complexity("cnn_am", input_size=(1, 48, 48))["macs"] == expected
+
+
+def _models_cli() -> typer.Typer:
+    from simulation.cli import models_cmd
+
+    app = typer.Typer()
+    app.command("models")(models_cmd.models)
+    app.command("other")(lambda: None)  # two commands, so Typer keeps `models` as a sub-command like fer-sim does
+    return app
+
+
+def test_models_command_json_reports_each_models_figures(capsys):
+    """`fer-sim models --json` is one JSON object with every model's counts at 48×48 and the paper's figures."""
+    # Execute
+    code = run_cli(_models_cli(), "fer-sim", ["models", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    # Assert
+    assert code == 0
+    rows = {row["name"]: row for row in report["models"]}
+    assert sorted(rows) == list_models()
+    assert rows["cnn_am"]["at_48x48"] == {"input_size": [1, 48, 48], "params": 1_200_663,
+                                         "macs": complexity("cnn_am", input_size=(1, 48, 48))["macs"]}
+    assert rows["dmsnet_light"]["paper_figures"] == {"params": 5.6e6, "flops": 100.8e6, "fps": 30.0}
+    assert rows["dmsnet_heavy"]["at_built_for"]["input_size"] == [3, 224, 224]
+    assert all(row["deviation"] for row in rows.values())
+
+
+def test_models_command_table_and_unknown_model(capsys):
+    """The table names the model with its figures; an unknown --model is one line on stderr and exit code 1."""
+    # Execute
+    shown = run_cli(_models_cli(), "fer-sim", ["models", "--model", "dmsnet_heavy"])
+    table = capsys.readouterr().out
+    unknown = run_cli(_models_cli(), "fer-sim", ["models", "--model", "vgg19"])
+    err = capsys.readouterr().err
+    # Assert
+    assert shown == 0 and "dmsnet_heavy" in table and "140.2" in table and "cnn_am" not in table
+    assert unknown == 1
+    assert err.strip().splitlines() == ["fer-sim: error: --model: unknown model 'vgg19'; known models: "
+                                        + ", ".join(list_models())]

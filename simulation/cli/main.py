@@ -20,12 +20,14 @@ app = typer.Typer(
 def _register() -> None:
     # Command modules keep torch, Flower and Ray imports inside the commands, so `fer-sim --help` stays fast.
     from simulation.cli import demo_cmd, evaluate_cmd, inspect_cmd, run_cmd
+    from simulation.cli import models_cmd
 
     app.command("demo")(demo_cmd.demo)
     app.command("inspect")(inspect_cmd.inspect)
     app.command("run")(run_cmd.run)
     app.command("centralized")(run_cmd.centralized)
     app.command("evaluate")(evaluate_cmd.evaluate)
+    app.command("models")(models_cmd.models)
 
 
 def main() -> None:
