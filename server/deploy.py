@@ -49,6 +49,7 @@ class TlsFiles:
         """The files `fer-server certs` writes into `certs_dir`; raises DeployError naming a missing one."""
         from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 
+        certs_dir = Path(certs_dir).resolve()
         files = cls(certs_dir / CA_CERT, certs_dir / SERVER_CERT, certs_dir / SERVER_KEY)
         for path in (files.ca_cert, files.server_cert, files.server_key):
             if not path.is_file():
@@ -104,7 +105,7 @@ class SuperLinkSettings:
             flower_script("flower-superlink"),
             "--host", self.host,
             "--port", str(self.port),
-            "--database", str(self.state_dir / DATABASE),
+            "--database", str(Path(self.state_dir).resolve() / DATABASE),
             "--disable-runtime-dependency-installation",
         ]
         if self.insecure:
@@ -220,6 +221,23 @@ class SuperLink:
     def nodes(self) -> list[dict[str, Any]]:
         """The registered SuperNodes with their status (`flwr supernode ls`)."""
         return list(self.flwr("supernode", "ls", CONNECTION).get("nodes", []))
+
+    def wait_for_nodes(self, count: int, *, timeout: float | None = None, poll: float = 2.0) -> int:
+        """Waits until `count` enrolled SuperNodes are online; returns how many are.
+
+        The run is submitted only then: Flower's legacy strategies size a round's sample from the nodes connected
+        when the round starts, so nodes that join a moment later would sit out round 1.
+        """
+        started = time.monotonic()
+        while True:
+            online = sum(1 for node in self.nodes() if node.get("status") == "online")
+            if online >= count:
+                return online
+            if self.process is not None and self.process.poll() is not None:
+                raise DeployError(f"the SuperLink exited (code {self.process.returncode}); see its log")
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise DeployError(f"only {online} of {count} nodes came online within {timeout:.0f} s")
+            time.sleep(poll)
 
     def revoke(self, node_id: str) -> None:
         """Unregisters a SuperNode (`flwr supernode unregister`): it can no longer connect with its key."""

@@ -69,8 +69,19 @@ def start(
         node_config["client-id"] = client_id
     if profile:
         node_config["profile"] = profile
-    if ledger_key:
-        node_config["ledger-key"] = str(ledger_key.resolve())
+    if ledger_key is None:
+        # The ledger's key must exist before the first DP round; a real node never has the ClientApp create it
+        # (a wiped state folder must not silently restart the budget), so it is made here, once, on first start.
+        ledger_key = state_dir / "ledger.key"
+        if not ledger_key.exists():
+            from privacy.ledger import generate_key_file
+
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            generate_key_file(ledger_key)
+            typer.echo(f"created the privacy ledger key {ledger_key} (keep a copy with the node's keys)")
+    elif not ledger_key.is_file():
+        raise click.ClickException(f"--ledger-key file {ledger_key} does not exist")
+    node_config["ledger-key"] = str(ledger_key.resolve())
     if ledger_anchor:
         node_config["ledger-anchor"] = str(ledger_anchor.resolve())
     if require_secure_agg:

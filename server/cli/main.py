@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -33,7 +34,13 @@ def _register() -> None:
     app.command("resume")(resume_cmd.resume)
 
 
+def _terminate(signum, frame) -> None:
+    # SIGTERM (a service manager, a test) must run the same clean-up as Ctrl-C: stop the SuperLink's tree.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     _register()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0] not in COMMANDS and args[0] not in ("--help", "-h")):

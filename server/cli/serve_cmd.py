@@ -131,9 +131,10 @@ def launch(
         typer.echo(f"SuperLink listening on {scheme}://{host}:{port} (state: {link.state_dir})")
         for key in enroll:
             typer.echo(f"enrolled node {link.enroll(key)} ({key.name})")
+        typer.echo(f"waiting for {settings.min_clients} nodes to come online", nl=True)
+        link.wait_for_nodes(settings.min_clients, timeout=timeout)
         run_id = link.submit(app_dir=app_dir(), run_config=settings.to_run_config())
-        typer.echo(f"run {run_id} submitted: {settings.num_server_rounds} rounds of {settings.model}; "
-                   f"waiting for {settings.min_clients} nodes")
+        typer.echo(f"run {run_id} submitted: {settings.num_server_rounds} rounds of {settings.model}")
         link.follow(run_id, run_dir=run_dir, on_round=lambda r: typer.echo(_progress_line(r, settings)),
                     timeout=timeout)
         report = write_report(run_dir)
