@@ -41,7 +41,9 @@ class RunSettings:
     model: str = "cnn_am"
     local_epochs: int = 1
     batch_size: int = 32
-    lr: float = 1e-3
+    # The CNN-AM paper trains with Adam at 1e-3 and BatchNorm; federated models use the GroupNorm build (see
+    # client_app), where 1e-3 kills the 9216-wide classifier's ReLUs within an epoch. 3e-4 learns (measured).
+    lr: float = 3e-4
     optimizer: str = "adam"
     # Federation
     num_server_rounds: int = 3

@@ -25,7 +25,7 @@ def _make_settings(out_dir, **changes) -> RunSettings:
         alpha=1.0,
         model="cnn_am",
         num_server_rounds=2,
-        local_epochs=1,
+        local_epochs=2,
         batch_size=32,
         out_dir=str(out_dir),
     )

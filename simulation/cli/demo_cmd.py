@@ -17,10 +17,10 @@ DEMO_SETTINGS = RunSettings(
     partition="dirichlet",
     alpha=1.0,
     model="cnn_am",
-    num_server_rounds=3,
-    local_epochs=1,
+    num_server_rounds=4,
+    local_epochs=2,
     batch_size=32,
-    lr=1e-3,
+    lr=3e-4,
     strategy="fedavg",
     min_clients=4,
 )
