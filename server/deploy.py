@@ -267,39 +267,56 @@ class SuperLink:
         run_dir: Path,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         poll: float = 1.0,
+        status_every: float = 20.0,
         timeout: float | None = None,
     ) -> dict[str, Any]:
         """Waits for a run to end, calling `on_round` with each new metrics.jsonl record the ServerApp writes.
+
+        Progress comes from the run directory (cheap to read); Flower's run status is asked every `status_every`
+        seconds, and at once when summary.json appears (the ServerApp's last write). Each `flwr ls` is a whole
+        Python process and a read of the SuperLink's SQLite state, which on a starved machine answers "database
+        is locked" now and then: a failed status query is retried, not fatal, until three fail in a row.
 
         Returns the final run record. Raises DeployError when the run ends other than `finished:completed`, when
         the SuperLink process dies, or after `timeout` seconds.
         """
         seen = 0
         started = time.monotonic()
-        last_check = 0.0
-        while True:
+        last_check = time.monotonic()
+        failed_queries = 0
+
+        def deliver() -> None:
+            nonlocal seen
             for record in _read_metrics(run_dir)[seen:]:
                 seen += 1
                 if on_round is not None:
                     on_round(record)
+
+        while True:
+            deliver()
             if self.process is not None and self.process.poll() is not None:
                 raise DeployError(f"the SuperLink exited (code {self.process.returncode}); see its log")
             now = time.monotonic()
-            if now - last_check >= max(poll, 3.0):
+            summary_written = (Path(run_dir) / "summary.json").exists()
+            if now - last_check >= status_every or summary_written:
                 last_check = now
-                status = self.run_status(run_id)
+                try:
+                    status = self.run_status(run_id)
+                    failed_queries = 0
+                except DeployError:
+                    failed_queries += 1
+                    if failed_queries >= 3:
+                        raise
+                    status = {}
                 if str(status.get("status", "")).startswith(FINISHED):
-                    for record in _read_metrics(run_dir)[seen:]:
-                        seen += 1
-                        if on_round is not None:
-                            on_round(record)
-                    detail = status.get("status-details") or ""
-                    if status["status"] != "finished:completed" and "completed" not in str(detail):
+                    deliver()
+                    if status["status"] != "finished:completed":
+                        detail = status.get("status-details") or ""
                         raise DeployError(f"run {run_id} ended as {status['status']} {detail}".strip())
                     return status
             if timeout is not None and now - started > timeout:
                 raise DeployError(f"run {run_id} did not finish within {timeout:.0f} s")
-            time.sleep(poll)
+            time.sleep(poll if not summary_written else 2.0)
 
 
 @contextmanager

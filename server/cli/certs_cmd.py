@@ -15,7 +15,7 @@ def certs(
     ),
     host: Annotated[
         list[str] | None,
-        typer.Option("--host", help="A DNS name or IP the sites dial; repeat. Default: localhost and 127.0.0.1."),
+        typer.Option("--host", help="A DNS name or IP the sites dial; repeat. localhost and 127.0.0.1 are always added."),
     ] = None,
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
     overwrite: Annotated[bool, typer.Option(help="Replace existing certificates (sites must get the new ca.crt).")] = False,
@@ -23,7 +23,8 @@ def certs(
     """Create the CA and the server certificate. Give every site ca.crt; keep ca.key and server.key secret."""
     from server.certs import make_certificates
 
-    hosts = host or ["localhost", "127.0.0.1"]
+    # Loopback is always included: the coordinator's own `flwr` CLI reaches its SuperLink through it.
+    hosts = list(dict.fromkeys([*(host or []), "localhost", "127.0.0.1"]))
     try:
         files = make_certificates(out_dir=out, hosts=hosts, days=days, overwrite=overwrite)
     except ValueError as err:
