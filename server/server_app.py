@@ -239,7 +239,8 @@ def run_federation(
     started = time.perf_counter()
 
     def record_round(record: dict[str, Any]) -> None:
-        run_dir.append_round(record)
+        # Checkpoint first: a round that shows in metrics.jsonl always has its checkpoint, so a server killed
+        # right after logging round r resumes from r, not from an earlier round.
         if record["round"] > 0:
             run_dir.save_model(
                 _state_dict(settings, workflow.final_weights),
@@ -248,6 +249,7 @@ def run_federation(
                 round=record["round"],
                 checkpoint=True,
             )
+        run_dir.append_round(record)
         _log_round(record, settings.num_server_rounds)
         if on_round is not None:
             on_round(record)
