@@ -22,14 +22,14 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 CHANCE = 1 / 7
 # Small and quick. Of the registered models, CNN-AM's federated (GroupNorm) build moved off chance fastest on the
-# synthetic faces in a quick check (~0.2 after 4 epochs on 400 faces; its learning is being improved elsewhere).
+# synthetic faces in a quick check (0.31-0.38 after 2 rounds of 3 epochs on 640 faces; chance is 0.14).
 # Clients evaluate nothing (the server's test set scores each round), so a round costs one ClientApp start-up
 # per node instead of two.
 RUN_CONFIG = """\
 model = "cnn_am"
-dataset = "synthetic=500"
-local-epochs = 2
-batch-size = 16
+dataset = "synthetic=800"
+local-epochs = 3
+batch-size = 32
 fraction-evaluate = 0.0
 """
 
@@ -89,7 +89,7 @@ def _server_args(port: int, *extra: str) -> list[str]:
 
 def _client_args(port: int, name: str, *extra: str) -> list[str]:
     return [str(BIN / "fer-client"), "start", "--server", f"127.0.0.1:{port}", "--ca-cert", "certs/ca.crt",
-            "--key", f"keys/{name}.key", "--dataset", "synthetic=500", "--client-id", f"site-{name}",
+            "--key", f"keys/{name}.key", "--dataset", "synthetic=800", "--client-id", f"site-{name}",
             "--state-dir", f"node-{name}", *extra]
 
 
@@ -97,7 +97,7 @@ def _stock_supernode_args(tmp: Path, port: int, name: str, *, with_ca: bool) -> 
     node_dir = tmp / f"node-{name}"
     args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
             "--auth-supernode-private-key", f"keys/{name}.key", "--port", str(free_port()),
-            "--node-config", f'dataset="synthetic=500" client-id="stock-{name}" state-dir="{node_dir}" '
+            "--node-config", f'dataset="synthetic=800" client-id="stock-{name}" state-dir="{node_dir}" '
                              f'ledger-key="{node_dir}/ledger.key"']
     if with_ca:
         args += ["--root-certificates", "certs/ca.crt"]
@@ -160,18 +160,18 @@ def test_killed_server_resumes_and_finishes_every_round_once(tmp_path):
     """The server dies after round 1; `fer-server resume` finishes round 3; each round is logged exactly once and
     every node's privacy ledger holds every charged round (none lost on restart); a stock SuperNode takes part."""
     # Prepare
-    _make_site(tmp_path, ["a", "b", "stock"])
+    # Two nodes keep it affordable: one fer-client and one stock flower-supernode.
+    _make_site(tmp_path, ["a", "stock"])
     port = free_port()
     run_dir = tmp_path / "run"
-    server_args = ["--enroll", "keys/a.pub", "--enroll", "keys/b.pub", "--enroll", "keys/stock.pub"]
+    server_args = ["--enroll", "keys/a.pub", "--enroll", "keys/stock.pub"]
     processes: list[subprocess.Popen] = []
     try:
-        server = _spawn(_server_args(port, "--out", "run", "--rounds", "3", "--min-clients", "3",
+        server = _spawn(_server_args(port, "--out", "run", "--rounds", "3", "--min-clients", "2",
                                      "--dp-epsilon", "50", *server_args), tmp_path / "server.log", cwd=tmp_path)
         processes.append(server)
         _wait_for_text(tmp_path / "server.log", "waiting for", timeout=120, process=server)
-        for name in ("a", "b"):
-            processes.append(_spawn(_client_args(port, name), tmp_path / f"client-{name}.log", cwd=tmp_path))
+        processes.append(_spawn(_client_args(port, "a"), tmp_path / "client-a.log", cwd=tmp_path))
         (tmp_path / "node-stock").mkdir()
         from privacy.ledger import generate_key_file
 
@@ -182,24 +182,28 @@ def test_killed_server_resumes_and_finishes_every_round_once(tmp_path):
 
         # Execute
         stop_tree(server, kill=True)  # the coordinator's machine dies: no clean shutdown
-        resumed = _run([str(BIN / "fer-server"), "resume", "run", "--certs", "certs", "--state-dir", "srv",
-                        "--port", str(port), "--host", "127.0.0.1", "--timeout", "400"], cwd=tmp_path, timeout=450)
+        resumed = _spawn([str(BIN / "fer-server"), "resume", "run", "--certs", "certs", "--state-dir", "srv",
+                          "--port", str(port), "--host", "127.0.0.1", "--timeout", "400"],
+                         tmp_path / "resume.log", cwd=tmp_path)
+        processes.append(resumed)
+        resumed_rc = resumed.wait(timeout=450)
     finally:
         for process in processes:
             stop_tree(process, timeout=3)
 
     # Assert
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert "resuming" in resumed.stdout and "after round 1" in resumed.stdout
+    resume_log = (tmp_path / "resume.log").read_text()
+    assert resumed_rc == 0, resume_log[-3000:]
+    assert "resuming" in resume_log and "after round 1" in resume_log
     assert _rounds(run_dir) == [0, 1, 2, 3]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["fit"]["num_accepted"] == 3 for r in records[1:])
+    assert all(r["fit"]["num_accepted"] == 2 for r in records[1:])
     assert "stock-stock" in records[-1]["privacy"]
     privacy = json.loads((run_dir / "privacy.json").read_text())
     reported = {c["client_id"]: c for c in privacy["clients"]}
     from privacy.ledger import PrivacyLedger
 
-    for node, client_id in (("a", "site-a"), ("b", "site-b"), ("stock", "stock-stock")):
+    for node, client_id in (("a", "site-a"), ("stock", "stock-stock")):
         node_dir = tmp_path / f"node-{node}"
         ledger = PrivacyLedger.open(node_dir / "privacy.ledger", key_file=node_dir / "ledger.key",
                                     anchor_path=node_dir / "ledger.anchor", client_id=client_id,
