@@ -152,6 +152,11 @@ def main() -> None:
             print(f"{clients} clients, {'SecAgg+' if secure_agg else 'plain'}: median round "
                   f"{case['median_round_seconds']:.1f} s {case['round_seconds']}", flush=True)
             result["cases"].append(case)
+    # Cases measured by earlier invocations (other client counts) are kept unless re-measured now.
+    if RESULTS.exists():
+        measured = {(c["clients"], c["secure_agg"]) for c in result["cases"]}
+        earlier = json.loads(RESULTS.read_text()).get("cases", [])
+        result["cases"] = [c for c in earlier if (c["clients"], c["secure_agg"]) not in measured] + result["cases"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")

@@ -280,7 +280,8 @@ class SuperLink:
         Returns the final run record. Raises DeployError when the run ends other than `finished:completed`, when
         the SuperLink process dies, or after `timeout` seconds.
         """
-        seen = 0
+        # A resumed run's directory already holds the rounds before the checkpoint: report only new ones.
+        seen = len(_read_metrics(run_dir))
         started = time.monotonic()
         last_check = time.monotonic()
         failed_queries = 0

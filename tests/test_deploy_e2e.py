@@ -43,8 +43,11 @@ def _env() -> dict[str, str]:
 
 
 def _spawn(args: list[str], log: Path, *, cwd: Path) -> subprocess.Popen:
+    env = _env()
+    # A stock flower-supernode would otherwise unpack apps into ~/.flwr (fer-client and fer-server set their own).
+    env["FLWR_HOME"] = str(cwd / f"flwr-home-{log.stem}")
     with open(log, "wb") as handle:
-        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd, env=_env(),
+        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd, env=env,
                                 stdin=subprocess.DEVNULL)
 
 
