@@ -14,15 +14,17 @@ Choices where the paper is ambiguous, and why:
   default (`depth=2`) is the description; "5" most likely counts conv, pool, conv, pool, attention. `depth=5`
   builds five conv layers instead: the three extra ones are 3×3/64 convs at 12×12 (no further pooling), so the
   attention and the 9216-wide classifier stay as the paper describes.
-- Attention. Scaled dot-product self-attention over the 144 positions of the 12×12 map: queries and keys are 1×1
-  projections of the features to `attn_dim` channels (the paper gives no size; 8 = 64/8 as in SAGAN), the
-  softmax(QKᵀ/√d) map re-weights the features themselves (values = features, "multiplied with the features"),
-  and the result is normalised by the build's norm layer (BatchNorm, or GroupNorm in the DP build).
+- Attention. Read as a spatial attention map: one softmax weight per position of the 12×12 map, from a scaled
+  dot product between a global query (from the average-pooled features) and per-position keys (`attn_dim` = 8
+  channels; the paper gives no size), multiplied element-wise with the features, then normalised by the build's
+  norm layer (BatchNorm, or GroupNorm in the DP build) — the normalisation is what makes "multiply by a softmax"
+  workable, restoring the 1/144 scale. The other reading, 144×144 self-attention with the features as values and
+  no residual path, replaces every position by nearly the same average at initialisation, erasing the layout
+  the 9216-wide classifier needs: in our runs it stayed at chance on the synthetic faces.
 - Convs carry a bias and no normalisation, as in the paper.
 
-The attention a face received is kept in `last_attention` (B, 12, 12): for each position, the attention weight it
-receives averaged over all query positions (a distribution over positions, summing to 1), ready to be drawn over
-the face; `forward(x, return_attention=True)` also returns it.
+The attention map of the last forward pass is kept in `last_attention` (B, 12, 12), a distribution over positions
+(it sums to 1) ready to be drawn over the face; `forward(x, return_attention=True)` also returns it.
 """
 
 from __future__ import annotations
@@ -35,14 +37,18 @@ from torch import nn
 from models._registry import ModelInfo, register_model
 from models.layers import NormLayer, make_divisible
 
-__all__ = ["CNNAM", "SpatialSelfAttention", "cnn_am"]
+__all__ = ["CNNAM", "SpatialAttention", "cnn_am"]
 
 
-class SpatialSelfAttention(nn.Module):
-    """Scaled dot-product attention across the positions of a feature map, with values = the features.
+class SpatialAttention(nn.Module):
+    """A softmax attention map over the positions of a feature map, by scaled dot-product, applied to the features.
 
-    Queries and keys are per-position linear maps (a 1×1 conv written as nn.Linear over the positions, so that
-    every Opacus engine, ghost clipping's fast Linear norm and ExpandedWeights included, gets contiguous tensors).
+    A global query (a linear map of the average-pooled features: what this face is about) is compared with a key
+    at every position by a scaled dot product; the softmax over the positions is the attention map A (sums to 1).
+    The features are multiplied by A (broadcast over channels) and normalised, which also undoes the 1/(H·W)
+    scale the softmax puts on them, so at initialisation (A uniform) the block passes the features through and
+    training sharpens A on the informative regions. Keys and query are nn.Linear over the positions' channel
+    vectors (a 1×1 conv, written so every Opacus engine gets contiguous inputs).
     """
 
     def __init__(self, dim: int, attn_dim: int, *, norm_layer: NormLayer) -> None:
@@ -53,14 +59,14 @@ class SpatialSelfAttention(nn.Module):
         self.norm = norm_layer(dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the attended, normalised features (B, C, H, W) and the attention matrix (B, HW, HW)."""
-        batch, channels, height, width = x.shape
-        positions = x.flatten(2).transpose(1, 2)  # (B, HW, C): the values
-        queries, keys = self.query(positions), self.key(positions)  # (B, HW, d)
-        attention = torch.softmax(torch.bmm(queries, keys.transpose(1, 2)) * self.scale, dim=-1)
-        # Contiguous: Opacus's conv sampler unfolds with as_strided and assumes the default layout.
-        attended = torch.bmm(attention, positions).transpose(1, 2).reshape(batch, channels, height, width).contiguous()
-        return self.norm(attended), attention
+        """Returns the attended, normalised features (B, C, H, W) and the attention map (B, H, W)."""
+        batch, _, height, width = x.shape
+        positions = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        query = self.query(positions.mean(dim=1))  # (B, d)
+        keys = self.key(positions)  # (B, HW, d)
+        scores = torch.bmm(keys, query.unsqueeze(2)).squeeze(2) * self.scale  # (B, HW)
+        attention = torch.softmax(scores, dim=1).view(batch, 1, height, width)
+        return self.norm(x * attention), attention.squeeze(1)
 
 
 class CNNAM(nn.Module):
@@ -93,7 +99,7 @@ class CNNAM(nn.Module):
         for _ in range(depth - 2):
             layers += [nn.Conv2d(chs2, chs2, 3, padding=1), nn.ReLU()]
         self.features = nn.Sequential(*layers)
-        self.attention = SpatialSelfAttention(chs2, attn_dim, norm_layer=norm_layer)
+        self.attention = SpatialAttention(chs2, attn_dim, norm_layer=norm_layer)
         self.feature_size = img_size // 4
         self.num_features = chs2 * self.feature_size**2
         self.fc = nn.Linear(self.num_features, hidden_dim)
@@ -111,7 +117,7 @@ class CNNAM(nn.Module):
                 f"{x.shape[-2]}×{x.shape[-1]}"
             )
         attended, attention = self.attention(features)
-        self.last_attention = attention.detach().mean(dim=1).view(-1, self.feature_size, self.feature_size)
+        self.last_attention = attention.detach()
         return attended
 
     def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
@@ -128,7 +134,7 @@ class CNNAM(nn.Module):
 @register_model(
     info=ModelInfo(
         paper="Recognition on IoT-enabled facial expression for healthcare in Industry 5.0 (CNN-AM)",
-        summary="2× [conv3×3 + ReLU + maxpool] → 12×12×64 → spatial self-attention + norm → FC128 → FC7",
+        summary="2× [conv3×3 + ReLU + maxpool] → 12×12×64 → × softmax spatial attention map, norm → FC128 → FC7",
         input_size=(1, 48, 48),
         deviation=(
             "paper's table says 'CNN layers: 5' but its description and 9216-wide flatten fit two conv blocks; "

@@ -12,25 +12,30 @@ Choices where the paper is silent or its figures disagree with its text, and why
 - The two RFB_i around E_i are two separate blocks (`rfb_in` maps the stage's channels to the head width,
   `rfb_out` refines the encoded map): one shared block could not take both a 2048-channel stage and the head width.
 - The 1×1 transposed conv with stride 1 is the same map as a 1×1 conv with the weight's two channel axes swapped,
-  so it is built as `nn.Conv2d(d, d, 1)`, a layer Opacus computes per-sample gradients for. The decoders' outputs
-  are brought to the finest stage's resolution by parameter-free bilinear upsampling, then summed ("element-wise
-  fusion"); the MLP classifier sees the global average of the fused map.
-- dmsnet_heavy is a full-width ResNet-50 backbone (23.5 M parameters) plus heads of width 40 (0.53 M): 24.03 M,
-  the paper's 24.0 M. The paper gives no head width; 40 is the one that reproduces its count, and light uses it too.
-- dmsnet_light: the paper reports 5.6 M parameters for a "VGG-16" backbone, yet VGG-16's 13 convs alone hold
-  14.7 M (138 M with its classifier). We keep VGG-16's depth and layout and slim its widths (`width=0.6`) so the
-  whole model has the paper's parameter count (5.63 M); `width=1.0` builds the true VGG-16.
-- FLOPs: no input size reproduces the paper's 140.2 (heavy) and 100.8 (light) MFLOPs together with its parameter
-  counts: a 13-conv VGG costs more than ResNet-50 at every input from 36×36 up (at 32×32 ours are 91 M and 138 M
-  multiply-accumulates, at 48×48 227 M and 308 M; ResNet-50 alone is 4.1 G at 224×224). So we report our own
-  counts at 48×48 and at 224×224 beside the paper's figures (`fer-sim models`).
-- dmsnet_iot is this project's variant for home hubs: the same structure on a 0.31 M-parameter ResNet-10-style
-  backbone (`models.backbones.iot_backbone`), heads 24 wide, and the lite RFB (one shared 1×1 reduction, 6 convs
-  instead of 11; see `ReceptiveFieldBlock`). Under DP-SGD the cost grows with the number of layers (Opacus
-  computes, clips and noises every parameter tensor per sample): the lite RFB and the 24-wide heads together
-  take DP-SGD training (Opacus hooks, batch 64) from ~60 to ~105 images/s on one core of this machine
-  (`lite_rfb=False, head_width=32` builds the heavier heads).
-- Dropout 0.2 in the MLP and MLP hidden width 2·d: the paper gives neither.
+  so it is built as `nn.Conv2d(d, d, 1)`, a layer Opacus computes per-sample gradients for.
+- Three additions made the GroupNorm (DP) build trainable on the synthetic faces, where without them it stayed at
+  chance for many epochs (the BatchNorm build hid the problem by re-centring every feature on the batch):
+  a norm before each decoder's final ReLU (without it those ReLUs died and the fused map went to zero); fusion
+  weights for the three coarser branches that start at zero (per-channel, learned: `fusion_gates`), so training
+  starts from the finest branch and the 3×3 and 2×2 maps, near-constant fields once upsampled, fade in as they
+  become useful; and an MLP that reads the fused map averaged on a 4×4 grid rather than globally, because with
+  per-sample normalisation a global average is nearly the same vector for every face, while where a feature
+  lies (brows above, mouth below) is what tells expressions apart. "Element-wise fusion" is therefore a weighted
+  sum, after parameter-free bilinear upsampling to the finest stage's size.
+- dmsnet_heavy is a full-width ResNet-50 backbone (23.5 M parameters) plus heads of width 36: 24.03 M, the paper's
+  24.0 M. dmsnet_light: the paper reports 5.6 M parameters for a "VGG-16" backbone, yet VGG-16's 13 convs alone
+  hold 14.7 M (138 M with its classifier), so we keep VGG-16's depth and layout and slim its widths (`width=0.6`,
+  heads 32 wide): 5.60 M. `width=1.0` builds the true VGG-16. The paper gives no head width; these reproduce its
+  counts. Both backbones hand the heads stages at strides 4, 8, 16, 32.
+- FLOPs: no input size reproduces the paper's 140.2 (heavy) and 100.8 (light) MFLOPs together: at 32×32 ours are
+  90 M and 118 M multiply-accumulates, at 36×36 190 M and 170 M, at 48×48 228 M and 265 M (ResNet-50 alone is
+  4.1 G at 224×224). So we report our own counts at 48×48 and at 224×224 beside the paper's (`fer-sim models`).
+- dmsnet_iot is this project's variant for home hubs: the same structure on a 0.25 M-parameter five-block
+  conv-pool backbone (`models.backbones.iot_backbone`), heads 24 wide, and the lite RFB (one shared 1×1
+  reduction, 6 convs instead of 11; see `ReceptiveFieldBlock`). Under DP-SGD the cost grows with the number of
+  parameter tensors (Opacus computes, clips and noises each one per sample), which the lite RFB nearly halves.
+- Dropout 0.2 and a 128-unit hidden layer in the MLP: the paper gives neither.
+- `depths` shortens the backbones (e.g. one bottleneck per stage); it exists for quick test builds.
 """
 
 from __future__ import annotations
@@ -58,11 +63,16 @@ class Encoder(nn.Sequential):
 
 
 class Decoder(nn.Sequential):
-    """D_i: DeCNet 3×3 → SCNet 3×3 → 1×1 transposed conv (built as the equivalent 1×1 conv) → ReLU."""
+    """D_i: DeCNet 3×3 → SCNet 3×3 → 1×1 transposed conv (built as the equivalent 1×1 conv) → norm → ReLU.
 
-    def __init__(self, chs: int) -> None:
-        super().__init__(DeformConv2d(chs, chs, 3), DepthwiseSeparableConv(chs, chs, 3), nn.Conv2d(chs, chs, 1),
-                         nn.ReLU())
+    The norm is ours (the paper lists none in the decoder, only in the encoder): without it the trailing ReLU of
+    all four decoders died within the first epoch in our runs, the fused map became zero and training stalled at
+    chance.
+    """
+
+    def __init__(self, chs: int, *, norm_layer: NormLayer) -> None:
+        super().__init__(DeformConv2d(chs, chs, 3), DepthwiseSeparableConv(chs, chs, 3),
+                         nn.Conv2d(chs, chs, 1, bias=False), norm_layer(chs), nn.ReLU())
 
 
 class DMSBranch(nn.Module):
@@ -73,7 +83,7 @@ class DMSBranch(nn.Module):
         self.rfb_in = ReceptiveFieldBlock(in_chs, head_width, norm_layer=norm_layer, lite=lite_rfb)
         self.encoder = Encoder(head_width, norm_layer=norm_layer)
         self.rfb_out = ReceptiveFieldBlock(head_width, head_width, norm_layer=norm_layer, lite=lite_rfb)
-        self.decoder = Decoder(head_width)
+        self.decoder = Decoder(head_width, norm_layer=norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.rfb_out(self.encoder(self.rfb_in(x))))
@@ -91,18 +101,26 @@ class DMSNet(nn.Module):
         head_width: int,
         drop_rate: float = 0.2,
         lite_rfb: bool = False,
+        head_pool: int = 4,
+        mlp_hidden: int = 128,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.branches = nn.ModuleList(
             DMSBranch(chs, head_width, norm_layer=norm_layer, lite_rfb=lite_rfb) for chs in backbone.stage_channels
         )
+        # Per-channel weights of the coarser branches in the fusion, starting at zero (see the module docstring).
+        self.fusion_gates = nn.ModuleList(
+            nn.Conv2d(head_width, head_width, 1, groups=head_width, bias=False) for _ in backbone.stage_channels[1:]
+        )
+        for gate in self.fusion_gates:
+            nn.init.zeros_(gate.weight)
         self.num_features = head_width
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(head_width, 2 * head_width)
+        self.pool = nn.AdaptiveAvgPool2d(head_pool)
+        self.fc = nn.Linear(head_width * head_pool * head_pool, mlp_hidden)
         self.act = nn.ReLU()
         self.drop = nn.Dropout(drop_rate)
-        self.classifier = nn.Linear(2 * head_width, num_classes)
+        self.classifier = nn.Linear(mlp_hidden, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) → fused decoder map (B, head_width, H/stride₁, W/stride₁)."""
@@ -110,12 +128,12 @@ class DMSNet(nn.Module):
         decoded = [branch(stage) for branch, stage in zip(self.branches, stages)]
         size = tuple(decoded[0].shape[-2:])
         fused = decoded[0]
-        for extra in decoded[1:]:
-            fused = fused + upsample_to(extra, size)
+        for gate, extra in zip(self.fusion_gates, decoded[1:]):
+            fused = fused + upsample_to(gate(extra), size)
         return fused
 
     def forward_head(self, x: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
-        """Fused map → MLP → logits (or the MLP's hidden vector when `pre_logits`)."""
+        """Fused map → k×k average grid → MLP → logits (or the MLP's hidden vector when `pre_logits`)."""
         x = self.drop(self.act(self.fc(self.pool(x).flatten(1))))
         return x if pre_logits else self.classifier(x)
 
@@ -126,13 +144,13 @@ class DMSNet(nn.Module):
 @register_model(
     info=ModelInfo(
         paper=_PAPER,
-        summary="ResNet-50 backbone → 4 × (RFB → deformable/separable encoder → RFB → decoder) → sum → MLP",
+        summary="ResNet-50 backbone → 4 × (RFB → deformable/separable encoder → RFB → decoder) → gated sum → MLP",
         input_size=(3, 224, 224),
         paper_params=24.0e6,
         paper_flops=140.2e6,
         paper_fps=25.0,
         deviation=(
-            "params match (ResNet-50 + 40-wide heads); FLOPs do not: ours 227 M MACs at 48×48, and no input "
+            "params match (ResNet-50 + 36-wide heads); FLOPs do not: ours 228 M MACs at 48×48, and no input "
             "size gives the paper's 140.2 (heavy) and 100.8 (light) together"
         ),
     )
@@ -143,12 +161,13 @@ def dmsnet_heavy(
     in_chans: int = 1,
     norm_layer: NormLayer,
     width: float = 1.0,
-    head_width: int = 40,
+    head_width: int = 36,
     drop_rate: float = 0.2,
     lite_rfb: bool = False,
+    depths: tuple[int, int, int, int] = (3, 4, 6, 3),
 ) -> DMSNet:
-    """DMSNet-heavy: ResNet-50 backbone."""
-    backbone = resnet50_backbone(in_chans=in_chans, norm_layer=norm_layer, width=width)
+    """DMSNet-heavy: ResNet-50 backbone (`depths` bottlenecks per stage; fewer builds a quick test model)."""
+    backbone = resnet50_backbone(in_chans=in_chans, norm_layer=norm_layer, width=width, depths=depths)
     return DMSNet(backbone=backbone, num_classes=num_classes, norm_layer=norm_layer,
                   head_width=_scaled(head_width, width), drop_rate=drop_rate, lite_rfb=lite_rfb)
 
@@ -156,14 +175,14 @@ def dmsnet_heavy(
 @register_model(
     info=ModelInfo(
         paper=_PAPER,
-        summary="VGG-16 (13 convs, slimmed ×0.6) → 4 × (RFB → deformable/separable encoder → RFB → decoder) → MLP",
+        summary="VGG-16 (13 convs, ×0.6 widths) → 4 × (RFB → deformable/separable encoder → RFB → decoder) → MLP",
         input_size=(3, 224, 224),
         paper_params=5.6e6,
         paper_flops=100.8e6,
         paper_fps=30.0,
         deviation=(
-            "a real VGG-16 has 14.7 M conv params, so widths ×0.6 give the paper's 5.6 M; ours 308 M MACs at "
-            "48×48: a 13-conv VGG costs more than ResNet-50 at any input ≥ 36×36, the paper says the opposite"
+            "a real VGG-16 has 14.7 M conv params, so widths ×0.6 give the paper's 5.6 M; FLOPs: ours 265 M MACs "
+            "at 48×48, and no input size gives the paper's 100.8 (light) and 140.2 (heavy) together"
         ),
     )
 )
@@ -173,12 +192,13 @@ def dmsnet_light(
     in_chans: int = 1,
     norm_layer: NormLayer,
     width: float = 0.6,
-    head_width: int = 40,
+    head_width: int = 32,
     drop_rate: float = 0.2,
     lite_rfb: bool = False,
+    depths: tuple[int, int, int, int, int] = (2, 2, 3, 3, 3),
 ) -> DMSNet:
-    """DMSNet-light: VGG-16 layout backbone, slimmed to the paper's parameter count."""
-    backbone = vgg16_backbone(in_chans=in_chans, norm_layer=norm_layer, width=width)
+    """DMSNet-light: VGG-16 layout backbone slimmed to the paper's parameter count (`depths` convs per block)."""
+    backbone = vgg16_backbone(in_chans=in_chans, norm_layer=norm_layer, width=width, depths=depths)
     return DMSNet(backbone=backbone, num_classes=num_classes, norm_layer=norm_layer,
                   head_width=_scaled(head_width, width / 0.6), drop_rate=drop_rate, lite_rfb=lite_rfb)
 
@@ -187,8 +207,8 @@ def dmsnet_light(
     info=ModelInfo(
         paper=_PAPER + " — IoT variant defined by this project",
         summary=(
-            "ResNet-10-style 0.3 M backbone → 4 × (lite RFB → deformable/separable encoder → lite RFB → decoder) "
-            "→ MLP"
+            "5-block conv-pool 0.25 M backbone → 4 × (lite RFB → deformable/separable encoder → lite RFB → "
+            "decoder) → gated sum → MLP"
         ),
         input_size=(1, 48, 48),
         deviation="not in the paper: the same heads on a small backbone so home hubs can train it on a CPU",
