@@ -1,0 +1,202 @@
+"""How fast each registered model runs on this CPU: inference, plain training and DP-SGD training under each
+Opacus engine, and the DP/plain ratio that decides what a home hub can afford.
+
+Per model (default size, DP build = GroupNorm, random 48×48 grayscale input):
+- inference images/s at batch 1 and 64 (eval mode, no autograd);
+- training images/s of one SGD step (forward, cross-entropy, backward, step): plain PyTorch, and under Opacus
+  `PrivacyEngine.make_private` with grad_sample_mode "hooks" (Opacus's default and the client's), "functorch",
+  "ghost" (ghost clipping: per-sample gradient norms without per-sample gradients where Opacus knows how: Linear)
+  and "ew" (torch's ExpandedWeights); DP/plain is the throughput ratio, 1.0 meaning DP is free.
+Every figure is the median over timed repetitions after warm-up. The machine's load average is recorded, because
+on a shared 2-core machine other processes' work shows up as slower figures.
+
+DMSNet-heavy trains at batch 16 (its per-sample gradients at batch 64 would take ~6 GB); everything else at 64.
+
+Usage: .venv/bin/python benchmarks/bench_models.py [--models cnn_am,dmsnet_iot] [--modes hooks,ghost] [--quick]
+Prints a table and writes benchmarks/results/bench_models.json (to a temp file first, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models import complexity, create_model, list_models  # noqa: E402
+
+RESULT = REPO / "benchmarks" / "results" / "bench_models.json"
+DP_MODES = ("hooks", "functorch", "ghost", "ew")
+TRAIN_BATCH = {"dmsnet_heavy": 16}
+INFER_BATCHES = (1, 64)
+
+
+def _timed(step, *, warmup: int, min_reps: int, min_seconds: float) -> float:
+    """Median seconds per call of `step` after `warmup` calls, over at least `min_reps` calls and `min_seconds`."""
+    for _ in range(warmup):
+        step()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - started < min_seconds:
+        tick = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - tick)
+        if len(times) >= 4 * min_reps:
+            break
+    return statistics.median(times)
+
+
+def _batch(size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 1, 48, 48, generator=generator), torch.randint(0, 7, (size,), generator=generator)
+
+
+def bench_inference(name: str, *, timing: dict) -> dict[str, float]:
+    model = create_model(name, dp=True).eval()
+    out = {}
+    for batch in INFER_BATCHES:
+        images, _ = _batch(batch)
+
+        def step(model=model, images=images):
+            with torch.inference_mode():
+                model(images)
+
+        out[f"b{batch}"] = batch / _timed(step, **timing)
+    return out
+
+
+def bench_train(name: str, mode: str | None, *, batch: int, timing: dict) -> float:
+    """Images/s of SGD steps; `mode` None is plain PyTorch, otherwise an Opacus grad_sample_mode."""
+    torch.manual_seed(0)
+    model = create_model(name, dp=True).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    images, labels = _batch(batch)
+    if mode is not None:
+        from opacus import PrivacyEngine
+
+        loader = DataLoader(TensorDataset(images, labels), batch_size=batch)
+        engine = PrivacyEngine(accountant="rdp")
+        kwargs = {"criterion": criterion} if mode == "ghost" else {}
+        private = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False, grad_sample_mode=mode, **kwargs,
+        )
+        model, optimizer = private[0], private[1]
+        if mode == "ghost":
+            criterion = private[2]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    return batch / _timed(step, **timing)
+
+
+def run(models: list[str], modes: list[str], *, quick: bool) -> dict:
+    timing = {"warmup": 1 if quick else 2, "min_reps": 2 if quick else 3, "min_seconds": 0.5 if quick else 2.0}
+    load_at_start = _load_average()
+    rows = []
+    for name in models:
+        started = time.perf_counter()
+        cost = complexity(name, input_size=(1, 48, 48))
+        batch = TRAIN_BATCH.get(name, 64)
+        row = {
+            "model": name, "params": cost["params"], "macs_48": cost["macs"], "train_batch": batch,
+            "infer_images_per_s": bench_inference(name, timing=timing),
+            "train_images_per_s": {"plain": bench_train(name, None, batch=batch, timing=timing)},
+            "errors": {},
+        }
+        for mode in modes:
+            try:
+                row["train_images_per_s"][mode] = bench_train(name, mode, batch=batch, timing=timing)
+            except Exception as err:  # noqa: BLE001 - an engine that cannot run this model is a result too
+                row["errors"][mode] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        plain = row["train_images_per_s"]["plain"]
+        row["dp_over_plain"] = {m: v / plain for m, v in row["train_images_per_s"].items() if m != "plain"}
+        if row["dp_over_plain"]:
+            row["best_dp_mode"] = max(row["dp_over_plain"], key=row["dp_over_plain"].get)
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        _print_row(row, modes)
+    return {
+        "benchmark": "bench_models",
+        "unit": "images/s (higher is better); dp_over_plain = DP images/s ÷ plain images/s",
+        "input": "random (B, 1, 48, 48) float32, 7 classes; DP build (GroupNorm) for every column",
+        "machine": {
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average_at_start": load_at_start,
+        },
+        "quick": quick,
+        "models": rows,
+        "load_average_at_end": _load_average(),
+    }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+_HEADER_DONE = False
+
+
+def _print_row(row: dict, modes: list[str]) -> None:
+    global _HEADER_DONE
+    if not _HEADER_DONE:
+        cols = ["model", "params", "MMACs", "inf b1", "inf b64", "plain"] + modes + ["best DP/plain"]
+        print("  ".join(f"{c:>13}" for c in cols))
+        _HEADER_DONE = True
+    train = row["train_images_per_s"]
+    infer = row["infer_images_per_s"]
+    cells = [row["model"], f"{row['params'] / 1e6:.2f}M", f"{row['macs_48'] / 1e6:.1f}",
+             f"{infer['b1']:.0f}", f"{infer['b64']:.0f}", f"{train['plain']:.0f}"]
+    cells += [f"{train[m]:.0f}" if m in train else "fails" for m in modes]
+    best = row.get("best_dp_mode")
+    cells.append(f"{row['dp_over_plain'][best]:.2f} ({best})" if best else "-")
+    print("  ".join(f"{c:>13}" for c in cells), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(list_models()), help="comma-separated registered names")
+    parser.add_argument("--modes", default=",".join(DP_MODES), help="comma-separated Opacus grad_sample_modes")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier figures)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=RESULT)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # Opacus warns about secure RNG and optimizer state; not news here
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(list_models()))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}")
+    result = run(models, [m for m in args.modes.split(",") if m], quick=args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(result, handle, indent=2)
+    os.replace(handle.name, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
