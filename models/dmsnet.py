@@ -28,7 +28,7 @@ Choices where the paper is silent or its figures disagree with its text, and why
   heads 32 wide): 5.60 M. `width=1.0` builds the true VGG-16. The paper gives no head width; these reproduce its
   counts. Both backbones hand the heads stages at strides 4, 8, 16, 32.
 - FLOPs: no input size reproduces the paper's 140.2 (heavy) and 100.8 (light) MFLOPs together: at 32×32 ours are
-  90 M and 118 M multiply-accumulates, at 36×36 190 M and 170 M, at 48×48 228 M and 265 M (ResNet-50 alone is
+  88 M and 117 M multiply-accumulates, at 36×36 188 M and 169 M, at 48×48 224 M and 264 M (ResNet-50 alone is
   4.1 G at 224×224). So we report our own counts at 48×48 and at 224×224 beside the paper's (`fer-sim models`).
 - dmsnet_iot is this project's variant for home hubs: the same structure on a 0.25 M-parameter five-block
   conv-pool backbone (`models.backbones.iot_backbone`), heads 24 wide, and the lite RFB (one shared 1×1
@@ -150,7 +150,7 @@ class DMSNet(nn.Module):
         paper_flops=140.2e6,
         paper_fps=25.0,
         deviation=(
-            "params match (ResNet-50 + 36-wide heads); FLOPs do not: ours 228 M MACs at 48×48, and no input "
+            "params match (ResNet-50 + 36-wide heads); FLOPs do not: ours 224 M MACs at 48×48, and no input "
             "size gives the paper's 140.2 (heavy) and 100.8 (light) together"
         ),
     )
@@ -181,7 +181,7 @@ def dmsnet_heavy(
         paper_flops=100.8e6,
         paper_fps=30.0,
         deviation=(
-            "a real VGG-16 has 14.7 M conv params, so widths ×0.6 give the paper's 5.6 M; FLOPs: ours 265 M MACs "
+            "a real VGG-16 has 14.7 M conv params, so widths ×0.6 give the paper's 5.6 M; FLOPs: ours 264 M MACs "
             "at 48×48, and no input size gives the paper's 100.8 (light) and 140.2 (heavy) together"
         ),
     )
