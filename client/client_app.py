@@ -122,7 +122,7 @@ class FerClient(NumPyClient):
             )
         new_weights = task.get_weights(model)
         delta = [new - np.asarray(old, dtype=np.float32) for new, old in zip(new_weights, parameters)]
-        delta, norm, clipped = bound_update(delta, max_norm=self.settings.max_update_norm)
+        delta, norm, clipped = bound_update(delta, max_norm=self.settings.update_bound)
         metrics = {
             "client-id": data.client_id,
             "profile": self.setup.profile,
@@ -133,6 +133,11 @@ class FerClient(NumPyClient):
         if not self.settings.secure_agg:
             # Metrics travel in the clear even under SecAgg+; an individual update's norm must not.
             metrics.update({"update-norm": norm, "update-clipped": clipped})
+        if self.settings.central_dp_enabled:
+            # Central DP calibrates its noise for a uniform mean, so every client weighs 1 in the aggregate
+            # (also under SecAgg+, where the weight is applied here, before masking); the count is reported apart.
+            metrics["train-examples"] = data.num_train
+            return delta, 1, metrics
         return delta, data.num_train, metrics
 
     def _fit_private(self, model, optimizer, dataset, server_round: int) -> tuple[task.TrainResult, dict]:

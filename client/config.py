@@ -59,7 +59,7 @@ class RunSettings:
     max_examples: int = 1_000_000
     seed: int = 42
     out_dir: str = "runs/latest"
-    # Privacy (the privacy issue wires these through; 0 disables)
+    # Privacy (0 disables dp-epsilon and central-dp-noise)
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
     max_grad_norm: float = 1.0
@@ -138,12 +138,30 @@ class RunSettings:
         if self.secure_agg and not (self.secagg_shares > 2 and 1 < self.secagg_threshold < self.secagg_shares):
             # Flower's SecAgg+ needs more than 2 shares and a threshold strictly below the share count.
             raise ConfigError("secagg-shares must be > 2 and secagg-threshold in (1, secagg-shares)")
+        if self.central_dp_noise < 0 or self.central_clip < 0:
+            raise ConfigError("central-dp-noise and central-clip must be >= 0 (0 = off)")
+        if self.central_dp_enabled:
+            if self.central_clip <= 0:
+                raise ConfigError("central-dp-noise needs central-clip > 0 (the L2 bound each client clips to)")
+            if self.strategy not in ("fedavg", "fedprox"):
+                # The noise is calibrated for a uniform mean of clipped updates; a median, Krum's pick or an
+                # Adam step has a different sensitivity, so the reported central epsilon would be wrong.
+                raise ConfigError(f"central-dp-noise works with fedavg or fedprox, not {self.strategy!r}")
         if self.secagg_max_weight <= 0 or self.secagg_timeout < 0:
             raise ConfigError("secagg-max-weight must be positive and secagg-timeout >= 0")
 
     @property
     def dp_enabled(self) -> bool:
         return self.dp_epsilon > 0
+
+    @property
+    def central_dp_enabled(self) -> bool:
+        return self.central_dp_noise > 0
+
+    @property
+    def update_bound(self) -> float:
+        """The L2 norm a client clips its update to: central-clip under central DP, else max-update-norm."""
+        return min(self.central_clip, self.max_update_norm) if self.central_dp_enabled else self.max_update_norm
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -32,6 +32,7 @@ from client.config import RunSettings
 from client.data.labels import EMOTIONS
 from client.node_data import cached_dataset, parse_dataset_list
 from models import create_model
+from privacy.central import CentralDP
 from privacy.report import privacy_report
 from server.evaluation import ServerEvaluator
 from server.metrics import client_distribution
@@ -113,6 +114,11 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
         max_update_norm=settings.max_update_norm,
         max_examples=settings.max_examples,
         evaluate_fn=evaluator,
+        central_dp=(
+            CentralDP(noise_multiplier=settings.central_dp_noise, clipping_norm=settings.central_clip)
+            if settings.central_dp_enabled
+            else None
+        ),
     )
 
 
@@ -220,6 +226,7 @@ class FerWorkflow:
                 "rejected": report.rejected,
                 "failures": report.failures,
                 "train_loss": report.train_loss,
+                "central_noise_std": report.central_noise_std,
             }
         return record
 
@@ -282,7 +289,7 @@ def run_federation(
         model_cfg={"dp": True},
         round=settings.num_server_rounds,
     )
-    if settings.dp_enabled or settings.secure_agg or settings.central_dp_noise > 0:
+    if settings.dp_enabled or settings.secure_agg or settings.central_dp_enabled:
         run_dir.write_json("privacy.json", build_privacy_report(settings, strategy))
     run_dir.write_summary(summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings))
     return workflow.final_weights
@@ -291,12 +298,13 @@ def run_federation(
 def build_privacy_report(settings: RunSettings, strategy: GuardedStrategy) -> dict[str, Any]:
     """privacy.json: each node's cumulative ε as it last reported it, the central ε, and whether SecAgg+ was on."""
     central = None
-    if settings.central_dp_noise > 0:
+    if settings.central_dp_enabled:
         central = {
             "noise_multiplier": settings.central_dp_noise,
             "clipping_norm": settings.central_clip,
             "sample_rate": settings.fraction_fit,
-            "rounds": settings.num_server_rounds,
+            # Rounds whose noisy mean was released; a resumed run's earlier rounds count too (round numbers carry on).
+            "rounds": max((n for n, r in strategy.reports.items() if r.central_noise_std is not None), default=0),
             "delta": settings.dp_delta,
         }
     return privacy_report(

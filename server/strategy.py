@@ -32,6 +32,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
+from privacy.central import CentralDP, add_central_noise
+
 log = logging.getLogger("fer_fl.server")
 
 StrategyFactory = Callable[..., Strategy]
@@ -151,6 +153,7 @@ class RoundReport:
     eval_clients: dict[str, dict[str, Any]] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
+    central_noise_std: float | None = None
 
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Any]]]
@@ -165,6 +168,8 @@ class GuardedStrategy(Strategy):
         max_update_norm: L2 bound on an individual (or aggregated) delta.
         max_examples: the largest plausible example count one client may claim.
         evaluate_fn: server-side evaluation `(round, weights) -> (loss, metrics)` on the held-out test set.
+        central_dp: central (client-level) DP: every accepted update weighs the same and the mean gets Gaussian
+            noise of std σC/n (see privacy.central); None for none.
     """
 
     def __init__(
@@ -175,6 +180,7 @@ class GuardedStrategy(Strategy):
         max_update_norm: float,
         max_examples: int,
         evaluate_fn: EvaluateFn | None = None,
+        central_dp: CentralDP | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -182,6 +188,7 @@ class GuardedStrategy(Strategy):
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
         self.evaluate_fn = evaluate_fn
+        self.central_dp = central_dp
         self.reports: dict[int, RoundReport] = {}
         self.server_metrics: dict[int, dict[str, Any]] = {}
         # Latest DP status each node reported (epsilon spent, ledger sequence): for privacy.json and rollback checks.
@@ -253,7 +260,17 @@ class GuardedStrategy(Strategy):
         if not accepted:
             log.warning("round %d: no acceptable update; the global model is unchanged", server_round)
             return None, {}
-        return self.inner.aggregate_fit(server_round, accepted, failures)
+        if self.central_dp is None:
+            return self.inner.aggregate_fit(server_round, accepted, failures)
+        # The noise is calibrated for a uniform mean: a client's example count must not buy it more weight.
+        uniform = [(proxy, _with_weight(res, 1)) for proxy, res in accepted]
+        parameters, metrics = self.inner.aggregate_fit(server_round, uniform, failures)
+        if parameters is None:
+            return None, metrics
+        mean = parameters_to_ndarrays(parameters)
+        noisy = add_central_noise(mean, settings=self.central_dp, num_clients=len(uniform))
+        report.central_noise_std = self.central_dp.noise_std(len(uniform))
+        return ndarrays_to_parameters(noisy), metrics
 
     def _check_ledger(self, client_id: str, privacy: dict[str, Any]) -> str | None:
         """A node's privacy ledger only moves forward: a replaced ledger or a lower sequence number means its
@@ -322,6 +339,10 @@ class GuardedStrategy(Strategy):
 
 def _with_parameters(res: FitRes, parameters: Parameters) -> FitRes:
     return FitRes(status=res.status, parameters=parameters, num_examples=res.num_examples, metrics=res.metrics)
+
+
+def _with_weight(res: FitRes, weight: int) -> FitRes:
+    return FitRes(status=res.status, parameters=res.parameters, num_examples=weight, metrics=res.metrics)
 
 
 def _failure_reason(failure: Any) -> str:

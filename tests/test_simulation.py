@@ -18,14 +18,16 @@ pytestmark = pytest.mark.slow
 
 def _make_settings(out_dir, **changes) -> RunSettings:
     base = RunSettings(
-        dataset="synthetic=1400",
+        # 2,400 faces and 4 local epochs: enough signal that 2 rounds clearly beat the initial model (measured
+        # 0.135 -> 0.237 -> 0.317); with 1,400 faces and 2 epochs the GroupNorm CNN-AM barely moves (0.146 -> 0.164).
+        dataset="synthetic=2400",
         num_clients=3,
         min_clients=3,
         partition="dirichlet",
         alpha=1.0,
         model="cnn_am",
         num_server_rounds=2,
-        local_epochs=2,
+        local_epochs=4,
         batch_size=32,
         out_dir=str(out_dir),
     )
@@ -46,7 +48,7 @@ def test_three_clients_two_rounds_beat_the_initial_model(three_client_run):
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert rounds[2]["server"]["accuracy"] > rounds[0]["server"]["accuracy"] + 0.05
+    assert rounds[2]["server"]["accuracy"] > rounds[0]["server"]["accuracy"] + 0.1
     assert summary["final_accuracy"] == pytest.approx(rounds[2]["server"]["accuracy"])
     assert all(r["fit"]["num_accepted"] == 3 for r in rounds[1:])
     assert len(rounds[2]["federated"]["clients"]) == 3
@@ -87,7 +89,7 @@ def test_same_seed_gives_the_same_metrics(tmp_path):
     """Two runs with one seed produce identical per-round server metrics on CPU."""
     runs = []
     for name in ("a", "b"):
-        settings = _make_settings(tmp_path / name, dataset="synthetic=700", num_server_rounds=1, num_clients=2,
+        settings = _make_settings(tmp_path / name, dataset="synthetic=700", num_server_rounds=1, num_clients=2, local_epochs=1,
                                   min_clients=2)
         run_simulation(settings, run_dir=RunDirectory(tmp_path / name), num_cpus=2)
         runs.append([json.loads(line)["server"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])

@@ -15,6 +15,18 @@ from typing import Annotated, Any
 import click
 import typer
 
+from privacy.cli_options import (
+    AccountantOpt,
+    CentralClipOpt,
+    CentralNoiseOpt,
+    DpDeltaOpt,
+    DpEpsilonOpt,
+    MaxGradNormOpt,
+    SecaggSharesOpt,
+    SecaggThresholdOpt,
+    SecureAggOpt,
+    privacy_overrides,
+)
 from server.cli.enroll_cmd import DEFAULT_STATE
 
 # A SecAgg+ stage waits this long for slow nodes before treating them as dropped (0 would wait forever).
@@ -50,8 +62,15 @@ def start(
     min_clients: Annotated[int | None, typer.Option(help="Wait for this many nodes before round 1.")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
     strategy: Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam | fedmedian | ...")] = None,
-    dp_epsilon: Annotated[float | None, typer.Option(help="Per-node DP-SGD budget ε (0 = off).")] = None,
-    secure_agg: Annotated[bool | None, typer.Option("--secure-agg/--no-secure-agg", help="SecAgg+.")] = None,
+    dp_epsilon: DpEpsilonOpt = None,
+    dp_delta: DpDeltaOpt = None,
+    max_grad_norm: MaxGradNormOpt = None,
+    accountant: AccountantOpt = None,
+    secure_agg: SecureAggOpt = None,
+    secagg_shares: SecaggSharesOpt = None,
+    secagg_threshold: SecaggThresholdOpt = None,
+    central_dp_noise: CentralNoiseOpt = None,
+    central_clip: CentralClipOpt = None,
     secagg_timeout: Annotated[float | None, typer.Option(help="Seconds per SecAgg+ stage.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the initial model.")] = None,
     certs: CertsOpt = Path("certs"),
@@ -73,8 +92,12 @@ def start(
     run_config: dict[str, Any] = _read_toml(config) if config else {}
     overrides = {
         "dataset": dataset, "model": model, "num-server-rounds": rounds, "min-clients": min_clients,
-        "local-epochs": local_epochs, "strategy": strategy, "dp-epsilon": dp_epsilon, "secure-agg": secure_agg,
-        "secagg-timeout": secagg_timeout, "seed": seed,
+        "local-epochs": local_epochs, "strategy": strategy, "secagg-timeout": secagg_timeout, "seed": seed,
+        **privacy_overrides(
+            dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm, accountant=accountant,
+            secure_agg=secure_agg, secagg_shares=secagg_shares, secagg_threshold=secagg_threshold,
+            central_dp_noise=central_dp_noise, central_clip=central_clip,
+        ),
     }
     run_config.update({k: v for k, v in overrides.items() if v is not None})
     run_config["out-dir"] = str(out)

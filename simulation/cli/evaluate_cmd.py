@@ -16,7 +16,6 @@ def evaluate_saved_model(*, model_path: Path, dataset: str, split: str, image_si
     Raises:
         click.ClickException: a missing or unreadable model file, or a dataset problem, in one line.
     """
-    import torch
     from torch.utils.data import DataLoader
 
     from client import task
@@ -25,17 +24,19 @@ def evaluate_saved_model(*, model_path: Path, dataset: str, split: str, image_si
     from models import create_model
     from server.metrics import classification_metrics
 
-    meta_path = model_path.with_suffix(".json")
-    if not model_path.is_file():
-        raise click.ClickException(f"{model_path}: model file not found")
-    if not meta_path.is_file():
-        raise click.ClickException(f"{meta_path}: missing (it names the model architecture beside {model_path.name})")
+    from server.rundir import load_model
+
     try:
-        meta = json.loads(meta_path.read_text())
-        # weights_only: a checkpoint is data, never code; a tampered file cannot execute anything here.
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-        model = create_model(meta["model"], dp=bool(meta.get("cfg", {}).get("dp", True)))
+        # load_model reads with weights_only=True and checks the sha256 recorded beside the file: a checkpoint is
+        # data, never code, and a truncated or replaced file is refused rather than evaluated.
+        state, meta = load_model(model_path)
+        name = meta.get("name") or meta.get("model")
+        if not name:
+            raise KeyError(f"{model_path.with_suffix('.json').name} names no model")
+        model = create_model(name, dp=bool(meta.get("cfg", {}).get("dp", True)))
         model.load_state_dict(state)
+    except FileNotFoundError as err:
+        raise click.ClickException(str(err)) from None
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise click.ClickException(f"{model_path}: cannot load the model ({first_line})") from None
@@ -50,7 +51,7 @@ def evaluate_saved_model(*, model_path: Path, dataset: str, split: str, image_si
     result = task.evaluate(model, loader)
     metrics = classification_metrics(result.targets, result.predictions)
     return {
-        "model": meta["model"],
+        "model": name,
         "dataset": dataset,
         "split": split,
         "synthetic": data.synthetic,

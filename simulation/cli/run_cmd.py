@@ -15,6 +15,18 @@ import typer
 
 from client.config import ConfigError, RunSettings
 from client.data.formats import DatasetError
+from privacy.cli_options import (
+    AccountantOpt,
+    CentralClipOpt,
+    CentralNoiseOpt,
+    DpDeltaOpt,
+    DpEpsilonOpt,
+    MaxGradNormOpt,
+    SecaggSharesOpt,
+    SecaggThresholdOpt,
+    SecureAggOpt,
+    privacy_overrides,
+)
 
 DatasetOpt = Annotated[
     list[str] | None,
@@ -52,6 +64,15 @@ def _make_command(mode: str):
         fraction_evaluate: Annotated[FloatOpt, typer.Option(help="Fraction of clients evaluating per round.")] = None,
         seed: Annotated[IntOpt, typer.Option(help="The same seed gives the same metrics on CPU.")] = None,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (new or empty).")] = None,
+        dp_epsilon: DpEpsilonOpt = None,
+        dp_delta: DpDeltaOpt = None,
+        max_grad_norm: MaxGradNormOpt = None,
+        accountant: AccountantOpt = None,
+        secure_agg: SecureAggOpt = None,
+        secagg_shares: SecaggSharesOpt = None,
+        secagg_threshold: SecaggThresholdOpt = None,
+        central_dp_noise: CentralNoiseOpt = None,
+        central_clip: CentralClipOpt = None,
         verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
     ) -> None:
         from simulation.cli.options import resolve_settings
@@ -75,6 +96,11 @@ def _make_command(mode: str):
             "fraction-evaluate": fraction_evaluate,
             "seed": seed,
             "out-dir": str(out),
+            **privacy_overrides(
+                dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm, accountant=accountant,
+                secure_agg=secure_agg, secagg_shares=secagg_shares, secagg_threshold=secagg_threshold,
+                central_dp_noise=central_dp_noise, central_clip=central_clip,
+            ),
         }
         settings = resolve_settings(config_file=config, overrides=overrides)
         summary = execute(settings, mode=mode, verbose=verbose)
@@ -104,6 +130,11 @@ def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = F
     from models import list_models
     from server.rundir import RunDirectory
 
+    if mode == "centralized" and (settings.dp_enabled or settings.secure_agg or settings.central_dp_enabled):
+        # The baseline is the non-private upper bound; a private "centralized" run would compare with nothing.
+        raise click.ClickException(
+            "fer-sim centralized trains without privacy; drop --dp-epsilon, --secure-agg and --central-dp-noise"
+        )
     if settings.model not in list_models():
         raise click.ClickException(f"--model {settings.model!r} is unknown; known: {', '.join(list_models())}")
     try:
