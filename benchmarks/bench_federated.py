@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-import psutil
 
 from client.config import RunSettings
 from server.rundir import RunDirectory
@@ -26,14 +25,56 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_federated.json"
 
 
-class PeakMemory:
-    """Samples the summed RSS of this process tree in a background thread."""
+def _tree_rss_bytes(root: int) -> int:
+    """Summed VmRSS of `root` and all its descendants, read from /proc (Linux; no psutil needed)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # the command name (field 2) may hold spaces; the parent pid follows its closing parenthesis
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
 
-    def __init__(self, interval: float = 0.2) -> None:
+
+class PeakMemory:
+    """Samples the summed RSS of this process tree (the driver and Ray's workers) in a background thread."""
+
+    def __init__(self, interval: float = 0.5) -> None:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss_bytes(me))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
             total = 0
@@ -79,8 +120,9 @@ def main() -> None:
     rounds = 2 if args.quick else args.rounds
     work = Path(tempfile.mkdtemp(prefix="bench-fed-"))
     base = RunSettings(dataset=dataset, num_clients=10, min_clients=10, partition="dirichlet", alpha=0.5,
-                       model=args.model, num_server_rounds=rounds, local_epochs=1, batch_size=32, lr=1e-3)
-    results: dict = {"dataset": dataset, "model": args.model, "rounds": rounds, "alpha": 0.5}
+                       model=args.model, num_server_rounds=rounds, local_epochs=1, batch_size=32)
+    results: dict = {"dataset": dataset, "model": args.model, "rounds": rounds, "alpha": 0.5, "lr": base.lr,
+                     "local_epochs": base.local_epochs, "batch_size": base.batch_size, "seed": base.seed}
 
     fed, fed_rounds, fed_mem = _run(base.replace(out_dir=str(work / "fed10")), "federated")
     cen, cen_rounds, cen_mem = _run(base.replace(out_dir=str(work / "central")), "centralized")

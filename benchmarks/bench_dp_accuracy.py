@@ -1,0 +1,101 @@
+"""Accuracy on the FER2013 test split under local DP-SGD at ε ∈ {1, 3, 8}, against the non-private federated run.
+
+    .venv/bin/python benchmarks/bench_dp_accuracy.py [--data ../shared/data/fer2013] [--rounds 5] [--quick]
+
+The federation is bench_federated.py's: CNN-AM (GroupNorm build), 10 clients, Dirichlet α=0.5, 1 local epoch per
+round, batch 32, Adam at the default lr. ε is each client's budget for the WHOLE run (δ = 1e-5, RDP accountant,
+Poisson sampling); the noise multiplier is calibrated from it. The non-private figure is taken from
+benchmarks/results/bench_federated.json when that run used the same settings, and run here otherwise.
+Prints a table and writes benchmarks/results/bench_dp_accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from client.config import RunSettings  # noqa: E402
+from server.rundir import RunDirectory  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "bench_dp_accuracy.json"
+FEDERATED = ROOT / "benchmarks" / "results" / "bench_federated.json"
+
+
+def _federate(settings: RunSettings) -> dict:
+    from simulation.runner import run_simulation
+
+    started = time.perf_counter()
+    run_dir = RunDirectory(settings.out_dir)
+    summary = run_simulation(settings, run_dir=run_dir)
+    rounds = run_dir.rounds()
+    privacy_path = Path(settings.out_dir) / "privacy.json"
+    privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else None
+    entry = {
+        "final_accuracy": summary["final_accuracy"],
+        "best_accuracy": summary["best_accuracy"],
+        "macro_f1": summary["macro_f1"],
+        "wall_seconds": time.perf_counter() - started,
+        "failed_rounds": summary.get("failed_rounds"),
+    }
+    if rounds:
+        entry["accuracy_per_round"] = [r["server"]["accuracy"] for r in rounds]
+    if privacy:
+        clients = privacy["clients"]
+        entry["epsilon_spent_max"] = max(c["epsilon_spent"] for c in clients)
+        entry["noise_multiplier"] = sorted({round(c["noise_multiplier"], 4) for c in clients})
+        entry["clients_reporting"] = len(clients)
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epsilons", default="1,3,8")
+    parser.add_argument("--quick", action="store_true", help="synthetic data, 1 round: checks the script runs")
+    args = parser.parse_args()
+
+    dataset = "synthetic=1400" if args.quick else f"fer2013={args.data}"
+    rounds = 1 if args.quick else args.rounds
+    work = Path(tempfile.mkdtemp(prefix="bench-dp-acc-"))
+    base = RunSettings(dataset=dataset, num_clients=10, min_clients=10, partition="dirichlet", alpha=0.5,
+                       model="cnn_am", num_server_rounds=rounds, local_epochs=1, batch_size=32)
+    results: dict = {"dataset": dataset, "model": base.model, "rounds": rounds, "alpha": base.alpha, "lr": base.lr,
+                     "delta": base.dp_delta, "accountant": base.accountant, "runs": {}}
+
+    reused = None
+    if FEDERATED.exists() and not args.quick:
+        previous = json.loads(FEDERATED.read_text())
+        same = all(previous.get(k) == v for k, v in
+                   {"dataset": dataset, "rounds": rounds, "lr": base.lr, "model": base.model, "seed": base.seed}.items())
+        if same:
+            reused = {**{k: previous["federated_10"][k] for k in ("final_accuracy", "best_accuracy", "macro_f1")},
+                      "source": "bench_federated.json"}
+    results["runs"]["non-private"] = reused or _federate(base.replace(out_dir=str(work / "plain")))
+    for epsilon in [float(e) for e in args.epsilons.split(",")]:
+        print(f"epsilon {epsilon:g} ...", flush=True)
+        results["runs"][f"epsilon={epsilon:g}"] = _federate(
+            base.replace(dp_epsilon=epsilon, out_dir=str(work / f"eps{epsilon:g}"))
+        )
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{dataset}: CNN-AM, 10 clients, Dirichlet 0.5, {rounds} rounds x 1 local epoch, delta {base.dp_delta:g}")
+    print(f"{'run':<16}{'final acc':>10}{'best acc':>10}{'macro-F1':>10}{'eps spent':>10}{'sigma':>16}")
+    for name, run in results["runs"].items():
+        spent = f"{run['epsilon_spent_max']:.3f}" if "epsilon_spent_max" in run else "-"
+        sigma = ",".join(f"{s:g}" for s in run.get("noise_multiplier", [])) or "-"
+        print(f"{name:<16}{run['final_accuracy']:>10.4f}{run['best_accuracy']:>10.4f}{run['macro_f1']:>10.4f}"
+              f"{spent:>10}{sigma:>16}")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
