@@ -56,6 +56,11 @@ class ResumeState:
     completed_round: int
 
 
+def data_meta(settings: RunSettings) -> dict[str, Any]:
+    """What a saved model's sidecar needs to rebuild its test data: the synthetic faces depend on the seed."""
+    return {"data_seed": settings.seed, "image_size": settings.image_size, "dataset": settings.dataset}
+
+
 def initial_weights(settings: RunSettings) -> list[np.ndarray]:
     """The seeded initial global model, so the same seed gives the same run."""
     torch.manual_seed(settings.seed)
@@ -253,6 +258,7 @@ def run_federation(
                 _state_dict(settings, workflow.final_weights),
                 model_name=settings.model,
                 model_cfg={"dp": True},
+                extra=data_meta(settings),
                 round=record["round"],
                 checkpoint=True,
             )
@@ -287,6 +293,7 @@ def run_federation(
         _state_dict(settings, workflow.final_weights),
         model_name=settings.model,
         model_cfg={"dp": True},
+        extra=data_meta(settings),
         round=settings.num_server_rounds,
     )
     if settings.dp_enabled or settings.secure_agg or settings.central_dp_enabled:

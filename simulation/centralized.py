@@ -24,7 +24,7 @@ from models import create_model
 from server.evaluation import ServerEvaluator
 from server.report import write_report
 from server.rundir import RunDirectory
-from server.server_app import initial_weights, load_server_test_set, summarize
+from server.server_app import data_meta, initial_weights, load_server_test_set, summarize
 from simulation.federation import federation_plan, federation_stats
 
 
@@ -83,9 +83,9 @@ def run_centralized(
         result = task.train(model, loader, epochs=settings.local_epochs, optimizer=optimizer)
         record(server_round, time.perf_counter() - round_started, result.loss)
         run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},
-                           round=server_round, checkpoint=True)
+                           extra=data_meta(settings), round=server_round, checkpoint=True)
     run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},
-                       round=settings.num_server_rounds)
+                       extra=data_meta(settings), round=settings.num_server_rounds)
     summary = summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings)
     summary.update(mode="centralized", train_examples=int(len(labels)),
                    synthetic=any(p.dataset_spec.startswith("synthetic") for p in federation_plan(settings)))

@@ -10,8 +10,13 @@ import click
 import typer
 
 
-def evaluate_saved_model(*, model_path: Path, dataset: str, split: str, image_size: int = 48) -> dict[str, Any]:
+def evaluate_saved_model(
+    *, model_path: Path, dataset: str, split: str, image_size: int | None = None, seed: int | None = None
+) -> dict[str, Any]:
     """Loads `model.pt` (+ its `model.json`) and returns accuracy, macro-F1, per-class recall and confusion matrix.
+
+    `image_size` and `seed` (which synthetic faces to generate) default to the run's, recorded in `model.json`, so
+    evaluating a run's model on `synthetic=N` scores the same test faces its server did.
 
     Raises:
         click.ClickException: a missing or unreadable model file, or a dataset problem, in one line.
@@ -40,8 +45,10 @@ def evaluate_saved_model(*, model_path: Path, dataset: str, split: str, image_si
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise click.ClickException(f"{model_path}: cannot load the model ({first_line})") from None
+    image_size = image_size or int(meta.get("image_size", 48))
+    seed = int(meta.get("data_seed", 0)) if seed is None else seed
     try:
-        data = load_dataset(dataset, image_size=image_size)
+        data = load_dataset(dataset, image_size=image_size, seed=seed)
     except DatasetError as err:
         raise click.ClickException(str(err)) from None
     if split not in data.splits:
@@ -65,10 +72,13 @@ def evaluate(
     model: Annotated[Path, typer.Option("--model", "-m", help="A run's model.pt (model.json must sit beside it).")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="KIND=PATH, or synthetic.")],
     split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of synthetic data (default: the run's, from model.json).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Evaluate a saved model: accuracy, macro-F1, per-class recall and the confusion matrix."""
-    result = evaluate_saved_model(model_path=model, dataset=dataset, split=split)
+    result = evaluate_saved_model(model_path=model, dataset=dataset, split=split, seed=seed)
     if as_json:
         typer.echo(json.dumps(result))
         return
