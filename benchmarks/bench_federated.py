@@ -74,27 +74,6 @@ class PeakMemory:
         self._thread.join()
 
 
-def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _run(settings: RunSettings, mode: str) -> tuple[dict, list[dict], int]:
     from simulation.centralized import run_centralized
     from simulation.runner import run_simulation
