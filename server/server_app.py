@@ -61,6 +61,17 @@ def data_meta(settings: RunSettings) -> dict[str, Any]:
     return {"data_seed": settings.seed, "image_size": settings.image_size, "dataset": settings.dataset}
 
 
+def weighted_mean_of(key: str) -> Callable[[list[tuple[int, dict[str, Any]]]], dict[str, float]]:
+    """A Flower metrics aggregator: the example-weighted mean of `key` over the replies that carry it."""
+
+    def aggregate(replies: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
+        pairs = [(n, float(m[key])) for n, m in replies if key in m and n > 0]
+        total = sum(n for n, _ in pairs)
+        return {key: sum(n * v for n, v in pairs) / total} if total else {}
+
+    return aggregate
+
+
 def initial_weights(settings: RunSettings) -> list[np.ndarray]:
     """The seeded initial global model, so the same seed gives the same run."""
     torch.manual_seed(settings.seed)
@@ -98,6 +109,9 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
         "on_fit_config_fn": fit_config,
         "on_evaluate_config_fn": lambda r: {"server-round": r},
         "accept_failures": True,
+        # The guard already records each client's loss and count; these keep Flower from warning every round.
+        "fit_metrics_aggregation_fn": weighted_mean_of("train-loss"),
+        "evaluate_metrics_aggregation_fn": weighted_mean_of("accuracy"),
     }
     inner = create_strategy(
         settings.strategy,

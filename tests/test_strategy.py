@@ -150,3 +150,15 @@ def test_unknown_strategy_lists_known_ones():
     """create_strategy names the known strategies when given an unknown one."""
     with pytest.raises(ValueError, match="known: fedadam, fedavg"):
         create_strategy("fedsgd", common={}, options={})
+
+
+def test_metrics_aggregator_weights_by_examples_and_skips_empty_replies():
+    """Flower's metrics hook gets the example-weighted mean; replies without the key or examples do not count."""
+    from server.server_app import weighted_mean_of
+
+    aggregate = weighted_mean_of("accuracy")
+
+    assert aggregate([(10, {"accuracy": 0.5}), (30, {"accuracy": 0.9}), (0, {"accuracy": 1.0}), (5, {})]) == {
+        "accuracy": pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+    }
+    assert aggregate([(5, {})]) == {}
