@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.deploy import free_port, stop_tree  # noqa: E402
+from client.deploy import flower_env, free_port, stop_tree  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "benchmarks" / "results" / "bench_rounds.json"
@@ -33,11 +33,7 @@ DATASET = "synthetic=150"
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return flower_env()
 
 
 def run_case(*, clients: int, rounds: int, secure_agg: bool, model: str) -> dict:

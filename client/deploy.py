@@ -112,25 +112,17 @@ def stop_tree(process: subprocess.Popen, *, timeout: float = 5.0, kill: bool = F
     if process.poll() is not None:
         return
     pids = [process.pid, *descendants(process.pid)]
-    sig = signal.SIGKILL if kill else signal.SIGTERM
-    for pid in pids:
+    # A polite signal first (unless told to kill), then SIGKILL for whatever is still there.
+    for sig in ([] if kill else [signal.SIGTERM]) + [signal.SIGKILL]:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
             pass
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def check_data(*, spec: str, image_size: int = 48, seed: int = 42) -> str:
@@ -196,15 +188,22 @@ class SuperNodeSettings:
         return cmd
 
     def env(self) -> dict[str, str]:
-        """Flower home under the node's state dir, telemetry off, our scripts on PATH, one torch thread per
-        ClientApp (several nodes or messages on one machine would otherwise oversubscribe its cores)."""
-        env = dict(os.environ)
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        """`flower_env()` with Flower's home under the node's state dir."""
+        env = flower_env()
         env["FLWR_HOME"] = str(self.state_dir / "flwr")
-        env["FLWR_TELEMETRY_ENABLED"] = "0"
         env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("OMP_NUM_THREADS", "1")
         return env
+
+
+def flower_env() -> dict[str, str]:
+    """The environment for Flower processes we start: our scripts on PATH, telemetry off, one torch thread per
+    ClientApp unless the operator set one (several nodes or messages on one machine would otherwise oversubscribe
+    its cores)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
 
 
 def start_supernode(settings: SuperNodeSettings, *, log_file: Path | None = None) -> subprocess.Popen:

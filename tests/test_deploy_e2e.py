@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from client.deploy import free_port, stop_tree
+from client.deploy import flower_env, free_port, stop_tree
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +35,7 @@ fraction-evaluate = 0.0
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return flower_env()
 
 
 def _spawn(args: list[str], log: Path, *, cwd: Path) -> subprocess.Popen:
