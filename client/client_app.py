@@ -25,7 +25,7 @@ from client.config import RunSettings
 from client.dp_training import open_dp_client
 from client.data.preprocess import Augment, FERTorchDataset
 from client.node_data import NodeData, load_node_data
-from models import create_model
+from models import create_model, model_info
 from privacy.secagg import secure_aggregation_mod
 
 log = logging.getLogger("fer_fl.client")
@@ -159,7 +159,10 @@ class FerClient(NumPyClient):
             create_key="partition-id" in cfg,
         )
         plan = dp.begin_round(server_round=server_round)
-        private = dp.make_private(model=model, optimizer=optimizer, dataset=dataset, plan=plan)
+        private = dp.make_private(
+            model=model, optimizer=optimizer, dataset=dataset, plan=plan,
+            grad_sample_mode=model_info(self.settings.model)["dp_engine"],
+        )
         result = task.train(
             private.model, private.loader, epochs=plan.local_epochs, optimizer=private.optimizer,
             criterion=private.criterion,

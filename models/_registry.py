@@ -35,6 +35,8 @@ class ModelInfo:
         paper_flops: FLOPs the paper reports, if any, as the paper labels them (FER papers count multiply-adds).
         paper_fps: frames per second the paper reports, if any.
         deviation: one line on where this implementation differs from the paper's figures or text, and why.
+        dp_engine: the Opacus `grad_sample_mode` DP-SGD training uses for this model: the fastest one that
+            `benchmarks/bench_models.py` measured for it (results in docs/benchmarks.md).
         default_cfg: the options (cfg) the default build uses.
     """
 
@@ -45,6 +47,7 @@ class ModelInfo:
     paper_flops: float | None = None
     paper_fps: float | None = None
     deviation: str = ""
+    dp_engine: str = "hooks"
     default_cfg: dict[str, Any] = field(default_factory=dict)
 
 

@@ -80,3 +80,23 @@ def test_bound_update_scales_to_the_norm_and_refuses_non_finite():
     assert np.linalg.norm(bounded[0]) == pytest.approx(2.0, rel=1e-6)
     with pytest.raises(FloatingPointError):
         bound_update([np.array([np.nan], np.float32)], max_norm=1.0)
+
+
+def test_private_training_spends_budget_cumulatively_across_train_messages(tmp_path):
+    """Under dp-epsilon the node's reported ε grows from one round's message to the next, within its budget."""
+    settings = SETTINGS.replace(dp_epsilon=8.0, num_server_rounds=3)
+    context = _make_context(tmp_path)
+    context.run_config.update(settings.to_run_config())
+    context.node_config["partition-id"] = 0  # a simulated node: its ledger key is created in its state dir
+    app = make_client_app()
+    weights = initial_weights(settings)
+
+    spent = []
+    for server_round in (1, 2):
+        reply = app(_make_message("train", weights, {"server-round": server_round, "proximal-mu": 0.0}), context)
+        assert not reply.has_error(), reply.error if reply.has_error() else ""
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
+        assert all(np.all(np.isfinite(d)) for d in parameters_to_ndarrays(fitres.parameters))
+        spent.append(fitres.metrics["dp-epsilon_spent"])
+
+    assert 0 < spent[0] < spent[1] <= 8.0
