@@ -21,7 +21,7 @@ from flwr.client import ClientApp, NumPyClient
 from torch.utils.data import DataLoader
 
 from client import task
-from client.config import RunSettings
+from client.config import ConfigError, RunSettings
 from client.dp_training import open_dp_client
 from client.data.preprocess import Augment, FERTorchDataset
 from client.node_data import NodeData, load_node_data
@@ -193,6 +193,22 @@ def bound_update(delta: list[np.ndarray], *, max_norm: float) -> tuple[list[np.n
     return [(a * scale).astype(np.float32) for a in delta], norm, True
 
 
+def node_settings(settings: RunSettings, node_config: dict) -> RunSettings:
+    """The run's settings as this node applies them: a node's own `dp-epsilon` caps the run's budget.
+
+    A site may hold itself to a stricter budget than the coordinator's, or insist on DP-SGD in a run that has
+    none; it can never be made to spend more than it set. The node's ledger records the budget it first trained
+    under and refuses a different one later, so the cap cannot be raised by restarting with another value.
+    """
+    if "dp-epsilon" not in node_config:
+        return settings
+    own = float(node_config["dp-epsilon"])
+    if not own > 0:
+        raise ConfigError(f"node-config dp-epsilon must be positive, got {own}")
+    run = settings.dp_epsilon
+    return settings.replace(dp_epsilon=min(own, run) if run > 0 else own)
+
+
 def make_client_app(
     *, provider=setup_from_node_config, settings: RunSettings | None = None, mods: tuple = ()
 ) -> ClientApp:
@@ -206,7 +222,7 @@ def make_client_app(
     fixed = settings
 
     def client_fn(context: Context):
-        settings = fixed or RunSettings.from_run_config(dict(context.run_config))
+        settings = node_settings(fixed or RunSettings.from_run_config(dict(context.run_config)), context.node_config)
         setup = provider(context, settings)
         node_index = int(context.node_config.get("partition-id", 0))
         return FerClient(

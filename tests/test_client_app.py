@@ -100,3 +100,18 @@ def test_private_training_spends_budget_cumulatively_across_train_messages(tmp_p
         spent.append(fitres.metrics["dp-epsilon_spent"])
 
     assert 0 < spent[0] < spent[1] <= 8.0
+
+
+@pytest.mark.parametrize(
+    ("run_epsilon", "node_epsilon", "expected"),
+    [(0.0, None, 0.0), (8.0, None, 8.0), (8.0, 3.0, 3.0), (3.0, 8.0, 3.0), (0.0, 2.0, 2.0)],
+)
+def test_a_nodes_own_budget_caps_the_runs(run_epsilon, node_epsilon, expected):
+    """A node's dp-epsilon lowers the run's budget, or imposes DP-SGD on a run without it; it never raises it."""
+    from client.client_app import node_settings
+
+    node_config = {} if node_epsilon is None else {"dp-epsilon": node_epsilon}
+
+    settings = node_settings(SETTINGS.replace(dp_epsilon=run_epsilon), node_config)
+
+    assert settings.dp_epsilon == expected

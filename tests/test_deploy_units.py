@@ -112,6 +112,8 @@ def test_supernode_command_carries_node_config_and_credentials(tmp_path):
         (("fer-server", "resume", "."), "is not a run directory"),
         (("fer-server", "nodes", "--state-dir", "nostate"), "holds no fer-server state"),
         (("fer-server", "certs", "--days", "0"), "days must be positive"),
+        (("fer-client", "start", "--server", "127.0.0.1:1", "--dataset", "synthetic=10", "--insecure",
+          "--dp-epsilon", "0"), "--dp-epsilon must be positive"),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_1(tmp_path, args, message):

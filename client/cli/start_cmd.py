@@ -34,6 +34,11 @@ def start(
     ledger_key: Annotated[Path | None, typer.Option(help="Key file of the privacy ledger (HMAC).")] = None,
     ledger_anchor: Annotated[Path | None, typer.Option(help="Anchor file guarding the ledger against rollback.")] = None,
     require_secure_agg: Annotated[bool, typer.Option(help="Refuse to train in rounds without SecAgg+.")] = False,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(help="This node's own DP budget ε for the whole run: it trains under DP-SGD at the smaller "
+                          "of this and the coordinator's dp-epsilon, even when the coordinator asks for none."),
+    ] = None,
     runtime_port: Annotated[int, typer.Option(help="Local port for the ClientApp API (0: pick a free one).")] = 0,
     isolation: Annotated[str, typer.Option(help="subprocess (Flower starts each ClientApp) or process.")] = "subprocess",
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (loud warning).")] = False,
@@ -45,6 +50,8 @@ def start(
     from client.deploy import SuperNodeSettings, check_data, free_port, start_supernode, stop_tree
     from client.profiles import PROFILES
 
+    if dp_epsilon is not None and not dp_epsilon > 0:
+        raise click.ClickException(f"--dp-epsilon must be positive, got {dp_epsilon}")
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     else:
@@ -86,6 +93,8 @@ def start(
         node_config["ledger-anchor"] = str(ledger_anchor.resolve())
     if require_secure_agg:
         node_config["require-secure-agg"] = "true"
+    if dp_epsilon is not None:
+        node_config["dp-epsilon"] = float(dp_epsilon)
     settings = SuperNodeSettings(
         superlink=server,
         node_config=node_config,
