@@ -69,6 +69,9 @@ class RunSettings:
     secagg_threshold: int = 2
     secagg_max_weight: float = 10_000.0  # largest num-examples a client may report under SecAgg+ (sets precision)
     secagg_timeout: float = 0.0  # seconds per SecAgg+ stage; 0 waits forever (simulation), set it in deployments
+    # Seconds a plain round waits for replies before going on with those it has; 0 waits forever (simulation).
+    # A deployment needs it: one reply lost in transit would otherwise stall the federation.
+    round_timeout: float = 0.0
     central_dp_noise: float = 0.0
     central_clip: float = 0.0
     # Deployment: a checkpoint (checkpoints/round-XXX.pt of this run's out-dir) to continue from; "" starts fresh
@@ -149,6 +152,8 @@ class RunSettings:
                 raise ConfigError(f"central-dp-noise works with fedavg or fedprox, not {self.strategy!r}")
         if self.secagg_max_weight <= 0 or self.secagg_timeout < 0:
             raise ConfigError("secagg-max-weight must be positive and secagg-timeout >= 0")
+        if self.round_timeout < 0:
+            raise ConfigError(f"round-timeout must be >= 0 (0 = wait forever), got {self.round_timeout}")
 
     @property
     def dp_enabled(self) -> bool:

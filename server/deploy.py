@@ -102,7 +102,8 @@ class SuperLinkSettings:
     def command(self) -> list[str]:
         """The `flower-superlink` command line."""
         cmd = [
-            flower_script("flower-superlink"),
+            # Flower's flower-superlink, with a longer SQLite lock wait (see server/superlink_main.py).
+            sys.executable, "-m", "server.superlink_main",
             "--host", self.host,
             "--port", str(self.port),
             "--database", str(Path(self.state_dir).resolve() / DATABASE),

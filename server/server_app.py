@@ -301,7 +301,9 @@ def run_federation(
         evaluate_clients=settings.fraction_evaluate > 0,
         on_round=record_round,
     )
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.num_server_rounds), strategy=strategy)
+    legacy = LegacyContext(context=context, config=ServerConfig(
+        num_rounds=settings.num_server_rounds, round_timeout=settings.round_timeout or None
+    ), strategy=strategy)
     workflow(grid, legacy)
     run_dir.save_model(
         _state_dict(settings, workflow.final_weights),

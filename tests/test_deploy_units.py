@@ -172,3 +172,23 @@ def test_resume_refuses_a_finished_run(tmp_path):
     assert done.returncode == 1
     assert "already completed all 1 rounds" in done.stderr
     assert json.loads((tmp_path / "run" / "config.json").read_text())["num-server-rounds"] == 1
+
+
+def test_superlink_entry_point_raises_flowers_sqlite_lock_wait(monkeypatch):
+    """Our SuperLink entry point makes Flower's own pragma hook set busy_timeout to 120 s on a real connection."""
+    import sqlite3
+
+    import flwr.superlink.cli as superlink_cli
+    import flwr.supercore.sql_mixin as sql_mixin
+
+    from server import superlink_main
+
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)  # restored after the test
+    monkeypatch.setattr(superlink_cli, "flower_superlink", lambda: None)
+    superlink_main.main()
+    connection = sqlite3.connect(":memory:")
+
+    sql_mixin._set_sqlite_pragmas(connection, None)
+
+    assert connection.execute("PRAGMA busy_timeout").fetchone()[0] == 120_000
+    assert SuperLinkSettings(state_dir=Path("/s"), insecure=True).command()[1:3] == ["-m", "server.superlink_main"]

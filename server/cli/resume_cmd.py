@@ -16,6 +16,7 @@ import typer
 
 from server.cli.enroll_cmd import DEFAULT_STATE
 from server.cli.serve_cmd import (
+    DEFAULT_ROUND_TIMEOUT,
     DEFAULT_SECAGG_TIMEOUT,
     CertsOpt,
     ConnectOpt,
@@ -60,6 +61,8 @@ def resume(
         settings = settings.replace(out_dir=str(run_dir), resume_from=str(checkpoint))
         if settings.secure_agg and settings.secagg_timeout == 0:
             settings = settings.replace(secagg_timeout=DEFAULT_SECAGG_TIMEOUT)
+        if settings.round_timeout == 0:
+            settings = settings.replace(round_timeout=DEFAULT_ROUND_TIMEOUT)
     except ConfigError as err:
         raise click.ClickException(f"{config_path}: {err}") from None
     if done >= settings.num_server_rounds:

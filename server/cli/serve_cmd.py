@@ -31,6 +31,9 @@ from server.cli.enroll_cmd import DEFAULT_STATE
 
 # A SecAgg+ stage waits this long for slow nodes before treating them as dropped (0 would wait forever).
 DEFAULT_SECAGG_TIMEOUT = 120.0
+# A plain round going on without a node that has not answered in 15 minutes (lost reply, dead node) beats
+# waiting forever; the node's update is simply absent from that round, as with any failure.
+DEFAULT_ROUND_TIMEOUT = 900.0
 INSECURE_WARNING = (
     "WARNING: --insecure: TLS and node authentication are OFF. Anyone who can reach this port can join the "
     "federation and read every model update in transit. Use only for a throw-away local test."
@@ -71,7 +74,10 @@ def start(
     secagg_threshold: SecaggThresholdOpt = None,
     central_dp_noise: CentralNoiseOpt = None,
     central_clip: CentralClipOpt = None,
-    secagg_timeout: Annotated[float | None, typer.Option(help="Seconds per SecAgg+ stage.")] = None,
+    secagg_timeout: Annotated[float | None, typer.Option(help="Seconds per SecAgg+ stage (default 120).")] = None,
+    round_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a round waits for replies before going on without them (default 900).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the initial model.")] = None,
     certs: CertsOpt = Path("certs"),
     state_dir: StateOpt = DEFAULT_STATE,
@@ -92,7 +98,8 @@ def start(
     run_config: dict[str, Any] = _read_toml(config) if config else {}
     overrides = {
         "dataset": dataset, "model": model, "num-server-rounds": rounds, "min-clients": min_clients,
-        "local-epochs": local_epochs, "strategy": strategy, "secagg-timeout": secagg_timeout, "seed": seed,
+        "local-epochs": local_epochs, "strategy": strategy, "secagg-timeout": secagg_timeout,
+        "round-timeout": round_timeout, "seed": seed,
         **privacy_overrides(
             dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm, accountant=accountant,
             secure_agg=secure_agg, secagg_shares=secagg_shares, secagg_threshold=secagg_threshold,
@@ -106,6 +113,8 @@ def start(
         settings = RunSettings.from_run_config(run_config)
         if settings.secure_agg and settings.secagg_timeout == 0:
             settings = settings.replace(secagg_timeout=DEFAULT_SECAGG_TIMEOUT)
+        if settings.round_timeout == 0:
+            settings = settings.replace(round_timeout=DEFAULT_ROUND_TIMEOUT)
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
     launch(
