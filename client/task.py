@@ -35,20 +35,33 @@ class EvalResult:
 
 
 def get_weights(model: nn.Module) -> list[np.ndarray]:
-    """Returns the model's state as float32 numpy arrays, in `state_dict` order."""
-    return [value.detach().cpu().numpy().astype(np.float32, copy=True) for value in model.state_dict().values()]
+    """Returns the model's state as ONE flat float32 vector (a one-element list), in `state_dict` order.
+
+    Why one vector: Flower 1.41 ships every array of a message as separate objects, one HTTP request per object on
+    each hop (SuperLink -> SuperNode -> ClientApp and back). DMSNet-IoT's 242 tensors made 236 objects per message,
+    and those requests were most of a deployed round's time and what contended for the SuperLink's SQLite lock;
+    one vector is 4 objects. Every aggregation rule here is element-wise (Krum flattens anyway), and SecAgg+
+    masks a vector, so nothing else needs the per-tensor split.
+    """
+    state = model.state_dict()
+    return [np.concatenate([value.detach().cpu().reshape(-1).numpy().astype(np.float32) for value in state.values()])]
 
 
 def set_weights(model: nn.Module, weights: Sequence[np.ndarray]) -> None:
-    """Loads arrays produced by `get_weights` (same order) into `model`; shape mismatches raise ValueError."""
+    """Loads the flat vector `get_weights` produces into `model`; a wrong count or size raises ValueError."""
     state = model.state_dict()
-    if len(weights) != len(state):
-        raise ValueError(f"expected {len(state)} arrays for this model, got {len(weights)}")
+    if len(weights) != 1:
+        raise ValueError(f"expected one flat parameter vector, got {len(weights)} arrays")
+    flat = np.asarray(weights[0])
+    sizes = [value.numel() for value in state.values()]
+    if flat.shape != (sum(sizes),):
+        raise ValueError(f"parameter vector has shape {flat.shape}, this model needs ({sum(sizes)},)")
     new_state = {}
-    for (name, current), array in zip(state.items(), weights):
-        if tuple(current.shape) != tuple(np.shape(array)):
-            raise ValueError(f"array for {name!r} has shape {np.shape(array)}, expected {tuple(current.shape)}")
-        new_state[name] = torch.as_tensor(np.asarray(array), dtype=current.dtype)
+    offset = 0
+    for (name, current), size in zip(state.items(), sizes):
+        piece = flat[offset : offset + size].reshape(tuple(current.shape))
+        new_state[name] = torch.as_tensor(piece.copy(), dtype=current.dtype)
+        offset += size
     model.load_state_dict(new_state, strict=True)
 
 

@@ -115,3 +115,25 @@ def test_a_nodes_own_budget_caps_the_runs(run_epsilon, node_epsilon, expected):
     settings = node_settings(SETTINGS.replace(dp_epsilon=run_epsilon), node_config)
 
     assert settings.dp_epsilon == expected
+
+
+@pytest.mark.parametrize("name", ["cnn_am", "dmsnet_iot"])
+def test_weights_travel_as_one_vector_and_load_back_exactly(name):
+    """get_weights gives one float32 vector of every state entry; set_weights restores the state bit for bit."""
+    import torch
+
+    from client import task
+    from models import create_model
+
+    torch.manual_seed(0)
+    source, target = create_model(name, dp=True), create_model(name, dp=True)
+
+    weights = task.get_weights(source)
+    task.set_weights(target, weights)
+
+    assert len(weights) == 1 and weights[0].dtype == np.float32
+    assert weights[0].size == sum(v.numel() for v in source.state_dict().values())
+    for (key, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), key
+    with pytest.raises(ValueError, match="needs"):
+        task.set_weights(target, [weights[0][:-1]])
