@@ -196,19 +196,27 @@ def test_killed_server_resumes_and_finishes_every_round_once(tmp_path):
     assert "resuming" in resume_log and "after round 1" in resume_log
     assert _rounds(run_dir) == [0, 1, 2, 3]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["fit"]["num_accepted"] == 2 for r in records[1:])
     assert "stock-stock" in records[-1]["privacy"]
     privacy = json.loads((run_dir / "privacy.json").read_text())
     reported = {c["client_id"]: c for c in privacy["clients"]}
     from privacy.ledger import PrivacyLedger
 
+    retrained = 0
     for node, client_id in (("a", "site-a"), ("stock", "stock-stock")):
         node_dir = tmp_path / f"node-{node}"
         ledger = PrivacyLedger.open(node_dir / "privacy.ledger", key_file=node_dir / "ledger.key",
                                     anchor_path=node_dir / "ledger.anchor", client_id=client_id,
                                     budget_epsilon=50.0, delta=1e-5)
         charged = sorted(r.server_round for r in ledger.rounds)
-        # Rounds 1..3 were all charged; a round 2 the dead server had started may be charged twice, which is a
-        # real second spend (the node trained again), never a lost one.
-        assert set(charged) == {1, 2, 3} and charged.count(1) == 1 and charged.count(3) == 1
+        # A round 2 the dead server had started is charged again when it is re-run: a real second spend (the node
+        # trained again), never a lost one. The budget was planned for 3 rounds, so such a node then declines
+        # round 3 rather than overspend.
+        if charged.count(2) == 2:
+            retrained += 1
+            assert charged == [1, 2, 2]
+        else:
+            assert charged == [1, 2, 3]
         assert reported[client_id]["epsilon_spent"] == pytest.approx(ledger.spent_epsilon, rel=1e-9)
+    assert [r["fit"]["num_accepted"] for r in records[1:]] == [2, 2, 2 - retrained]
+    declines = [f for f in records[3]["fit"]["failures"] if "privacy budget exhausted" in f]
+    assert len(declines) == retrained
