@@ -20,7 +20,7 @@ from flwr.app import Context
 from flwr.client import ClientApp, NumPyClient
 from torch.utils.data import DataLoader
 
-from client import task
+from client import replay, task
 from client.config import ConfigError, RunSettings
 from client.dp_training import open_dp_client
 from client.data.preprocess import Augment, FERTorchDataset
@@ -92,6 +92,24 @@ class FerClient(NumPyClient):
         return task.get_weights(self._model())
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        server_round = int(config.get("server-round", 0))
+        if not self.settings.dp_enabled or "partition-id" in self.node_config:
+            # Simulated nodes keep their state inside the run directory, which must never hold individual
+            # updates; and a simulation is never resumed mid-round.
+            return self._fit(parameters, config)
+        # A round run again after the coordinator resumed gets the update this node already released for it:
+        # the same output again costs nothing, training again would be charged a second time (client/replay.py).
+        digest = replay.global_digest(parameters)
+        released = replay.load_released(self.setup.state_dir, server_round=server_round, digest=digest)
+        if released is not None:
+            log.info("round %d: re-sending the update already released for these global weights", server_round)
+            return released
+        delta, num_examples, metrics = self._fit(parameters, config)
+        replay.save_released(self.setup.state_dir, server_round=server_round, digest=digest, delta=delta,
+                             num_examples=num_examples, metrics=metrics)
+        return delta, num_examples, metrics
+
+    def _fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         server_round = int(config.get("server-round", 0))
         seed = self._seed(server_round)
         torch.manual_seed(seed)

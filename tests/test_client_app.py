@@ -100,6 +100,7 @@ def test_private_training_spends_budget_cumulatively_across_train_messages(tmp_p
         spent.append(fitres.metrics["dp-epsilon_spent"])
 
     assert 0 < spent[0] < spent[1] <= 8.0
+    assert not (tmp_path / "released-update.npz").exists()  # simulated nodes keep no individual update
 
 
 @pytest.mark.parametrize(
@@ -137,3 +138,30 @@ def test_weights_travel_as_one_vector_and_load_back_exactly(name):
         assert torch.equal(a, b), key
     with pytest.raises(ValueError, match="needs"):
         task.set_weights(target, [weights[0][:-1]])
+
+
+def test_a_repeated_round_gets_the_released_update_without_a_second_charge(tmp_path):
+    """The same round with the same global weights (a resumed server) is answered from the released update."""
+    from privacy.ledger import PrivacyLedger, generate_key_file
+
+    settings = SETTINGS.replace(dp_epsilon=8.0, num_server_rounds=3)
+    context = _make_context(tmp_path)
+    context.run_config.update(settings.to_run_config())
+    generate_key_file(tmp_path / "ledger.key")  # a deployed node: its operator made the key, no partition-id
+    app = make_client_app()
+    weights = initial_weights(settings)
+
+    replies = [compat.recorddict_to_fitres(app(_make_message("train", weights, {"server-round": 1}), context).content,
+                                           keep_input=False) for _ in range(2)]
+    moved = [weights[0] + 0.01]
+    third = compat.recorddict_to_fitres(app(_make_message("train", moved, {"server-round": 1}), context).content,
+                                        keep_input=False)
+
+    first, second = (parameters_to_ndarrays(r.parameters) for r in replies)
+    assert np.array_equal(first[0], second[0])
+    assert replies[1].metrics["dp-epsilon_spent"] == replies[0].metrics["dp-epsilon_spent"]
+    assert third.metrics["dp-epsilon_spent"] > replies[0].metrics["dp-epsilon_spent"]  # new weights: trained, paid
+    ledger = PrivacyLedger.open(tmp_path / "privacy.ledger", key_file=tmp_path / "ledger.key",
+                                anchor_path=tmp_path / "ledger.anchor", client_id="site-a", budget_epsilon=8.0,
+                                delta=settings.dp_delta)
+    assert [r.server_round for r in ledger.rounds] == [1, 1]

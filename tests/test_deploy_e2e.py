@@ -208,9 +208,9 @@ def test_killed_server_resumes_and_finishes_every_round_once(tmp_path):
                                     anchor_path=node_dir / "ledger.anchor", client_id=client_id,
                                     budget_epsilon=50.0, delta=1e-5)
         charged = sorted(r.server_round for r in ledger.rounds)
-        # A round 2 the dead server had started is charged again when it is re-run: a real second spend (the node
-        # trained again), never a lost one. The budget was planned for 3 rounds, so such a node then declines
-        # round 3 rather than overspend.
+        # A node that released its round-2 update before the server died re-sends it when round 2 is re-run,
+        # at no new cost. One killed while still training round 2 trains again and is charged again (a real
+        # second spend, never a lost one); its budget was planned for 3 rounds, so it then declines round 3.
         if charged.count(2) == 2:
             retrained += 1
             assert charged == [1, 2, 2]
