@@ -90,7 +90,8 @@ def _squared_norm(array: NDArray[np.floating]) -> float:
     float32 squares overflow, so that a large but finite update is measured rather than mistaken for Inf.
     """
     flat = array.reshape(-1)
-    squared = float(np.dot(flat, flat))
+    with np.errstate(over="ignore"):  # an overflow is handled below, not an error
+        squared = float(np.dot(flat, flat))
     if math.isinf(squared) and flat.dtype != np.float64 and np.isfinite(flat).all():
         wide = flat.astype(np.float64)
         squared = float(np.dot(wide, wide))
