@@ -59,6 +59,10 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epsilons", default="1,3,8")
+    parser.add_argument("--optimizer", default=None, help="adam (default) | sgd, for the DP runs")
+    parser.add_argument("--lr", type=float, default=None, help="local learning rate of the DP runs")
+    parser.add_argument("--batch-size", type=int, default=None, help="expected batch size of the DP runs")
+    parser.add_argument("--out", default=str(RESULTS), help="where to write the JSON")
     parser.add_argument("--quick", action="store_true", help="synthetic data, 1 round: checks the script runs")
     args = parser.parse_args()
 
@@ -79,14 +83,18 @@ def main() -> None:
             reused = {**{k: previous["federated_10"][k] for k in ("final_accuracy", "best_accuracy", "macro_f1")},
                       "source": "bench_federated.json"}
     results["runs"]["non-private"] = reused or _federate(base.replace(out_dir=str(work / "plain")))
+    recipe = {k: v for k, v in {"optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size}.items()
+              if v is not None}
+    results["dp_recipe"] = {"optimizer": base.optimizer, "lr": base.lr, "batch_size": base.batch_size, **recipe}
     for epsilon in [float(e) for e in args.epsilons.split(",")]:
         print(f"epsilon {epsilon:g} ...", flush=True)
         results["runs"][f"epsilon={epsilon:g}"] = _federate(
-            base.replace(dp_epsilon=epsilon, out_dir=str(work / f"eps{epsilon:g}"))
+            base.replace(dp_epsilon=epsilon, out_dir=str(work / f"eps{epsilon:g}"), **recipe)
         )
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{dataset}: CNN-AM, 10 clients, Dirichlet 0.5, {rounds} rounds x 1 local epoch, delta {base.dp_delta:g}")
     print(f"{'run':<16}{'final acc':>10}{'best acc':>10}{'macro-F1':>10}{'eps spent':>10}{'sigma':>16}")
     for name, run in results["runs"].items():
@@ -94,7 +102,7 @@ def main() -> None:
         sigma = ",".join(f"{s:g}" for s in run.get("noise_multiplier", [])) or "-"
         print(f"{name:<16}{run['final_accuracy']:>10.4f}{run['best_accuracy']:>10.4f}{run['macro_f1']:>10.4f}"
               f"{spent:>10}{sigma:>16}")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
