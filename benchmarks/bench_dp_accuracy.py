@@ -101,7 +101,7 @@ def main() -> None:
         spent = f"{run['epsilon_spent_max']:.3f}" if "epsilon_spent_max" in run else "-"
         sigma = ",".join(f"{s:g}" for s in run.get("noise_multiplier", [])) or "-"
         print(f"{name:<16}{run['final_accuracy']:>10.4f}{run['best_accuracy']:>10.4f}{run['macro_f1']:>10.4f}"
-              f"{spent:>10}{sigma:>16}")
+              f"{spent:>10}  {sigma}")
     print(f"wrote {out}")
 
 
