@@ -11,6 +11,7 @@ Under secure aggregation the guard receives one already-aggregated delta and che
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -244,7 +245,7 @@ class GuardedStrategy(Strategy):
                 self.privacy[client_id] = privacy
             delta = parameters_to_ndarrays(res.parameters)
             weights = [g + d for g, d in zip(self._global, delta)]
-            accepted.append((proxy, _with_parameters(res, ndarrays_to_parameters(weights))))
+            accepted.append((proxy, _replaced(res, parameters=ndarrays_to_parameters(weights))))
             report.clients[client_id] = {
                 "num_examples": int(res.num_examples),
                 "train_loss": _as_float(res.metrics.get("train-loss")),
@@ -263,7 +264,7 @@ class GuardedStrategy(Strategy):
         if self.central_dp is None:
             return self.inner.aggregate_fit(server_round, accepted, failures)
         # The noise is calibrated for a uniform mean: a client's example count must not buy it more weight.
-        uniform = [(proxy, _with_weight(res, 1)) for proxy, res in accepted]
+        uniform = [(proxy, _replaced(res, num_examples=1)) for proxy, res in accepted]
         parameters, metrics = self.inner.aggregate_fit(server_round, uniform, failures)
         if parameters is None:
             return None, metrics
@@ -337,12 +338,9 @@ class GuardedStrategy(Strategy):
         return loss, metrics
 
 
-def _with_parameters(res: FitRes, parameters: Parameters) -> FitRes:
-    return FitRes(status=res.status, parameters=parameters, num_examples=res.num_examples, metrics=res.metrics)
-
-
-def _with_weight(res: FitRes, weight: int) -> FitRes:
-    return FitRes(status=res.status, parameters=res.parameters, num_examples=weight, metrics=res.metrics)
+def _replaced(res: FitRes, **changes: Any) -> FitRes:
+    """A copy of `res` with some fields changed (FitRes is a plain dataclass; the original stays untouched)."""
+    return dataclasses.replace(res, **changes)
 
 
 def _failure_reason(failure: Any) -> str:
