@@ -6,7 +6,9 @@ Per model (default size, DP build = GroupNorm, random 48×48 grayscale input):
 - training images/s of one SGD step (forward, cross-entropy, backward, step): plain PyTorch, and under Opacus
   `PrivacyEngine.make_private` with grad_sample_mode "hooks" (Opacus's default and the client's), "functorch",
   "ghost" (ghost clipping: per-sample gradient norms without per-sample gradients where Opacus knows how: Linear)
-  and "ew" (torch's ExpandedWeights); DP/plain is the throughput ratio, 1.0 meaning DP is free.
+  and "ew" (torch's ExpandedWeights); and "bk", our book-keeping clipping (privacy/bookkeeping.py: one backward
+  pass, clipped sum formed from the recorded activations and output gradients) with Opacus's ghost-clipping
+  optimizer adding the noise. DP/plain is the throughput ratio, 1.0 meaning DP is free.
 Every figure is the median over timed repetitions after warm-up. The machine's load average is recorded, because
 on a shared 2-core machine other processes' work shows up as slower figures.
 
@@ -39,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from models import complexity, create_model, list_models  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "bench_models.json"
-DP_MODES = ("hooks", "functorch", "ghost", "ew")
+DP_MODES = ("hooks", "functorch", "ghost", "ew", "bk")
 TRAIN_BATCH = {"dmsnet_heavy": 16}
 INFER_BATCHES = (1, 64)
 
@@ -85,7 +87,16 @@ def bench_train(name: str, mode: str | None, *, batch: int, timing: dict) -> flo
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     criterion: nn.Module = nn.CrossEntropyLoss()
     images, labels = _batch(batch)
-    if mode is not None:
+    if mode == "bk":
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+
+        from privacy.bookkeeping import BookKeepingLoss, BookKeepingModule
+
+        model = BookKeepingModule(model, max_grad_norm=1.0)
+        criterion = BookKeepingLoss(model, criterion)
+        optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
+                                                    expected_batch_size=batch)
+    elif mode is not None:
         from opacus import PrivacyEngine
 
         loader = DataLoader(TensorDataset(images, labels), batch_size=batch)

@@ -66,6 +66,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
+from privacy.bookkeeping import BookKeepingLoss, BookKeepingModule, release_bookkeeping_hooks
 from privacy.accounting import ACCOUNTANTS, calibrate_noise_multiplier, compute_epsilon, merge_history
 from privacy.ledger import BudgetExhausted, LedgerError, PrivacyLedger
 
@@ -81,7 +82,7 @@ __all__ = [
 ]
 
 # "ew" (expanded weights) is left out: it raises on the empty batches Poisson sampling produces.
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "bk")
 
 
 class PlanExceeded(RuntimeError):
@@ -268,6 +269,7 @@ def _release_stale_hooks(model: nn.Module) -> None:
     Opacus refuses to wrap a model twice, and a process that keeps its model between rounds (a
     simulation actor, a test) would otherwise fail from the second round on.
     """
+    release_bookkeeping_hooks(model)
     handles = getattr(model, "autograd_grad_sample_hooks", None)
     if handles is None:
         return
@@ -430,8 +432,9 @@ class DPClient:
             dataset: The client's training set, of ``dataset_size`` (image, label) items.
             plan: The plan :meth:`begin_round` just returned; each plan can be used once.
             criterion: Loss with mean reduction; ``nn.CrossEntropyLoss()`` when omitted.
-            grad_sample_mode: Opacus per-sample-gradient engine: ``"hooks"`` (default), ``"functorch"``
-                or ``"ghost"`` (ghost clipping: less memory; use the returned criterion).
+            grad_sample_mode: Per-sample-gradient engine: Opacus's ``"hooks"`` (default), ``"functorch"``
+                or ``"ghost"`` (ghost clipping: less memory), or ``"bk"`` (book-keeping clipping, one backward
+                pass: see :mod:`privacy.bookkeeping`). Ghost and bk need the returned criterion.
             num_workers: DataLoader worker processes.
 
         Returns:
@@ -462,13 +465,20 @@ class DPClient:
         self._used_plans.add(plan.ledger_seq)
 
         _release_stale_hooks(model)
-        extra = {"max_grad_norm": plan.max_grad_norm} if grad_sample_mode == "ghost" else {}
-        private_model = prepare_module(
-            model, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean", **extra
+        if grad_sample_mode == "bk":
+            # Each backward pass replaces .grad with one batch's clipped sum, so batches cannot accumulate.
+            private_model = BookKeepingModule(model, max_grad_norm=plan.max_grad_norm)
+        else:
+            extra = {"max_grad_norm": plan.max_grad_norm} if grad_sample_mode == "ghost" else {}
+            private_model = prepare_module(
+                model, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean", **extra
+            )
+            # Poisson sampling composes one batch per step; accumulating several would break the accounting.
+            private_model.forbid_grad_accumulation()
+        # bk hands over the same clipped sum as ghost clipping, so it shares ghost's noise-adding optimizer.
+        optimizer_class = get_optimizer_class(
+            clipping="flat", distributed=False, grad_sample_mode="ghost" if grad_sample_mode == "bk" else grad_sample_mode
         )
-        # Poisson sampling composes one batch per step; accumulating several would break the accounting.
-        private_model.forbid_grad_accumulation()
-        optimizer_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=grad_sample_mode)
         if self._secure_random is not None:
             optimizer_class = _secure_optimizer_class(optimizer_class)
         private_optimizer = optimizer_class(
@@ -491,6 +501,8 @@ class DPClient:
         )
         if grad_sample_mode == "ghost":
             criterion = DPLossFastGradientClipping(private_model, private_optimizer, criterion, "mean")
+        elif grad_sample_mode == "bk":
+            criterion = BookKeepingLoss(private_model, criterion)
         # The accountant resumes from every round charged before this one.
         self._accountant.history = merge_history(self._ledger.history[:-1])
         return PrivateTraining(model=private_model, optimizer=private_optimizer, loader=loader, criterion=criterion)

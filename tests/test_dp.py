@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from privacy.accounting import calibrate_noise_multiplier, compute_epsilon
-from privacy.dp import DPClient, DPSettings, PlanExceeded, _SecureRandom
+from privacy.dp import GRAD_SAMPLE_MODES, DPClient, DPSettings, PlanExceeded, _SecureRandom
 from privacy.ledger import PrivacyLedger, generate_key_file
 
 DELTA = 1e-5
@@ -342,7 +342,7 @@ def test_secure_random_is_gaussian_and_independent_of_torch_seed():
     assert not torch.equal(first, other)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
 def test_every_grad_sample_mode_trains_the_charged_steps(tmp_path, mode):
     """Each supported per-sample-gradient engine trains the plan's steps and changes the weights."""
     # Prepare
@@ -369,7 +369,7 @@ def test_every_grad_sample_mode_trains_the_charged_steps(tmp_path, mode):
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_one_model_object_serves_consecutive_rounds(tmp_path, mode):
     """Wrapping the same model in round 2 replaces round 1's hooks instead of failing or doubling them."""
     # Prepare
@@ -391,4 +391,6 @@ def test_one_model_object_serves_consecutive_rounds(tmp_path, mode):
 
     # Assert
     assert steps == [plan.steps, plan.steps]
-    assert len(model.autograd_grad_sample_hooks) == 2 * sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+    linear_layers = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+    hooks = model._bookkeeping_hooks if mode == "bk" else model.autograd_grad_sample_hooks
+    assert len(hooks) == 2 * linear_layers

@@ -1,0 +1,187 @@
+"""Book-keeping clipping (privacy.bookkeeping): the clipped per-sample gradient sum, against an explicit per-sample
+loop and against Opacus's ghost clipping, for every registered model; plus what it must leave untouched."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from models import create_model, list_models
+from privacy.bookkeeping import BookKeepingLoss, BookKeepingModule, supports_bookkeeping
+
+# Small builds of each registered model, as in tests/test_models.py.
+SMALL_CFG = {
+    "cnn_am": {"width": 0.25},
+    "dmsnet_heavy": {"width": 0.125},
+    "dmsnet_light": {"width": 0.125},
+    "dmsnet_iot": {"width": 0.5},
+}
+NUM_CLASSES = 5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: a second intra-op thread only adds contention on the 2-core CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _make_model(name: str = "cnn_am", *, seed: int = 0) -> nn.Module:
+    """A float64 DP build without dropout (micro-batches would draw other dropout masks)."""
+    torch.manual_seed(seed)
+    return create_model(name, num_classes=NUM_CLASSES, dp=True, drop_rate=0.0, **SMALL_CFG[name]).double().train()
+
+
+def _make_batch(size: int = 4, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(size, 1, 48, 48, generator=generator, dtype=torch.float64)
+    return images, torch.randint(0, NUM_CLASSES, (size,), generator=generator)
+
+
+def _per_sample_reference(model: nn.Module, images, labels, *, max_grad_norm: float):
+    """Clipped sum and norms from one sample at a time: the definition, computed independently."""
+    norms, total = [], [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(len(labels)):
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(images[i : i + 1]), labels[i : i + 1], reduction="sum").backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        norms.append(norm)
+        factor = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+        for acc, grad in zip(total, grads):
+            acc.add_(factor * grad)
+    model.zero_grad(set_to_none=True)
+    return total, torch.stack(norms)
+
+
+def _bookkeeping_step(model: nn.Module, images, labels, *, max_grad_norm: float) -> BookKeepingModule:
+    wrapped = BookKeepingModule(model, max_grad_norm=max_grad_norm)
+    BookKeepingLoss(wrapped, nn.CrossEntropyLoss())(wrapped(images), labels).backward()
+    return wrapped
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_clipped_sum_equals_the_per_sample_loop(name):
+    """For every registered model the book-kept gradient is sum_i min(1, C/||g_i||) g_i, to float64 precision."""
+    # Prepare: C between the smallest and largest norm, so some samples are clipped and some are not
+    model = _make_model(name)
+    images, labels = _make_batch()
+    _, norms = _per_sample_reference(model, images, labels, max_grad_norm=1.0)
+    max_grad_norm = float(norms.median())
+    expected, expected_norms = _per_sample_reference(model, images, labels, max_grad_norm=max_grad_norm)
+
+    # Execute
+    wrapped = _bookkeeping_step(model, images, labels, max_grad_norm=max_grad_norm)
+
+    # Assert
+    assert supports_bookkeeping(model)
+    torch.testing.assert_close(wrapped.per_sample_gradient_norms, expected_norms, rtol=1e-9, atol=1e-12)
+    for param, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(param.grad, want, rtol=1e-8, atol=1e-12)
+
+
+def test_clipped_sum_equals_opacus_ghost_clipping():
+    """CNN-AM: the same clipped sum Opacus's ghost clipping hands its optimizer (an independent implementation)."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    # Prepare
+    images, labels = _make_batch(6, seed=1)
+    ours, theirs = _make_model(seed=3), _make_model(seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns that secure_mode is off
+        ghost = GradSampleModuleFastGradientClipping(theirs, max_grad_norm=0.5, use_ghost_clipping=True,
+                                                     loss_reduction="mean")
+        optimizer = DPOptimizerFastGradientClipping(torch.optim.SGD(theirs.parameters(), lr=0.1),
+                                                    noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=6)
+        criterion = DPLossFastGradientClipping(ghost, optimizer, nn.CrossEntropyLoss(), "mean")
+
+        # Execute
+        criterion(ghost(images), labels).backward()
+        _bookkeeping_step(ours, images, labels, max_grad_norm=0.5)
+
+    # Assert
+    for mine, reference in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-7, atol=1e-12)
+
+
+def test_parameters_take_part_in_backward_again_after_each_step():
+    """Parameters left out of the backward pass are handed back: after a step, after a forward without backward,
+    and after a forward that raised."""
+    # Prepare
+    model = _make_model()
+    images, labels = _make_batch()
+    wrapped = BookKeepingModule(model, max_grad_norm=1.0)
+    loss = BookKeepingLoss(wrapped, nn.CrossEntropyLoss())
+
+    # Execute / Assert: a full step
+    loss(wrapped(images), labels).backward()
+    assert all(p.requires_grad for p in model.parameters())
+    # a forward pass never backpropagated, then the next forward pass
+    wrapped(images)
+    assert not all(p.requires_grad for p in model.parameters())
+    wrapped(images[:2])
+    wrapped.remove_hooks()
+    assert all(p.requires_grad for p in model.parameters())
+    # a forward pass that raises (CNN-AM refuses another input size)
+    wrapped = BookKeepingModule(model, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="built for 48"):
+        wrapped(torch.randn(2, 1, 40, 40, dtype=torch.float64))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_empty_batch_gives_zero_gradients():
+    """A Poisson batch can be empty: every gradient is then exactly zero (the optimizer still adds its noise)."""
+    # Prepare
+    model = _make_model()
+    images, labels = _make_batch()
+
+    # Execute
+    _bookkeeping_step(model, images[:0], labels[:0], max_grad_norm=1.0)
+
+    # Assert
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+def test_eval_mode_and_no_grad_record_nothing():
+    """Evaluation passes leave no records behind and freeze no parameter."""
+    # Prepare
+    model = _make_model()
+    wrapped = BookKeepingModule(model, max_grad_norm=1.0)
+    images, _ = _make_batch()
+
+    # Execute
+    with torch.no_grad():
+        wrapped(images)
+    wrapped.eval()
+    wrapped(images)
+
+    # Assert
+    assert all(not state.records for state in wrapped._layers.values())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_layer_without_a_per_sample_rule_is_refused():
+    """A trainable layer type with neither a Linear rule nor an Opacus grad sampler is named in a ValueError."""
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.gain
+
+    # Prepare
+    model = nn.Sequential(nn.Linear(4, 4), Scale())
+
+    # Execute / Assert
+    assert not supports_bookkeeping(model)
+    with pytest.raises(ValueError, match="no per-sample rule for: Scale"):
+        BookKeepingModule(model, max_grad_norm=1.0)
