@@ -35,7 +35,8 @@ class ModelInfo:
         paper_flops: FLOPs the paper reports, if any, as the paper labels them (FER papers count multiply-adds).
         paper_fps: frames per second the paper reports, if any.
         deviation: one line on where this implementation differs from the paper's figures or text, and why.
-        dp_engine: the Opacus `grad_sample_mode` DP-SGD training uses for this model: the fastest one that
+        dp_engine: the per-sample-gradient engine DP-SGD training uses for this model (an Opacus
+            `grad_sample_mode`, or "bk" for privacy.bookkeeping): the fastest one that
             `benchmarks/bench_models.py` measured for it (results in docs/benchmarks.md).
         default_cfg: the options (cfg) the default build uses.
     """

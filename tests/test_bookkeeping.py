@@ -185,3 +185,18 @@ def test_layer_without_a_per_sample_rule_is_refused():
     assert not supports_bookkeeping(model)
     with pytest.raises(ValueError, match="no per-sample rule for: Scale"):
         BookKeepingModule(model, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_each_models_dp_engine_is_one_the_client_can_open(name):
+    """The engine a model's registry entry names is a known one, and bk only where every layer has a rule."""
+    from models import model_info
+    from privacy.dp import GRAD_SAMPLE_MODES
+
+    # Prepare / Execute
+    engine = model_info(name)["dp_engine"]
+
+    # Assert
+    assert engine in GRAD_SAMPLE_MODES
+    if engine == "bk":
+        assert supports_bookkeeping(_make_model(name))
