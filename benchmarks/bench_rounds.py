@@ -99,13 +99,16 @@ def clientapp_overheads(*, model: str, repeats: int) -> dict:
     """What one ClientApp message costs besides training, each part in a fresh process as Flower runs it."""
     probes = {
         "interpreter": "pass",
+        # What a SecAgg+ key-exchange or unmask message costs a node: the ClientApp component without torch.
+        "import_clientapp_component": "import simulation.apps",
         "import_torch_flwr_app": "import torch, flwr; import client.client_app; import privacy.secagg",
         "import_and_load_data": (
             "import client.client_app\nfrom client.node_data import load_node_data\n"
             f"load_node_data(spec='{DATASET}', client_id='x', image_size=48, seed=42, test_fraction=0.2)"
         ),
         "import_load_and_train_1_epoch": (
-            "import torch\nfrom client.client_app import FerClient, NodeSetup\nfrom client.config import RunSettings\n"
+            "import torch\nfrom client.client_app import NodeSetup\nfrom client.trainer import FerClient\n"
+            "from client.config import RunSettings\n"
             "from client.node_data import load_node_data\nfrom client import task\nfrom models import create_model\n"
             f"s = RunSettings(model='{model}', batch_size=16, local_epochs=1)\n"
             f"d = load_node_data(spec='{DATASET}', client_id='x', image_size=48, seed=42, test_fraction=0.2)\n"

@@ -11,8 +11,9 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import bound_update, make_client_app
+from client.client_app import make_client_app
 from client.config import RunSettings
+from client.trainer import bound_update
 from server.server_app import initial_weights
 
 SETTINGS = RunSettings(dataset="synthetic=280", model="cnn_am", local_epochs=1, batch_size=32, out_dir="unused")
@@ -68,6 +69,22 @@ def test_evaluate_message_reports_accuracy_on_the_local_test_split(tmp_path):
     evalres = compat.recorddict_to_evaluateres(reply.content)
     assert evalres.num_examples == 56  # synthetic test split = N // 5
     assert 0.0 <= evalres.metrics["accuracy"] <= 1.0
+
+
+def test_clientapp_component_loads_without_torch():
+    """The ClientApp Flower loads for every message imports no torch (nor the ServerApp): SecAgg+'s protocol
+    stages, which never reach the training client, start that much faster in a fresh process."""
+    import subprocess
+    import sys
+
+    # Prepare
+    probe = "import sys, simulation.apps; print(sorted(m for m in ('torch', 'server.server_app') if m in sys.modules))"
+
+    # Execute
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+
+    # Assert
+    assert result.stdout.strip() == "[]"
 
 
 def test_bound_update_scales_to_the_norm_and_refuses_non_finite():
