@@ -9,8 +9,9 @@ Per model (default size, DP build = GroupNorm, random 48×48 grayscale input):
   and "ew" (torch's ExpandedWeights); and "bk", our book-keeping clipping (privacy/bookkeeping.py: one backward
   pass, clipped sum formed from the recorded activations and output gradients) with Opacus's ghost-clipping
   optimizer adding the noise. DP/plain is the throughput ratio, 1.0 meaning DP is free.
-Every figure is the median over timed repetitions after warm-up. The machine's load average is recorded, because
-on a shared 2-core machine other processes' work shows up as slower figures.
+Training engines are timed in turns (each engine once per turn, 3 turns, median), so a slow spell of the shared
+machine hits every engine alike; each timing is the median over repetitions after warm-up. The load average is
+recorded, because on a shared 2-core machine other processes' work shows up as slower figures.
 
 DMSNet-heavy trains at batch 16 (its per-sample gradients at batch 64 would take ~6 GB); everything else at 64.
 
@@ -80,8 +81,9 @@ def bench_inference(name: str, *, timing: dict) -> dict[str, float]:
     return out
 
 
-def bench_train(name: str, mode: str | None, *, batch: int, timing: dict) -> float:
-    """Images/s of SGD steps; `mode` None is plain PyTorch, otherwise an Opacus grad_sample_mode."""
+def make_train_step(name: str, mode: str | None, *, batch: int):
+    """One SGD step (forward, loss, backward, step) as a callable; `mode` None is plain PyTorch, "bk" our
+    book-keeping clipping, anything else an Opacus grad_sample_mode."""
     torch.manual_seed(0)
     model = create_model(name, dp=True).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -116,11 +118,34 @@ def bench_train(name: str, mode: str | None, *, batch: int, timing: dict) -> flo
         loss.backward()
         optimizer.step()
 
-    return batch / _timed(step, **timing)
+    return step
+
+
+def bench_train(name: str, modes: list[str | None], *, batch: int, timing: dict, rounds: int) -> tuple[dict, dict]:
+    """Images/s of each engine's SGD steps, timed in turns so that a slow spell of the shared machine hits every
+    engine alike: `rounds` turns, each engine timed once per turn, median over the turns.
+
+    Returns the images/s by engine ("plain" for None) and the errors of engines that cannot train this model.
+    """
+    steps, errors = {}, {}
+    for mode in modes:
+        key = mode or "plain"
+        try:
+            steps[key] = make_train_step(name, mode, batch=batch)
+            steps[key]()  # an engine that fails, fails here
+        except Exception as err:  # noqa: BLE001 - an engine that cannot run this model is a result too
+            steps.pop(key, None)
+            errors[key] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    per_turn: dict[str, list[float]] = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, step in steps.items():
+            per_turn[key].append(batch / _timed(step, **timing))
+    return {key: statistics.median(values) for key, values in per_turn.items()}, errors
 
 
 def run(models: list[str], modes: list[str], *, quick: bool) -> dict:
     timing = {"warmup": 1 if quick else 2, "min_reps": 2 if quick else 3, "min_seconds": 0.5 if quick else 2.0}
+    turns = 1 if quick else 3
     load_at_start = _load_average()
     rows = []
     for name in models:
@@ -130,14 +155,9 @@ def run(models: list[str], modes: list[str], *, quick: bool) -> dict:
         row = {
             "model": name, "params": cost["params"], "macs_48": cost["macs"], "train_batch": batch,
             "infer_images_per_s": bench_inference(name, timing=timing),
-            "train_images_per_s": {"plain": bench_train(name, None, batch=batch, timing=timing)},
-            "errors": {},
         }
-        for mode in modes:
-            try:
-                row["train_images_per_s"][mode] = bench_train(name, mode, batch=batch, timing=timing)
-            except Exception as err:  # noqa: BLE001 - an engine that cannot run this model is a result too
-                row["errors"][mode] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        row["train_images_per_s"], row["errors"] = bench_train(name, [None, *modes], batch=batch, timing=timing,
+                                                              rounds=turns)
         plain = row["train_images_per_s"]["plain"]
         row["dp_over_plain"] = {m: v / plain for m, v in row["train_images_per_s"].items() if m != "plain"}
         if row["dp_over_plain"]:

@@ -52,7 +52,7 @@ def setup_from_node_config(context: Context, settings: RunSettings) -> NodeSetup
         data=data,
         profile=profile_name or "default",
         local_epochs=profile.local_epochs if profile else settings.local_epochs,
-        batch_size=profile.batch_size if profile else settings.batch_size,
+        batch_size=profile.batch_size if profile else settings.train_batch_size,
         state_dir=state_dir,
     )
 

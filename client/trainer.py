@@ -83,7 +83,7 @@ class FerClient(NumPyClient):
             shuffle=True,
             generator=torch.Generator().manual_seed(seed),
         )
-        optimizer = task.make_optimizer(model, name=self.settings.optimizer, lr=self.settings.lr)
+        optimizer = task.make_optimizer(model, name=self.settings.train_optimizer, lr=self.settings.train_lr)
         privacy: dict = {}
         if self.settings.dp_enabled:
             result, privacy = self._fit_private(model, optimizer, dataset, server_round)

@@ -26,6 +26,21 @@ MaxGradNormOpt = Annotated[
     float | None,
     typer.Option("--max-grad-norm", help="DP-SGD per-sample gradient clipping norm.", rich_help_panel=_PANEL),
 ]
+DpOptimizerOpt = Annotated[
+    str | None,
+    typer.Option("--dp-optimizer", help="Local optimiser under DP-SGD: sgd (default, momentum 0.9) | adam.",
+                 rich_help_panel=_PANEL),
+]
+DpLrOpt = Annotated[
+    float | None,
+    typer.Option("--dp-lr", help="Local learning rate under DP-SGD (--lr is the non-private one).",
+                 rich_help_panel=_PANEL),
+]
+DpBatchSizeOpt = Annotated[
+    int | None,
+    typer.Option("--dp-batch-size", help="Expected (Poisson) batch size under DP-SGD (--batch-size is the "
+                 "non-private one).", rich_help_panel=_PANEL),
+]
 AccountantOpt = Annotated[
     str | None, typer.Option("--accountant", help="rdp (default) | prv.", rich_help_panel=_PANEL)
 ]
@@ -60,6 +75,9 @@ def privacy_overrides(
     dp_delta: float | None,
     max_grad_norm: float | None,
     accountant: str | None,
+    dp_optimizer: str | None = None,
+    dp_lr: float | None = None,
+    dp_batch_size: int | None = None,
     secure_agg: bool | None,
     secagg_shares: int | None,
     secagg_threshold: int | None,
@@ -72,6 +90,9 @@ def privacy_overrides(
         "dp-delta": dp_delta,
         "max-grad-norm": max_grad_norm,
         "accountant": accountant,
+        "dp-optimizer": dp_optimizer,
+        "dp-lr": dp_lr,
+        "dp-batch-size": dp_batch_size,
         "secure-agg": secure_agg,
         "secagg-shares": secagg_shares,
         "secagg-threshold": secagg_threshold,

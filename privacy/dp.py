@@ -476,9 +476,8 @@ class DPClient:
             # Poisson sampling composes one batch per step; accumulating several would break the accounting.
             private_model.forbid_grad_accumulation()
         # bk hands over the same clipped sum as ghost clipping, so it shares ghost's noise-adding optimizer.
-        optimizer_class = get_optimizer_class(
-            clipping="flat", distributed=False, grad_sample_mode="ghost" if grad_sample_mode == "bk" else grad_sample_mode
-        )
+        engine = "ghost" if grad_sample_mode == "bk" else grad_sample_mode
+        optimizer_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=engine)
         if self._secure_random is not None:
             optimizer_class = _secure_optimizer_class(optimizer_class)
         private_optimizer = optimizer_class(

@@ -115,6 +115,6 @@ def simulated_setup(context: Context, settings: RunSettings) -> NodeSetup:
         data=data,
         profile=profile.name if profile else "default",
         local_epochs=profile.local_epochs if profile else settings.local_epochs,
-        batch_size=profile.batch_size if profile else settings.batch_size,
+        batch_size=profile.batch_size if profile else settings.train_batch_size,
         state_dir=Path(settings.out_dir) / "clients" / plan.client_id,
     )

@@ -139,7 +139,8 @@ def test_fer_sim_run_passes_every_privacy_option_to_the_settings(monkeypatch, tm
     monkeypatch.setattr(run_cmd, "execute", lambda settings, **_: seen.setdefault("s", settings) and {
         "final_accuracy": 0.0, "best_accuracy": 0.0, "rounds": 0, "seconds": 0.0})
     args = ["run", "--out", str(tmp_path / "r"), "--dp-epsilon", "3", "--dp-delta", "1e-6", "--max-grad-norm", "0.7",
-            "--accountant", "prv", "--secure-agg", "--secagg-shares", "4", "--secagg-threshold", "3",
+            "--accountant", "prv", "--dp-optimizer", "adam", "--dp-lr", "0.01", "--dp-batch-size", "64",
+            "--secure-agg", "--secagg-shares", "4", "--secagg-threshold", "3",
             "--central-dp-noise", "0.9", "--central-clip", "0.5"]
 
     main._register()
@@ -148,6 +149,7 @@ def test_fer_sim_run_passes_every_privacy_option_to_the_settings(monkeypatch, tm
     assert exit_code == 0
     s = seen["s"]
     assert (s.dp_epsilon, s.dp_delta, s.max_grad_norm, s.accountant) == (3.0, 1e-6, 0.7, "prv")
+    assert (s.dp_optimizer, s.dp_lr, s.dp_batch_size) == ("adam", 0.01, 64)
     assert (s.secure_agg, s.secagg_shares, s.secagg_threshold) == (True, 4, 3)
     assert (s.central_dp_noise, s.central_clip) == (0.9, 0.5)
 

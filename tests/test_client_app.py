@@ -108,15 +108,18 @@ def test_private_training_spends_budget_cumulatively_across_train_messages(tmp_p
     app = make_client_app()
     weights = initial_weights(settings)
 
-    spent = []
+    spent, sample_rates = [], []
     for server_round in (1, 2):
         reply = app(_make_message("train", weights, {"server-round": server_round, "proximal-mu": 0.0}), context)
         assert not reply.has_error(), reply.error if reply.has_error() else ""
         fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
         assert all(np.all(np.isfinite(d)) for d in parameters_to_ndarrays(fitres.parameters))
         spent.append(fitres.metrics["dp-epsilon_spent"])
+        sample_rates.append(fitres.metrics["dp-sample_rate"] * fitres.num_examples)
 
     assert 0 < spent[0] < spent[1] <= 8.0
+    # Poisson batches of dp-batch-size (128) expected, not the non-private batch-size (32)
+    assert sample_rates == pytest.approx([settings.dp_batch_size] * 2)
     assert not (tmp_path / "released-update.npz").exists()  # simulated nodes keep no individual update
 
 

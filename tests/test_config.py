@@ -42,6 +42,9 @@ def test_round_trip_through_run_config():
         ({"alpha": -1.0}, "alpha"),
         ({"secure-agg": True, "strategy": "krum"}, "secure-agg"),
         ({"secure-agg": "maybe"}, "secure-agg"),
+        ({"dp-lr": 0.0}, "dp-lr"),
+        ({"dp-optimizer": "rmsprop"}, "dp-optimizer"),
+        ({"dp-batch-size": 0}, "dp-batch-size"),
     ],
 )
 def test_invalid_values_name_the_key(run_config, names):
@@ -60,3 +63,14 @@ def test_string_booleans_and_integral_floats_are_coerced():
     assert settings.secure_agg is True
     assert settings.num_server_rounds == 3
     assert settings.lr == pytest.approx(0.01)
+
+
+def test_dp_runs_train_with_the_dp_recipe_and_plain_runs_with_their_own():
+    """Under dp-epsilon clients use dp-optimizer / dp-lr / dp-batch-size; without it optimizer / lr / batch-size."""
+    # Prepare
+    plain = RunSettings(optimizer="adam", lr=3e-4, batch_size=32, dp_optimizer="sgd", dp_lr=0.05, dp_batch_size=128)
+    private = plain.replace(dp_epsilon=3.0)
+
+    # Execute / Assert
+    assert (plain.train_optimizer, plain.train_lr, plain.train_batch_size) == ("adam", 3e-4, 32)
+    assert (private.train_optimizer, private.train_lr, private.train_batch_size) == ("sgd", 0.05, 128)
