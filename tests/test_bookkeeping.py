@@ -11,24 +11,11 @@ from torch import nn
 
 from models import create_model, list_models
 from privacy.bookkeeping import BookKeepingLoss, BookKeepingModule, supports_bookkeeping
+from tests.model_builds import SMALL_CFG
 
-# Small builds of each registered model, as in tests/test_models.py.
-SMALL_CFG = {
-    "cnn_am": {"width": 0.25},
-    "dmsnet_heavy": {"width": 0.125},
-    "dmsnet_light": {"width": 0.125},
-    "dmsnet_iot": {"width": 0.5},
-}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 NUM_CLASSES = 5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: a second intra-op thread only adds contention on the 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _make_model(name: str = "cnn_am", *, seed: int = 0) -> nn.Module:

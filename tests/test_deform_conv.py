@@ -13,13 +13,7 @@ from torch import nn
 
 from models.layers import DeformConv2d, bilinear_sample_taps
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids contention on the shared 2-core machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 GEOMETRIES = [  # (stride, padding, dilation)

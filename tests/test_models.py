@@ -25,13 +25,8 @@ from models import (
 from models.backbones import resnet50_backbone, vgg16_backbone
 from models.layers import batch_norm
 
-# Small builds so the whole registry runs in seconds; every registered model must have one (see the test below).
-SMALL_CFG = {
-    "cnn_am": {"width": 0.25},
-    "dmsnet_heavy": {"width": 0.125},
-    "dmsnet_light": {"width": 0.125},
-    "dmsnet_iot": {"width": 0.5},
-}
+from tests.model_builds import SMALL_CFG
+
 NUM_CLASSES = 5
 
 

@@ -13,6 +13,8 @@ from client.data.preprocess import standardize
 from client.data.synthetic import make_synthetic
 from models import create_model, list_models
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TRAIN_SIZE = 1050
 TEST_SIZE = 700
 CHANCE = 1 / 7
@@ -27,15 +29,6 @@ RECIPES = {
     "dmsnet_heavy": ({"width": 0.125, "depths": (1, 1, 1, 1)}, 4, 1e-3, 0.20),
     "dmsnet_light": ({"width": 0.125, "depths": (1, 1, 1, 1, 1)}, 5, 1e-3, 0.20),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one intra-op thread is as fast and does not fight the other tests for the 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
