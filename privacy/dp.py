@@ -66,8 +66,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
-from privacy.bookkeeping import BookKeepingLoss, BookKeepingModule, release_bookkeeping_hooks
 from privacy.accounting import ACCOUNTANTS, calibrate_noise_multiplier, compute_epsilon, merge_history
+from privacy.bookkeeping import BookKeepingLoss, BookKeepingModule, release_bookkeeping_hooks
 from privacy.ledger import BudgetExhausted, LedgerError, PrivacyLedger
 
 __all__ = [
