@@ -47,10 +47,15 @@ def release_bookkeeping_hooks(model: nn.Module) -> None:
         delattr(model, _HANDLES_ATTR)
 
 
+def _layers_without_a_rule(model: nn.Module) -> list[str]:
+    """Names of the trainable layer types Opacus has no per-sample gradient function for (Linear has one)."""
+    return sorted({type(layer).__name__ for layer in _trainable_layers(model)
+                   if type(layer) not in GradSampleModule.GRAD_SAMPLERS})
+
+
 def supports_bookkeeping(model: nn.Module) -> bool:
-    """Whether every layer holding trainable parameters has a per-sample rule (Linear, or an Opacus grad sampler)."""
-    return all(type(layer) is nn.Linear or type(layer) in GradSampleModule.GRAD_SAMPLERS
-               for layer in _trainable_layers(model))
+    """Whether every layer holding trainable parameters has a per-sample rule (an Opacus grad sampler)."""
+    return not _layers_without_a_rule(model)
 
 
 @dataclass
@@ -78,8 +83,7 @@ class BookKeepingModule(nn.Module):
         super().__init__()
         if max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-        unsupported = sorted({type(layer).__name__ for layer in _trainable_layers(module)
-                              if not (type(layer) is nn.Linear or type(layer) in GradSampleModule.GRAD_SAMPLERS)})
+        unsupported = _layers_without_a_rule(module)
         if unsupported:
             raise ValueError(f"book-keeping clipping has no per-sample rule for: {', '.join(unsupported)}")
         release_bookkeeping_hooks(module)
@@ -216,9 +220,7 @@ def _linear_flat_clipped_sum(layer: nn.Linear, record: _Record, coefficients: to
 
 def _per_sample_gradients(layer: nn.Module, records: list[_Record]) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of one layer, summed over its calls in the step (Opacus's registered functions)."""
-    sampler: Callable = GradSampleModule.GRAD_SAMPLERS.get(type(layer))
-    if sampler is None:  # a Linear on sequences, or called more than once
-        from opacus.grad_sample.linear import compute_linear_grad_sample as sampler
+    sampler: Callable = GradSampleModule.GRAD_SAMPLERS[type(layer)]
     total: dict[nn.Parameter, torch.Tensor] = {}
     for record in records:
         for param, grad in sampler(layer, [record.activation], record.backprop).items():
