@@ -75,6 +75,7 @@ def make_signing_key(*, out_dir: Path) -> SigningFiles:
     from server.certs import write_private, write_public
 
     files = SigningFiles.in_dir(out_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     key = ed25519.Ed25519PrivateKey.generate()
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()

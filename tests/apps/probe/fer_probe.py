@@ -1,5 +1,5 @@
 """The probe app (see pyproject.toml): the ServerApp sends one query to every node; the ClientApp writes
-`<marker-dir>/ran-<run id>-<label>` on the node and replies."""
+`<state-dir>/ran-<run id>-<label>` on the node (state-dir: the node config key fer-client sets) and replies."""
 
 import time
 from pathlib import Path
@@ -27,5 +27,5 @@ def main(grid: Grid, context: Context) -> None:
 @client.query()
 def answer(msg: Message, context: Context) -> Message:
     label = str(context.run_config["label"])
-    Path(str(context.node_config["marker-dir"]), f"ran-{context.run_id}-{label}").write_text("ran")
+    Path(str(context.node_config["state-dir"]), f"ran-{context.run_id}-{label}").write_text("ran")
     return Message(RecordDict({"r": ConfigRecord({"ok": 1})}), reply_to=msg)
