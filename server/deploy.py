@@ -6,8 +6,10 @@ FABs it unpacks) lives under one *state directory*, with FLWR_HOME pointed there
 home directory and two coordinators on one machine never see each other's state.
 
 Security defaults: TLS on and SuperNode authentication on (only enrolled public keys may join); runtime
-installation of app dependencies off (a submitted app cannot pip-install on the coordinator). `insecure=True`
-turns both TLS and node authentication off, because Flower cannot authenticate nodes over plaintext.
+installation of app dependencies off (a submitted app cannot pip-install on the coordinator); the Control and
+Runtime APIs only for this machine's fer-server, with a token issued at each start (server/control_guard.py);
+submitted FABs signed with the coordinator's key (server/fab_signing.py). `insecure=True` turns both TLS and node
+authentication off, because Flower cannot authenticate nodes over plaintext; the token guard stays on.
 """
 
 from __future__ import annotations

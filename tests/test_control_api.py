@@ -34,6 +34,7 @@ from server.control_guard import (
 )
 from server.deploy import CONNECTION, SuperLink, SuperLinkSettings, TlsFiles, flower_env, flower_script
 from server.fab_signing import load_signing_key, make_signing_key, sign_fab
+from tests.control_client import control_client
 
 PROBE = Path(__file__).parent / "apps" / "probe"
 
@@ -72,28 +73,9 @@ def coordinator(tmp_path_factory):
         link.stop()
 
 
-class _Bearer:
-    """An HTTP interceptor that sends `Authorization: Bearer <token>`."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    def intercept(self, context, call_next):
-        context.request.headers["Authorization"] = f"Bearer {self.token}"
-        return call_next(context)
-
-
 def _control(coordinator: Coordinator, *, token: str | None = None):
     """A Flower Control API client in this (another) process, trusting the coordinator's CA."""
-    from flwr.supercore.control import ControlHttpClient
-    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
-
-    interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr CLI")]
-    if token is not None:
-        interceptors.append(_Bearer(token))
-    return ControlHttpClient.from_server_address(coordinator.address, insecure=False,
-                                                 root_certificates=coordinator.ca_cert.read_bytes(),
-                                                 interceptors=interceptors)
+    return control_client(coordinator.address, ca_cert=coordinator.ca_cert, token=token)
 
 
 def _status(call) -> int:

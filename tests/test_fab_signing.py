@@ -23,6 +23,7 @@ from server.certs import make_certificates
 from server.control_guard import TOKEN_FILE
 from server.deploy import SuperLink, SuperLinkSettings, TlsFiles
 from server.fab_signing import key_id, load_signing_key, make_signing_key, sign_fab
+from tests.control_client import control_client
 
 PROBE = Path(__file__).parent / "apps" / "probe"
 BIN = Path(sys.executable).parent
@@ -112,15 +113,6 @@ def test_fer_client_will_not_join_without_a_pinned_coordinator_key(tmp_path, set
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-class _Bearer:
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    def intercept(self, context, call_next):
-        context.request.headers["Authorization"] = f"Bearer {self.token}"
-        return call_next(context)
-
-
 def _wait_until_online(client, *, timeout: float) -> None:
     from flwr.proto.control_pb2 import ListNodesRequest
 
@@ -153,8 +145,6 @@ def test_a_site_refuses_fabs_its_coordinator_did_not_sign(tmp_path):
     from flwr.proto.fab_pb2 import Fab
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
-    from flwr.supercore.control import ControlHttpClient
-    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 
     coordinator, attacker = _keys(tmp_path)
     certs = tmp_path / "certs"
@@ -174,11 +164,8 @@ def test_a_site_refuses_fabs_its_coordinator_did_not_sign(tmp_path):
     link = SuperLink.start(SuperLinkSettings(state_dir=tmp_path / "srv", host="127.0.0.1", port=port, tls=tls))
 
     # Control calls go from this process with fer-server's token (each `flwr` call would be a process start).
-    client = ControlHttpClient.from_server_address(
-        f"127.0.0.1:{port}", insecure=False, root_certificates=(certs / "ca.crt").read_bytes(),
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
-                      _Bearer((tmp_path / "srv" / TOKEN_FILE).read_text())],
-    )
+    client = control_client(f"127.0.0.1:{port}", ca_cert=certs / "ca.crt",
+                            token=(tmp_path / "srv" / TOKEN_FILE).read_text())
     site = None
     try:
         client.RegisterNode(RegisterNodeRequest(
