@@ -155,6 +155,8 @@ class SuperNodeSettings:
         runtime_port: local port of the SuperNode's ClientApp API (distinct per node on one machine).
         isolation: Flower's ClientApp isolation mode (subprocess: one fresh process per message).
         max_retries: reconnect attempts before giving up (None: forever, so a restarted server is rejoined).
+        trusted_entities: the coordinator's trusted-entities.yaml; the SuperNode then runs only FABs that key
+            signed (Flower's `--trusted-entities`; see server/fab_signing.py).
     """
 
     superlink: str
@@ -166,6 +168,7 @@ class SuperNodeSettings:
     runtime_port: int = 9094
     isolation: str = "subprocess"
     max_retries: int | None = None
+    trusted_entities: Path | None = None
 
     def command(self) -> list[str]:
         """The `flower-supernode` command line."""
@@ -179,6 +182,8 @@ class SuperNodeSettings:
         ]
         if self.max_retries is not None:
             cmd += ["--max-retries", str(self.max_retries)]
+        if self.trusted_entities is not None:
+            cmd += ["--trusted-entities", str(self.trusted_entities)]
         if self.insecure:
             cmd.append("--insecure")
         else:

@@ -1,8 +1,11 @@
-"""TLS material for a deployment: a private certificate authority and a server certificate it signs.
+"""TLS material for a deployment: a private certificate authority and a server certificate it signs, plus the
+coordinator's FAB signing key.
 
 The SuperLink presents the server certificate; every SuperNode (and the `flwr` CLI `fer-server` drives) verifies it
-against the CA certificate, which is the only file the coordinator hands to sites. Keys are EC P-384 (what Flower's
-own node-authentication keys use too), and private keys are written with mode 0600 before any byte lands in them.
+against the CA certificate. Keys are EC P-384 (what Flower's own node-authentication keys use too), and private
+keys are written with mode 0600 before any byte lands in them. The FAB signing key is Ed25519 (the only kind
+Flower's SuperNode verifies FABs with; see server/fab_signing.py). The coordinator hands every site exactly two
+files: ca.crt and trusted-entities.yaml.
 """
 
 from __future__ import annotations
@@ -32,21 +35,26 @@ class CertificateFiles:
     ca_key: Path
     server_cert: Path
     server_key: Path
+    signing_key: Path
+    trusted_entities: Path
 
 
 def make_certificates(
     *, out_dir: Path, hosts: list[str], days: int = 365, organisation: str = "fer-fl", overwrite: bool = False
 ) -> CertificateFiles:
-    """Creates a CA and a server certificate valid for `hosts` (DNS names and/or IP addresses) in `out_dir`.
+    """Creates a CA and a server certificate valid for `hosts` (DNS names and/or IP addresses), and the FAB
+    signing key with its trusted-entities.yaml, in `out_dir`.
 
     Args:
-        out_dir: folder for ca.crt, ca.key, server.pem, server.key (created if missing).
+        out_dir: folder for ca.crt, ca.key, server.pem, server.key, fab-signing.key, trusted-entities.yaml
+            (created if missing).
         hosts: every name or address SuperNodes will dial; each becomes a subjectAltName (IP or DNS entry),
             because TLS clients check SANs, not the common name.
         days: validity of both certificates.
         organisation: the subject's O= field.
-        overwrite: replace existing files; by default an existing CA is never silently replaced, since every
-            site's copy of the old ca.crt would stop verifying the server.
+        overwrite: replace existing files; by default an existing CA or signing key is never silently replaced,
+            since every site's copy of the old ca.crt (trusted-entities.yaml) would stop verifying the server (its
+            FABs).
 
     Raises:
         ValueError: no hosts, a non-positive `days`, or files already there without `overwrite`.
@@ -55,12 +63,16 @@ def make_certificates(
         raise ValueError("give at least one host name or IP address for the server certificate")
     if days <= 0:
         raise ValueError(f"days must be positive, got {days}")
+    from server.fab_signing import SigningFiles, make_signing_key
+
     out_dir = Path(out_dir)
+    signing = SigningFiles.in_dir(out_dir)
     files = CertificateFiles(
         ca_cert=out_dir / CA_CERT, ca_key=out_dir / CA_KEY, server_cert=out_dir / SERVER_CERT,
-        server_key=out_dir / SERVER_KEY,
+        server_key=out_dir / SERVER_KEY, signing_key=signing.private_key, trusted_entities=signing.trusted_entities,
     )
-    existing = [p for p in (files.ca_cert, files.ca_key, files.server_cert, files.server_key) if p.exists()]
+    existing = [p for p in (files.ca_cert, files.ca_key, files.server_cert, files.server_key, files.signing_key,
+                            files.trusted_entities) if p.exists()]
     if existing and not overwrite:
         raise ValueError(f"{existing[0]} already exists; use --overwrite to replace the certificates")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +129,7 @@ def make_certificates(
     write_private(files.server_key, _pem_key(server_key))
     write_public(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
     write_public(files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    make_signing_key(out_dir=out_dir)
     return files
 
 

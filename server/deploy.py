@@ -6,8 +6,10 @@ FABs it unpacks) lives under one *state directory*, with FLWR_HOME pointed there
 home directory and two coordinators on one machine never see each other's state.
 
 Security defaults: TLS on and SuperNode authentication on (only enrolled public keys may join); runtime
-installation of app dependencies off (a submitted app cannot pip-install on the coordinator). `insecure=True`
-turns both TLS and node authentication off, because Flower cannot authenticate nodes over plaintext.
+installation of app dependencies off (a submitted app cannot pip-install on the coordinator); the Control and
+Runtime APIs only for this machine's fer-server, with a token issued at each start (server/control_guard.py);
+submitted FABs signed with the coordinator's key (server/fab_signing.py). `insecure=True` turns both TLS and node
+authentication off, because Flower cannot authenticate nodes over plaintext; the token guard stays on.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from client.deploy import descendants, free_port, stop_tree, wait_for_port  # noqa: F401
+from server.control_guard import TOKEN_FILE as CONTROL_TOKEN
+from server.control_guard import issue_control_token
+from server.fab_signing import SIGNING_KEY_ENV
 
 CONNECTION = "fer"
 DATABASE = "superlink.db"
@@ -38,20 +43,26 @@ class DeployError(RuntimeError):
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """The SuperLink's TLS material (see server.certs)."""
+    """The SuperLink's TLS material (see server.certs), and the FAB signing key with its public trusted-entities
+    file (server/fab_signing.py): fer-server signs the FABs it submits, the SuperLink refuses unsigned ones."""
 
     ca_cert: Path
     server_cert: Path
     server_key: Path
+    signing_key: Path | None = None
+    trusted_entities: Path | None = None
 
     @classmethod
     def from_dir(cls, certs_dir: Path) -> TlsFiles:
         """The files `fer-server certs` writes into `certs_dir`; raises DeployError naming a missing one."""
         from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+        from server.fab_signing import SigningFiles
 
         certs_dir = Path(certs_dir).resolve()
-        files = cls(certs_dir / CA_CERT, certs_dir / SERVER_CERT, certs_dir / SERVER_KEY)
-        for path in (files.ca_cert, files.server_cert, files.server_key):
+        signing = SigningFiles.in_dir(certs_dir)
+        files = cls(certs_dir / CA_CERT, certs_dir / SERVER_CERT, certs_dir / SERVER_KEY, signing.private_key,
+                    signing.trusted_entities)
+        for path in (files.ca_cert, files.server_cert, files.server_key, files.signing_key, files.trusted_entities):
             if not path.is_file():
                 raise DeployError(f"{path} not found; create certificates with `fer-server certs --out {certs_dir}`")
         return files
@@ -108,7 +119,11 @@ class SuperLinkSettings:
             "--port", str(self.port),
             "--database", str(Path(self.state_dir).resolve() / DATABASE),
             "--disable-runtime-dependency-installation",
+            # Only fer-server may use the Control API (server/control_guard.py); SuperLink.start writes the token.
+            "--fer-control-token", str(Path(self.state_dir).resolve() / CONTROL_TOKEN),
         ]
+        if self.tls is not None and self.tls.trusted_entities is not None and not self.insecure:
+            cmd += ["--fer-trusted-entities", str(self.tls.trusted_entities)]
         if self.insecure:
             cmd.append("--insecure")
         else:
@@ -145,9 +160,12 @@ class SuperLink:
     command started (enrol, list, revoke while `fer-server` runs).
     """
 
-    def __init__(self, *, state_dir: Path, process: subprocess.Popen | None = None) -> None:
+    def __init__(
+        self, *, state_dir: Path, process: subprocess.Popen | None = None, signing_key: Path | None = None
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.process = process
+        self.signing_key = signing_key
 
     @property
     def flwr_home(self) -> Path:
@@ -158,12 +176,13 @@ class SuperLink:
         """Starts `flower-superlink` and waits until its port answers; its output goes to state_dir/superlink.log."""
         state_dir = Path(settings.state_dir).resolve()
         state_dir.mkdir(parents=True, exist_ok=True)
-        link = cls(state_dir=state_dir)
+        link = cls(state_dir=state_dir, signing_key=settings.tls.signing_key if settings.tls else None)
         address = f"{settings.connect_host}:{settings.port}"
         write_flower_config(
             flwr_home=link.flwr_home, address=address,
             ca_cert=settings.tls.ca_cert if settings.tls else None, insecure=settings.insecure,
         )
+        issue_control_token(state_dir=state_dir, flwr_home=link.flwr_home, address=address)
         log = open(state_dir / LOG_FILE, "ab")  # noqa: SIM115 - the child owns it
         try:
             link.process = subprocess.Popen(
@@ -198,11 +217,15 @@ class SuperLink:
         Raises:
             DeployError: the command failed; the message is Flower's own one-line reason.
         """
-        cmd = [flower_script("flwr"), *args, "--format", "json"]
+        # Flower's `flwr`, signing the FAB `flwr run` builds with the coordinator's key (server/flwr_cli.py); the
+        # Control API token comes from the credentials SuperLink.start stored in flwr_home.
+        cmd = [sys.executable, "-m", "server.flwr_cli", *args, "--format", "json"]
+        env = flower_env(flwr_home=self.flwr_home)
+        if self.signing_key is not None:
+            env[SIGNING_KEY_ENV] = str(self.signing_key)
         try:
             done = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=timeout, env=flower_env(flwr_home=self.flwr_home),
-                stdin=subprocess.DEVNULL,
+                cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired:
             raise DeployError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s") from None

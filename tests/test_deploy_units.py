@@ -178,14 +178,12 @@ def test_superlink_entry_point_raises_flowers_sqlite_lock_wait(monkeypatch):
     """Our SuperLink entry point makes Flower's own pragma hook set busy_timeout to 120 s on a real connection."""
     import sqlite3
 
-    import flwr.superlink.cli as superlink_cli
     import flwr.supercore.sql_mixin as sql_mixin
 
     from server import superlink_main
 
     monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)  # restored after the test
-    monkeypatch.setattr(superlink_cli, "flower_superlink", lambda: None)
-    superlink_main.main()
+    superlink_main.raise_busy_timeout()
     connection = sqlite3.connect(":memory:")
 
     sql_mixin._set_sqlite_pragmas(connection, None)

@@ -26,6 +26,12 @@ def start(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="This site's data, KIND=PATH (or synthetic=N).")],
     ca_cert: Annotated[Path | None, typer.Option("--ca-cert", help="The coordinator's ca.crt.")] = None,
     key: Annotated[Path | None, typer.Option("--key", help="This node's private key (`fer-client keygen`).")] = None,
+    trusted_entities: Annotated[
+        Path | None,
+        typer.Option("--trusted-entities",
+                     help="The coordinator's trusted-entities.yaml (default: next to --ca-cert); only app bundles "
+                          "its key signed run here."),
+    ] = None,
     client_id: Annotated[str | None, typer.Option(help="Name in the coordinator's metrics (default: node id).")] = None,
     profile: Annotated[str | None, typer.Option(help="hospital | iot (local training effort).")] = None,
     state_dir: Annotated[Path, typer.Option(help="Privacy ledger, Flower home and log of this node.")] = Path(
@@ -69,6 +75,7 @@ def start(
     except DatasetError as err:
         raise click.ClickException(str(err)) from None
     typer.echo(f"data check: {described}")
+    trusted_entities = _trusted_entities(trusted_entities, ca_cert=ca_cert, insecure=insecure)
 
     state_dir = state_dir.resolve()
     node_config = {"dataset": _absolute_spec(dataset), "state-dir": str(state_dir)}
@@ -105,6 +112,7 @@ def start(
         runtime_port=runtime_port or free_port(),
         isolation=isolation,
         max_retries=max_retries,
+        trusted_entities=trusted_entities,
     )
     typer.echo(f"joining {server} as {client_id or 'this node'} (Ctrl-C leaves)")
     process = start_supernode(settings)
@@ -117,6 +125,27 @@ def start(
         raise
     if code != 0:
         raise click.ClickException(f"the SuperNode exited with code {code} (refused or unreachable server?)")
+
+
+def _trusted_entities(path: Path | None, *, ca_cert: Path | None, insecure: bool) -> Path | None:
+    """The trusted-entities file the SuperNode pins (client/trusted_entities.py): the option, else the one the
+    coordinator handed out next to ca.crt. Required unless --insecure (then used only when given)."""
+    from client.trusted_entities import TRUSTED_ENTITIES, load_trusted_entities
+
+    if path is None:
+        if insecure:
+            return None
+        path = ca_cert.parent / TRUSTED_ENTITIES
+        if not path.is_file():
+            raise click.ClickException(
+                f"no {TRUSTED_ENTITIES} next to --ca-cert ({path}): get it from the coordinator with ca.crt, or "
+                "pass --trusted-entities"
+            )
+    try:
+        load_trusted_entities(path)
+    except ValueError as err:
+        raise click.ClickException(f"--trusted-entities {err}") from None
+    return path.resolve()
 
 
 def _absolute_spec(spec: str) -> str:

@@ -20,7 +20,8 @@ def certs(
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
     overwrite: Annotated[bool, typer.Option(help="Replace existing certificates (sites must get the new ca.crt).")] = False,
 ) -> None:
-    """Create the CA and the server certificate. Give every site ca.crt; keep ca.key and server.key secret."""
+    """Create the CA, the server certificate and the FAB signing key. Give every site ca.crt and
+    trusted-entities.yaml; keep the .key files secret."""
     from server.certs import make_certificates
 
     # Loopback is always included: the coordinator's own `flwr` CLI reaches its SuperLink through it.
@@ -30,5 +31,6 @@ def certs(
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     typer.echo(f"CA certificate (give to every site): {files.ca_cert}")
+    typer.echo(f"FAB signing key's public half (give to every site with ca.crt): {files.trusted_entities}")
     typer.echo(f"server certificate for {', '.join(hosts)}: {files.server_cert}")
-    typer.echo(f"private keys (keep here, mode 0600): {files.ca_key}, {files.server_key}")
+    typer.echo(f"private keys (keep here, mode 0600): {files.ca_key}, {files.server_key}, {files.signing_key}")
