@@ -655,7 +655,6 @@ def test_node_refused_under_secagg_is_out_of_the_sum(refused, max_examples, metr
     ("overrides", "floor", "message"),
     [
         ({"num_shares": 5, "reconstruction_threshold": 2}, None, "threshold 2 is not more than half of 5 shares"),
-        ({"num_shares": 4, "reconstruction_threshold": 2}, None, "threshold 2 is not more than half of 4 shares"),
         ({}, 4, "threshold 3 is below this site's floor 4"),
     ],
 )
