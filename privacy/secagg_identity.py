@@ -96,18 +96,51 @@ def sign_keys(
     Raises:
         ValueError: the key file cannot be read or holds another kind of key.
     """
-    try:
-        private = serialization.load_ssh_private_key(Path(key_file).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"node-key {key_file}: cannot read the node's private key ({type(err).__name__})") from None
+    private = _load_private(key_file)
     statement = key_statement(run_id=run_id, group_id=group_id, node_id=node_id, pk1=pk1, pk2=pk2)
     if isinstance(private, ec.EllipticCurvePrivateKey):
         signature = private.sign(statement, ec.ECDSA(hashes.SHA384()))
-    elif isinstance(private, ed25519.Ed25519PrivateKey):
-        signature = private.sign(statement)
     else:
-        raise ValueError(f"node-key {key_file}: expected an EC or Ed25519 key, got {type(private).__name__}")
+        signature = private.sign(statement)
     return KeyAttestation(node_id=node_id, identity=_openssh_line(private.public_key()), signature=signature)
+
+
+def identity_of(key_file: Path) -> str:
+    """The OpenSSH public key line of a node's private key file: its entry in a roster."""
+    return _openssh_line(_load_private(key_file).public_key())
+
+
+def write_roster(path: Path, public_keys: Mapping[str, Path]) -> Path:
+    """Writes the roster sites pin: a YAML map of site name -> the OpenSSH public key in that site's `.pub` file.
+
+    Raises:
+        ValueError: a file is not an OpenSSH public key, or two sites share a key (one line naming the file).
+    """
+    entries: dict[str, str] = {}
+    for name, key_file in public_keys.items():
+        try:
+            key = serialization.load_ssh_public_key(Path(key_file).read_bytes().strip())
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValueError(f"{key_file}: not an OpenSSH public key (a site's node.pub)") from None
+        entries[str(name)] = _openssh_line(key)
+    if len(set(entries.values())) != len(entries):
+        raise ValueError("two sites have the same public key; each site needs its own `fer-client keygen` pair")
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(yaml.safe_dump(entries, sort_keys=True, width=1000))
+    tmp.replace(target)
+    load_roster(target)  # what we write, we can read
+    return target
+
+
+def _load_private(key_file: Path):
+    try:
+        private = serialization.load_ssh_private_key(Path(key_file).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ValueError(f"node-key {key_file}: cannot read the node's private key ({type(err).__name__})") from None
+    if not isinstance(private, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
+        raise ValueError(f"node-key {key_file}: expected an EC or Ed25519 key, got {type(private).__name__}")
+    return private
 
 
 def load_roster(path: Path) -> dict[str, str]:
