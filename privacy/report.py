@@ -178,6 +178,13 @@ def render_privacy_markdown(report: Mapping[str, Any]) -> str:
     """The ``## Privacy`` section of ``report.md``: the guarantees in a table, then the threat model."""
     lines = ["## Privacy", ""]
     lines.append(f"Secure aggregation (SecAgg+): {'on' if report['secure_aggregation'] else 'off'}.")
+    quantization = report.get("secure_aggregation_quantization")
+    if quantization:
+        lines.append(
+            f"SecAgg+ quantisation: each value of the aggregate is off by at most "
+            f"{quantization['max_abs_error_of_average']:.3g} (RMS at most {quantization['rms_error_of_average']:.3g}); "
+            f"one update's values by at most {quantization['max_abs_error_per_update'] or float('nan'):.3g}."
+        )
     if report["clients"]:
         lines += [
             "",

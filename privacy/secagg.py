@@ -429,6 +429,8 @@ def _read_contributed(path: Path) -> list[str]:
     except (OSError, ValueError) as err:
         # Unreadable means unknown: refusing every round is safer than forgetting what was sent.
         raise RoundAlreadyMasked(f"{path}: cannot read this node's SecAgg+ contributions ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("identities", []), list):
+        raise RoundAlreadyMasked(f"{path}: not a record of this node's SecAgg+ contributions")
     return [str(item) for item in data.get("identities", [])]
 
 

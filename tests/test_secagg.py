@@ -864,6 +864,29 @@ def test_repeated_round_with_another_participant_set_reveals_no_update():
     assert repeat.received == []
 
 
+def test_repeated_round_is_declined_across_runs_through_the_state_dir(tmp_path):
+    """After a restart (a resumed run: new run, fresh node Contexts) the same round from the same global model is
+    still declined: the contribution is remembered in the node's state directory, digests only."""
+    # Prepare
+    def node_config(partition: int) -> dict:
+        return {"state-dir": str(tmp_path / f"node-{partition}")}
+
+    first = _run_round(client_app=_make_client_app(), workflow=_make_workflow(), node_config=node_config)
+
+    # Execute
+    again = _run_round(client_app=_make_client_app(), workflow=_make_workflow(), node_config=node_config)
+
+    # Assert
+    assert first.workflow.failed_rounds == []
+    (failure,) = again.workflow.failed_rounds
+    assert failure.stage == "collect_masked_vectors"
+    assert len(failure.client_errors) == NUM_NODES
+    assert all("declining the repeated round" in error for error in failure.client_errors)
+    assert _stage_replies(again.run, key=Key.MASKED_PARAMETERS) == []
+    record = (tmp_path / "node-0" / "secagg-contributed.json").read_text()
+    assert record.startswith('{"identities": ["1:') and len(record) < 200
+
+
 def test_quantisation_cost_bounds_the_measured_error():
     """The recorded worst-case error is the independent bound, and the measured error of the decoded average stays
     within it (RMS within its expectation bound)."""
