@@ -405,17 +405,17 @@ def _record_contribution(ctxt: Context, identity: str) -> None:
             round with another set of participants, whose sum minus the first would be this node's update.
     """
     record = ctxt.state.config_records.get(CONTRIBUTED_RECORD)
-    seen = set(cast(list[str], record["identities"])) if record is not None else set()
+    in_context = cast(list[str], record["identities"]) if record is not None else []
     state_dir = ctxt.node_config.get("state-dir")
     path = Path(str(state_dir)) / CONTRIBUTED_FILE if state_dir else None
-    if path is not None:
-        seen |= set(_read_contributed(path))
+    on_disk = _read_contributed(path) if path is not None else []
+    seen = list(dict.fromkeys([*on_disk, *in_context]))  # oldest first, so trimming forgets the oldest
     if identity in seen:
         raise RoundAlreadyMasked(
             f"this node already sent a masked update for round {identity.split(':')[0]} from these global weights; "
             "declining the repeated round (a second SecAgg+ sum over other participants would reveal its update)"
         )
-    identities = [*sorted(seen), identity][-_MAX_CONTRIBUTED:]
+    identities = [*seen, identity][-_MAX_CONTRIBUTED:]
     if path is not None:
         _write_contributed(path, identities)
     ctxt.state.config_records[CONTRIBUTED_RECORD] = ConfigRecord({"identities": identities})
