@@ -180,10 +180,11 @@ def render_privacy_markdown(report: Mapping[str, Any]) -> str:
     lines.append(f"Secure aggregation (SecAgg+): {'on' if report['secure_aggregation'] else 'off'}.")
     quantization = report.get("secure_aggregation_quantization")
     if quantization:
+        worst, rms = quantization["max_abs_error_of_average"], quantization["rms_error_of_average"]
+        per_update = quantization["max_abs_error_per_update"]
         lines.append(
-            f"SecAgg+ quantisation: each value of the aggregate is off by at most "
-            f"{quantization['max_abs_error_of_average']:.3g} (RMS at most {quantization['rms_error_of_average']:.3g}); "
-            f"one update's values by at most {quantization['max_abs_error_per_update'] or float('nan'):.3g}."
+            f"SecAgg+ quantisation: each value of the aggregate is off by at most {worst:.3g} (RMS at most "
+            f"{rms:.3g})" + (f"; one update's values by at most {per_update:.3g}." if per_update is not None else ".")
         )
     if report["clients"]:
         lines += [

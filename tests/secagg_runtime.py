@@ -129,7 +129,9 @@ def run_in_process(
             run_id=run.run_id,
             node_id=node_id,
             node_config={
-                PARTITION_ID_KEY: partition, NUM_PARTITIONS_KEY: num_nodes, **(node_config(partition) if node_config else {})
+                PARTITION_ID_KEY: partition,
+                NUM_PARTITIONS_KEY: num_nodes,
+                **(node_config(partition) if node_config else {}),
             },
             state=RecordDict(),
             run_config={},

@@ -734,7 +734,8 @@ def _shares_the_server_decrypts(outcome: _Round) -> int:
     for reply in _stage_replies(outcome.run, key=Key.CIPHERTEXT_LIST):
         configs = reply.content.config_records[RECORD_KEY_CONFIGS]
         sender_pk2 = _KeySwappingWorkflow.public_keys[reply.metadata.src_node_id][1]
-        key = generate_shared_key(bytes_to_private_key(_KeySwappingWorkflow.server_sk2), bytes_to_public_key(sender_pk2))
+        server_sk2 = bytes_to_private_key(_KeySwappingWorkflow.server_sk2)
+        key = generate_shared_key(server_sk2, bytes_to_public_key(sender_pk2))
         for dst, ciphertext in zip(configs[Key.DESTINATION_LIST], configs[Key.CIPHERTEXT_LIST]):
             if dst == _KeySwappingWorkflow.victim:
                 decrypt(key, ciphertext)  # raises unless the server's key opens it
