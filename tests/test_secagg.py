@@ -906,3 +906,13 @@ def test_quantisation_cost_bounds_the_measured_error():
     assert float(np.sqrt(np.mean(errors**2))) <= 1.2 * cost.rms_error
     smallest_weight = round(_num_examples(0) / MAX_WEIGHT * QUANTIZATION_RANGE) / QUANTIZATION_RANGE
     assert cost.max_abs_error_per_update == pytest.approx(cost.step / smallest_weight)
+
+
+@pytest.mark.parametrize(("shares", "threshold"), [(4, 2), (5, 2), (6, 3)])
+def test_coordinator_refuses_a_threshold_sites_would_refuse(shares, threshold):
+    """fer-server/fer-sim refuse secagg-threshold <= secagg-shares/2 up front, naming the key."""
+    from client.config import ConfigError, RunSettings
+
+    with pytest.raises(ConfigError, match="secagg-threshold must be more than half of secagg-shares"):
+        RunSettings(secure_agg=True, secagg_shares=shares, secagg_threshold=threshold).validate()
+    RunSettings(secure_agg=True, secagg_shares=shares, secagg_threshold=shares // 2 + 1).validate()
