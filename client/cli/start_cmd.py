@@ -194,4 +194,5 @@ def _secagg_node_config(roster: Path | None, *, ca_cert: Path | None, key: Path 
         raise click.ClickException(f"--secagg-roster {roster}: this node's key {key} is not in it; ask the "
                                    "coordinator for the current roster")
     config[ROSTER_KEY] = str(roster.resolve())
+    typer.echo(f"SecAgg+ roster pinned: {roster} ({len(members)} sites)")
     return config
