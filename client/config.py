@@ -150,6 +150,12 @@ class RunSettings:
         if self.secure_agg and not (self.secagg_shares > 2 and 1 < self.secagg_threshold < self.secagg_shares):
             # Flower's SecAgg+ needs more than 2 shares and a threshold strictly below the share count.
             raise ConfigError("secagg-shares must be > 2 and secagg-threshold in (1, secagg-shares)")
+        if self.secure_agg and 2 * self.secagg_threshold <= self.secagg_shares:
+            # Sites refuse such a round (privacy.secagg): with t <= shares/2 a server could rebuild one node's masks.
+            raise ConfigError(
+                f"secagg-threshold must be more than half of secagg-shares ({self.secagg_shares}), "
+                f"got {self.secagg_threshold}"
+            )
         if self.central_dp_noise < 0 or self.central_clip < 0:
             raise ConfigError("central-dp-noise and central-clip must be >= 0 (0 = off)")
         if self.central_dp_enabled:

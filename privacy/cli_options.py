@@ -54,7 +54,8 @@ SecaggSharesOpt = Annotated[
 ]
 SecaggThresholdOpt = Annotated[
     int | None,
-    typer.Option("--secagg-threshold", help="Shares needed to rebuild a secret (1 < t < shares).",
+    typer.Option("--secagg-threshold",
+                 help="Shares needed to rebuild a secret (shares/2 < t < shares; sites refuse less).",
                  rich_help_panel=_PANEL),
 ]
 CentralNoiseOpt = Annotated[

@@ -98,6 +98,7 @@ def privacy_report(
     clients: Sequence[Mapping[str, Any]],
     central: Mapping[str, Any] | None,
     secure_aggregation: bool,
+    secagg_quantization: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Builds the ``privacy.json`` document.
 
@@ -109,6 +110,9 @@ def privacy_report(
         central: Central-DP settings (``noise_multiplier``, ``clipping_norm``, ``sample_rate`` = fraction
             of clients per round, ``rounds`` released, ``delta``; ``accountant`` optional), or None.
         secure_aggregation: Whether SecAgg+ was on.
+        secagg_quantization: Under SecAgg+, one `server.secagg.QuantizationCost.to_json()` per aggregated
+            round: the error the integer encoding adds to each value of the decoded average (worst case and
+            expected RMS) and to one update. Summarised under ``secure_aggregation_quantization``.
 
     Returns:
         A JSON-ready dict: ``schema``, ``secure_aggregation``, ``local_dp``, ``clients`` (sorted by
@@ -126,7 +130,24 @@ def privacy_report(
         "clients": entries,
         "max_epsilon_spent": max((e["epsilon_spent"] for e in entries), default=None),
         "central": None if central is None else _central_entry(central),
+        "secure_aggregation_quantization": _quantization_entry(secagg_quantization),
         "threat_model": THREAT_MODEL,
+    }
+
+
+def _quantization_entry(rounds: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
+    """The run's SecAgg+ quantisation cost: the worst round's figures on top, every round below."""
+    if not rounds:
+        return None
+    worst = max(rounds, key=lambda r: r["max_abs_error"])
+    per_update = [r["max_abs_error_per_update"] for r in rounds if r.get("max_abs_error_per_update") is not None]
+    return {
+        "meaning": "error SecAgg+'s integer encoding adds to each model value (unbiased stochastic rounding)",
+        "step": worst["step"],
+        "max_abs_error_of_average": worst["max_abs_error"],
+        "rms_error_of_average": worst["rms_error"],
+        "max_abs_error_per_update": max(per_update, default=None),
+        "rounds": [dict(r) for r in rounds],
     }
 
 
@@ -157,6 +178,14 @@ def render_privacy_markdown(report: Mapping[str, Any]) -> str:
     """The ``## Privacy`` section of ``report.md``: the guarantees in a table, then the threat model."""
     lines = ["## Privacy", ""]
     lines.append(f"Secure aggregation (SecAgg+): {'on' if report['secure_aggregation'] else 'off'}.")
+    quantization = report.get("secure_aggregation_quantization")
+    if quantization:
+        worst, rms = quantization["max_abs_error_of_average"], quantization["rms_error_of_average"]
+        per_update = quantization["max_abs_error_per_update"]
+        lines.append(
+            f"SecAgg+ quantisation: each value of the aggregate is off by at most {worst:.3g} (RMS at most "
+            f"{rms:.3g})" + (f"; one update's values by at most {per_update:.3g}." if per_update is not None else ".")
+        )
     if report["clients"]:
         lines += [
             "",

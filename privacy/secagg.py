@@ -11,6 +11,13 @@ What changes, and why:
   names a node this client holds no share of, is refused: answering it would hand the server both the private-mask
   seed and the pairwise-mask key of one node, i.e. that node's update in the clear. A refused round is closed for
   good on this client (its shares are wiped), so the server cannot retry with a different list.
+- The server's share count and threshold are checked (`SecAggPlusMod._check_setup`): the threshold must exceed
+  half the shares, or a server could send different unmask lists to the two halves of a node's share holders and
+  rebuild both its private-mask seed and its pairwise-mask key; a site can raise the floor (`secagg-min-threshold`).
+- Each node signs its SecAgg+ public keys with its enrolled node key, and a node that pins the coordinator's roster
+  (`secagg-roster`) refuses neighbours whose keys no distinct roster member signed (`privacy.secagg_identity`).
+- A node contributes at most one masked vector per round identity (the round number and the global weights):
+  a repeated round is declined, so two sums can never differ by one node's replayed update (`RoundAlreadyMasked`).
 - Before masking, the update is checked with `privacy.guard.guard_update` (finite, same shapes as the global model,
   optional L2 clip) and any value the quantiser would have to clip is refused: Flower's quantiser clips to
   `clipping_range` silently and turns NaN into finite garbage that nobody downstream can detect.
@@ -25,11 +32,15 @@ deltas are small, so `clipping_range` can be small and the quantisation step wit
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from logging import DEBUG
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -59,6 +70,14 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from numpy.typing import NDArray
 
 from privacy.guard import UpdateRejected, guard_update
+from privacy.secagg_identity import (
+    ATTESTATION_KEY,
+    ATTESTATIONS_KEY,
+    KeyAttestation,
+    load_roster,
+    sign_keys,
+    verify_neighbour_keys,
+)
 
 MASK_KDF_INFO = b"fer-fl secagg+ mask v1"
 _DITHER_KDF_INFO = b"fer-fl secagg+ dither v1"
@@ -72,6 +91,17 @@ _CHUNK = 1 << 16
 # Flower's key pairs are SECP384R1 (flwr.supercore.primitives.asymmetric.generate_key_pairs).
 _SCALAR_BYTES = 48
 _ZERO_CHUNK = bytes(4 * _CHUNK)
+# The smallest threshold Flower's protocol allows; a site raises its own floor with `secagg-min-threshold`.
+DEFAULT_MIN_THRESHOLD = 2
+# Node-config keys the mod reads (set by `fer-client start`).
+MIN_THRESHOLD_KEY = "secagg-min-threshold"
+ROSTER_KEY = "secagg-roster"
+NODE_KEY = "node-key"
+# Round identities this node has masked an update for: in its Context (one run) and in its state directory (across
+# runs and restarts, e.g. after `fer-server resume`). They hold digests only, never an update.
+CONTRIBUTED_RECORD = "fer-fl:secagg-contributed"
+CONTRIBUTED_FILE = "secagg-contributed.json"
+_MAX_CONTRIBUTED = 10_000
 
 
 class UnmaskRequestRefused(ValueError):
@@ -136,6 +166,14 @@ def derive_masks(seed: bytes, *, num_range: int, shapes: Sequence[tuple[int, ...
     return _split(flat, shapes)
 
 
+class UnsafeSecAggSetup(ValueError):
+    """The server's SecAgg+ parameters would let it rebuild one node's update."""
+
+
+class RoundAlreadyMasked(PermissionError):
+    """This node already masked an update for this round identity; a second one would allow differencing."""
+
+
 class SecureAggregationRequired(PermissionError):
     """The node requires SecAgg+ and was asked for an update outside it."""
 
@@ -180,16 +218,29 @@ class SecAggPlusMod:
         configs = msg.content.config_records[RECORD_KEY_CONFIGS]
         check_stage(state.current_stage, configs)
         state.current_stage = cast(str, configs.pop(Key.STAGE))
+        # Our own addition to Flower's share-keys record; Flower's check wants [pk1, pk2] pairs only.
+        attestations = configs.pop(ATTESTATIONS_KEY, None)
         check_configs(state.current_stage, configs)
 
         out_content = RecordDict()
         if state.current_stage == Stage.SETUP:
             state.nid = msg.metadata.dst_node_id
             res = _setup(state, configs)
-            self._check_setup(state)
+            self._check_setup(state, min_threshold=_min_threshold(ctxt.node_config))
+            if NODE_KEY in ctxt.node_config:
+                attestation = sign_keys(
+                    Path(str(ctxt.node_config[NODE_KEY])), run_id=msg.metadata.run_id,
+                    group_id=msg.metadata.group_id, node_id=state.nid, pk1=state.pk1, pk2=state.pk2,
+                )
+                res[ATTESTATION_KEY] = attestation.to_json()
         elif state.current_stage == Stage.SHARE_KEYS:
+            if ROSTER_KEY in ctxt.node_config:
+                _check_neighbour_keys(msg, configs, attestations, roster_file=Path(str(ctxt.node_config[ROSTER_KEY])),
+                                      own_node_id=state.nid)
             res = _share_keys_compact(state, configs)
         elif state.current_stage == Stage.COLLECT_MASKED_VECTORS:
+            # Before training: a declined repeat costs this node nothing (no training, no privacy spend).
+            _record_contribution(ctxt, round_identity(msg))
             global_shapes = _global_shapes(msg)
             out_content = call_next(msg, ctxt).content
             fitres = compat.recorddict_to_fitres(out_content, keep_input=True)
@@ -215,8 +266,20 @@ class SecAggPlusMod:
         out_content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(res, False)
         return Message(out_content, reply_to=msg)
 
-    def _check_setup(self, state: SecAggPlusState) -> None:
+    def _check_setup(self, state: SecAggPlusState, *, min_threshold: int = DEFAULT_MIN_THRESHOLD) -> None:
         _check_modulus(state.mod_range)
+        if 2 * state.threshold <= state.share_num:
+            # Two disjoint halves of the share holders could each hand over `threshold` shares: one half the
+            # private-mask seed ("this node is active"), the other the pairwise-mask key ("it dropped").
+            raise UnsafeSecAggSetup(
+                f"SecAgg+ setup refused: threshold {state.threshold} is not more than half of {state.share_num} "
+                "shares, so the server could rebuild one node's masks from two different unmask lists"
+            )
+        if state.threshold < min_threshold:
+            raise UnsafeSecAggSetup(
+                f"SecAgg+ setup refused: threshold {state.threshold} is below this site's floor {min_threshold} "
+                f"({MIN_THRESHOLD_KEY})"
+            )
         if state.sample_num * state.target_range >= state.mod_range:
             # The sum of `sample_num` quantised vectors would wrap around the modulus and decode to garbage.
             raise ValueError(
@@ -289,6 +352,101 @@ def decode_secret_key(scalar: bytes) -> ec.EllipticCurvePrivateKey:
     if len(scalar) != _SCALAR_BYTES:
         raise ValueError(f"a rebuilt SECP384R1 secret key has {_SCALAR_BYTES} bytes, got {len(scalar)}")
     return ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP384R1())
+
+
+def _min_threshold(node_config: dict) -> int:
+    """The site's threshold floor (`secagg-min-threshold`), never below the protocol's minimum of 2."""
+    raw = node_config.get(MIN_THRESHOLD_KEY, DEFAULT_MIN_THRESHOLD)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"node config {MIN_THRESHOLD_KEY} must be an integer, got {raw!r}") from None
+    return max(value, DEFAULT_MIN_THRESHOLD)
+
+
+def _check_neighbour_keys(
+    msg: Message, configs: ConfigRecord, attestations: object, *, roster_file: Path, own_node_id: int
+) -> None:
+    """Refuses the share-keys stage unless every neighbour's keys are signed by a distinct pinned roster member."""
+    roster = load_roster(roster_file)
+    public_keys = {int(nid): (pair[0], pair[1]) for nid, pair in configs.items()}
+    parsed: dict[int, KeyAttestation] = {}
+    if isinstance(attestations, list):
+        for blob in attestations:
+            if isinstance(blob, bytes):
+                attestation = KeyAttestation.from_json(blob)
+                parsed[attestation.node_id] = attestation
+    verify_neighbour_keys(
+        roster=roster, public_keys=public_keys, attestations=parsed, own_node_id=own_node_id,
+        run_id=msg.metadata.run_id, group_id=msg.metadata.group_id,
+    )
+
+
+def round_identity(msg: Message) -> str:
+    """What makes two rounds the same for this node: the fit config's round number and the global weights.
+
+    The same pair is what `client.replay` keys a re-sent update on (and what seeds deterministic training), so a
+    node that refuses a second masked vector for it can never put a replayed update into a second sum.
+    """
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    server_round = fitins.config.get("server-round", msg.metadata.group_id)
+    digest = hashlib.sha256()
+    for tensor in fitins.parameters.tensors:
+        digest.update(len(tensor).to_bytes(8, "big"))
+        digest.update(tensor)
+    return f"{server_round}:{digest.hexdigest()}"
+
+
+def _record_contribution(ctxt: Context, identity: str) -> None:
+    """Records that this node masks an update for `identity`, or refuses if it already did.
+
+    Raises:
+        RoundAlreadyMasked: a repeated round (same round number and global weights), e.g. a resumed or replayed
+            round with another set of participants, whose sum minus the first would be this node's update.
+    """
+    record = ctxt.state.config_records.get(CONTRIBUTED_RECORD)
+    in_context = cast(list[str], record["identities"]) if record is not None else []
+    state_dir = ctxt.node_config.get("state-dir")
+    path = Path(str(state_dir)) / CONTRIBUTED_FILE if state_dir else None
+    on_disk = _read_contributed(path) if path is not None else []
+    seen = list(dict.fromkeys([*on_disk, *in_context]))  # oldest first, so trimming forgets the oldest
+    if identity in seen:
+        raise RoundAlreadyMasked(
+            f"this node already sent a masked update for round {identity.split(':')[0]} from these global weights; "
+            "declining the repeated round (a second SecAgg+ sum over other participants would reveal its update)"
+        )
+    identities = [*seen, identity][-_MAX_CONTRIBUTED:]
+    if path is not None:
+        _write_contributed(path, identities)
+    ctxt.state.config_records[CONTRIBUTED_RECORD] = ConfigRecord({"identities": identities})
+
+
+def _read_contributed(path: Path) -> list[str]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        # Unreadable means unknown: refusing every round is safer than forgetting what was sent.
+        raise RoundAlreadyMasked(f"{path}: cannot read this node's SecAgg+ contributions ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("identities", []), list):
+        raise RoundAlreadyMasked(f"{path}: not a record of this node's SecAgg+ contributions")
+    return [str(item) for item in data.get("identities", [])]
+
+
+def _write_contributed(path: Path, identities: list[str]) -> None:
+    """Atomically, and synced before the masked vector can leave: a crash must not forget a contribution."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"identities": identities}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _close_round(state: SecAggPlusState) -> None:

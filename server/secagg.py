@@ -10,6 +10,14 @@ Subclasses Flower's `SecAggPlusWorkflow` and keeps its setup, key-sharing and co
 - The unmask request never lists a node as both active and dropped (the clients refuse such requests).
 - A dropped node's first secret key comes back as its 48-byte scalar (the clients share that instead of the PEM
   text, 5x fewer Shamir chunks), and every secret is rebuilt from exactly `threshold` shares.
+- Each node's signature over its SecAgg+ public keys (`privacy.secagg_identity`) is relayed to its neighbours with
+  the keys, so that a node pinning the coordinator's roster can check them.
+- A strategy that implements `screen_masked_reply` (server.strategy.GuardedStrategy) sees each masked reply's
+  clear metadata (example count, ledger status) before the vector is summed; a refused node's vector is left out
+  and the node is unmasked as a dropped one (its pairwise masks rebuilt, its private mask never), so the
+  aggregate is exactly the other nodes' and the refusal really removes it (issue 10 item 5).
+- Each round records its quantisation cost (`QuantizationCost`): the worst-case and expected error that the
+  integer encoding adds to each value of the decoded average, for privacy.json (issue 10 item 11).
 - A halted round is reported as FAILED (fix (d)): Flower 1.41 logs "halted" and the round looks like a success
   with the model unchanged. Here a `SecAggRoundFailed` is appended to `workflow.failed_rounds`, logged at ERROR,
   and the round's distributed-fit metrics carry `secagg_failed = 1`; the run carries on with the model unchanged.
@@ -26,18 +34,20 @@ model, so a strategy fed deltas must return global + average delta.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from logging import ERROR, INFO
-from typing import cast
+from logging import ERROR, INFO, WARNING
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
@@ -48,6 +58,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 from numpy.typing import NDArray
 
 from privacy.secagg import MAX_MODULUS, apply_masks, decode_secret_key
+from privacy.secagg_identity import ATTESTATION_KEY, ATTESTATIONS_KEY
 
 FAILED_METRIC = "secagg_failed"
 
@@ -71,6 +82,50 @@ class SecAggRoundFailed(Exception):
         self.client_errors = client_errors
 
 
+@runtime_checkable
+class MaskedReplyScreen(Protocol):
+    """A strategy that vets the clear part of a masked reply before its vector joins the sum."""
+
+    def screen_masked_reply(self, server_round: int, proxy: ClientProxy, res: FitRes) -> str | None:
+        """Why this node must be left out of the sum (its FitRes holds metadata only), or None to keep it."""
+
+
+@dataclass(frozen=True)
+class QuantizationCost:
+    """What SecAgg+'s integer encoding cost one round's decoded average, per model value.
+
+    Each survivor i sends round_stochastic((w_i x_i + c) T / 2c) with w_i = q_i / T its quantised weight, so each
+    encoded value is off by less than one step 2c/T (unbiased; variance at most step^2 / 4); the average divides
+    the sum by sum_i w_i.
+
+    Attributes:
+        server_round: The round.
+        num_clients: Survivors whose vectors are in the sum.
+        clipping_range: c, the bound on every weighted value.
+        quantization_range: T, levels per value.
+        total_weight: sum_i q_i / T as decoded from the sum.
+        step: 2c/T, one level in weighted-value units.
+        max_abs_error: Worst case per value of the decoded average, num_clients * step / total_weight.
+        rms_error: Expected root-mean-square error per value of the average, sqrt(num_clients) * step / 2 /
+            total_weight (a bound: stochastic rounding's variance is at most step^2 / 4).
+        max_abs_error_per_update: Worst case per value of the smallest-weight survivor's own update once decoded,
+            step / min_i w_i (computed from the clear example counts; None when they are unknown).
+    """
+
+    server_round: int
+    num_clients: int
+    clipping_range: float
+    quantization_range: int
+    total_weight: float
+    step: float
+    max_abs_error: float
+    rms_error: float
+    max_abs_error_per_update: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
 @dataclass
 class _RoundState(WorkflowState):
     """Flower's workflow state plus what the hardened stages need."""
@@ -79,6 +134,41 @@ class _RoundState(WorkflowState):
     halt_reason: str = ""
     aggregate: list[NDArray[np.floating]] = field(default_factory=list)
     num_dropped: int = 0
+    attestations: dict[int, bytes] = field(default_factory=dict)
+    excluded_node_ids: set[int] = field(default_factory=set)
+    quantization: QuantizationCost | None = None
+
+
+class _GridTap:
+    """A Grid whose `send_and_receive` lets a stage edit what goes out and vet what comes back.
+
+    Flower's stages build and read their messages inside one method each; tapping the grid adds our fields to
+    those messages without copying Flower's stage code.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        outgoing: Callable[[Message], None] | None = None,
+        incoming: Callable[[Message], bool] | None = None,
+    ) -> None:
+        self._grid = grid
+        self._outgoing = outgoing
+        self._incoming = incoming
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if self._outgoing is not None:
+            for message in messages:
+                self._outgoing(message)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if self._incoming is None:
+            return replies
+        return [reply for reply in replies if self._incoming(reply)]
 
 
 class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -92,6 +182,7 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
         if self.modulus_range > MAX_MODULUS:
             raise ValueError(f"`modulus_range` must be at most 2**32, got {self.modulus_range}")
         self.failed_rounds: list[SecAggRoundFailed] = []
+        self.quantization: dict[int, QuantizationCost] = {}
 
     def __call__(self, grid: Grid, context: Context) -> None:
         """Runs one SecAgg+ round; a failure is recorded, never raised, so the run goes on."""
@@ -146,7 +237,15 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """Flower's setup, refusing a configuration whose sum would overflow the modulus."""
         round_state = cast(_RoundState, state)
-        completed = super().setup_stage(grid, context, state)
+
+        def keep_attestation(reply: Message) -> bool:
+            if not reply.has_error():
+                blob = reply.content.config_records[RECORD_KEY_CONFIGS].get(ATTESTATION_KEY)
+                if isinstance(blob, bytes):
+                    round_state.attestations[reply.metadata.src_node_id] = blob
+            return True
+
+        completed = super().setup_stage(_GridTap(grid, incoming=keep_attestation), context, state)
         if not state.nid_to_fitins:
             round_state.halt_reason = "the strategy selected no clients"
             return False
@@ -163,14 +262,51 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """Flower's key sharing; remembers who shared keys, the only nodes whose secrets can be reconstructed."""
-        completed = super().share_keys_stage(grid, context, state)
-        cast(_RoundState, state).keyed_node_ids = set(state.active_node_ids)
+        round_state = cast(_RoundState, state)
+
+        def add_attestations(message: Message) -> None:
+            # Each neighbour's signature goes with its keys; the receiving node checks them against its roster.
+            if not round_state.attestations:
+                return  # no node signed (stock Flower mods would refuse the extra entry)
+            configs = message.content.config_records[RECORD_KEY_CONFIGS]
+            neighbours = [int(key) for key in configs if key.isdigit()]
+            configs[ATTESTATIONS_KEY] = [
+                round_state.attestations[nid] for nid in sorted(neighbours) if nid in round_state.attestations
+            ]
+
+        completed = super().share_keys_stage(_GridTap(grid, outgoing=add_attestations), context, state)
+        round_state.keyed_node_ids = set(state.active_node_ids)
         return completed
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        """Flower's collection (the masked sum)."""
+        """Flower's collection (the masked sum), without the vectors of nodes the strategy refuses.
+
+        A refused reply is taken out before Flower sums the vectors, so the node counts as dropped after sharing
+        its keys: the unmask stage rebuilds its pairwise masks from its neighbours' shares and never asks for its
+        private-mask seed, so its update stays hidden and is not in the aggregate.
+        """
+        round_state = cast(_RoundState, state)
+        server_round = cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        screen = context.strategy if isinstance(context.strategy, MaskedReplyScreen) else None
+
+        def vet(reply: Message) -> bool:
+            if screen is None or reply.has_error():
+                return True
+            node_id = reply.metadata.src_node_id
+            try:
+                fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+            except Exception as err:  # noqa: BLE001 - a peer's malformed reply is refused, never raised
+                reason: str | None = f"unreadable fit result ({type(err).__name__})"
+            else:
+                reason = screen.screen_masked_reply(server_round, state.nid_to_proxies[node_id], fitres)
+            if reason is None:
+                return True
+            round_state.excluded_node_ids.add(node_id)
+            log(WARNING, "SecAgg+ round %d: node %d left out of the sum: %s", server_round, node_id, reason)
+            return False
+
         num_failures_before = len(state.failures)
-        completed = super().collect_masked_vectors_stage(grid, context, state)
+        completed = super().collect_masked_vectors_stage(_GridTap(grid, incoming=vet), context, state)
         # Flower 1.41 appends each error reply of this stage twice (two loops over the replies).
         new_failures = state.failures[num_failures_before:]
         state.failures[num_failures_before:] = new_failures[: len(new_failures) // 2]
@@ -251,6 +387,9 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
         step = 2 * state.clipping_range / state.quantization_range
         summed = vector[1:].astype(np.float64) * step - len(active_nids) * state.clipping_range
         average = summed * (state.quantization_range / total_weight)
+        round_state.quantization = _quantization_cost(
+            state, server_round=current_round, total_weight=total_weight, num_clients=len(active_nids)
+        )
         round_state.aggregate = _unflatten(average, shapes[1:], _global_dtypes(context, len(shapes) - 1))
         del state.aggregate_ndarrays
         return True
@@ -279,6 +418,8 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             parameters_aggregated, True
         )
+        if state.quantization is not None:
+            self.quantization[server_round] = state.quantization
         context.history.add_metrics_distributed_fit(
             server_round=server_round,
             metrics={
@@ -286,6 +427,7 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
                 FAILED_METRIC: 0,
                 "secagg_clients": len(results),
                 "secagg_dropped": state.num_dropped,
+                "secagg_excluded": len(state.excluded_node_ids),
             },
         )
 
@@ -324,6 +466,32 @@ def make_secagg_workflow(
         quantization_range=quantization_range,
         modulus_range=modulus_range,
         timeout=timeout,
+    )
+
+
+def _quantization_cost(
+    state: WorkflowState, *, server_round: int, total_weight: int, num_clients: int
+) -> QuantizationCost:
+    """The round's `QuantizationCost`, from the decoded total weight and the survivors' clear example counts."""
+    levels = state.quantization_range
+    step = 2 * state.clipping_range / levels
+    weight = total_weight / levels
+    counts = [res.num_examples for _, res in state.legacy_results if res.num_examples > 0]
+    per_update = None
+    if counts:
+        # A survivor's weight as its mod quantised it: round(num_examples / max_weight * T) / T.
+        smallest = max(round(min(counts) / state.max_weight * levels), 1) / levels
+        per_update = step / smallest
+    return QuantizationCost(
+        server_round=server_round,
+        num_clients=num_clients,
+        clipping_range=float(state.clipping_range),
+        quantization_range=int(levels),
+        total_weight=weight,
+        step=step,
+        max_abs_error=num_clients * step / weight,
+        rms_error=math.sqrt(num_clients) * step / 2 / weight,
+        max_abs_error_per_update=per_update,
     )
 
 

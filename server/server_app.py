@@ -37,7 +37,7 @@ from privacy.report import privacy_report
 from server.evaluation import ServerEvaluator
 from server.metrics import client_distribution
 from server.rundir import RunDirectory
-from server.secagg import make_secagg_workflow
+from server.secagg import QuantizationCost, make_secagg_workflow
 from server.strategy import GuardedStrategy, create_strategy
 
 log = logging.getLogger("fer_fl.server")
@@ -138,6 +138,7 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
             if settings.central_dp_enabled
             else None
         ),
+        secure_aggregation=settings.secure_agg,
     )
 
 
@@ -246,7 +247,13 @@ class FerWorkflow:
                 "failures": report.failures,
                 "train_loss": report.train_loss,
                 "central_noise_std": report.central_noise_std,
+                # Refused under SecAgg+ before unmasking: their vectors are not in the sum (issue 10 item 5).
+                "secagg_excluded": report.excluded_from_sum,
+                "reclipped": report.reclipped,
             }
+            cost = getattr(self.fit_workflow, "quantization", {}).get(server_round)
+            if cost is not None:
+                record["fit"]["secagg_quantization"] = cost.to_json()
         return record
 
 
@@ -286,10 +293,13 @@ def run_federation(
         fit_workflow = make_secagg_workflow(
             num_shares=settings.secagg_shares,
             reconstruction_threshold=settings.secagg_threshold,
-            # Clients bound each delta's L2 norm by max-update-norm, so no coordinate exceeds it: nothing is clipped.
-            clipping_range=settings.max_update_norm,
+            # Clients bound each delta's L2 norm by update-bound (central-clip under central DP, else max-update-norm),
+            # so no coordinate exceeds it: nothing is clipped, and the quantisation step 2c/T is as small as it can be.
+            clipping_range=settings.update_bound,
             quantization_range=SECAGG_QUANTIZATION_RANGE,
-            max_weight=settings.secagg_max_weight,
+            # Under central DP every client reports a weight of 1; max-weight 1 then spends all T levels on the value
+            # (with 10 000 a weight of 1 quantises to 1678 levels and each value's error grows 10 000-fold).
+            max_weight=1.0 if settings.central_dp_enabled else settings.secagg_max_weight,
             timeout=settings.secagg_timeout or None,
         )
     workflow = FerWorkflow(
@@ -313,13 +323,17 @@ def run_federation(
         round=settings.num_server_rounds,
     )
     if settings.dp_enabled or settings.secure_agg or settings.central_dp_enabled:
-        run_dir.write_json("privacy.json", build_privacy_report(settings, strategy))
+        quantization = list(getattr(fit_workflow, "quantization", {}).values())
+        run_dir.write_json("privacy.json", build_privacy_report(settings, strategy, quantization=quantization))
     run_dir.write_summary(summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings))
     return workflow.final_weights
 
 
-def build_privacy_report(settings: RunSettings, strategy: GuardedStrategy) -> dict[str, Any]:
-    """privacy.json: each node's cumulative ε as it last reported it, the central ε, and whether SecAgg+ was on."""
+def build_privacy_report(
+    settings: RunSettings, strategy: GuardedStrategy, *, quantization: list[QuantizationCost] | None = None
+) -> dict[str, Any]:
+    """privacy.json: each node's cumulative ε as it last reported it, the central ε, whether SecAgg+ was on and
+    what its quantisation cost each round."""
     central = None
     if settings.central_dp_enabled:
         central = {
@@ -331,7 +345,8 @@ def build_privacy_report(settings: RunSettings, strategy: GuardedStrategy) -> di
             "delta": settings.dp_delta,
         }
     return privacy_report(
-        clients=list(strategy.privacy.values()), central=central, secure_aggregation=settings.secure_agg
+        clients=list(strategy.privacy.values()), central=central, secure_aggregation=settings.secure_agg,
+        secagg_quantization=[cost.to_json() for cost in quantization or []] if settings.secure_agg else None,
     )
 
 

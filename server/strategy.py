@@ -34,6 +34,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from privacy.central import CentralDP, add_central_noise
+from privacy.guard import guard_update
 
 log = logging.getLogger("fer_fl.server")
 
@@ -131,6 +132,11 @@ def validate_update(
     # A tolerance of 0.1 % absorbs float32 rounding of a client that clipped exactly to the bound.
     if norm > max_norm * 1.001:
         return f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}"
+    return validate_count(num_examples, max_examples=max_examples)
+
+
+def validate_count(num_examples: Any, *, max_examples: int) -> str | None:
+    """Why a claimed example count must be rejected (not a positive integer up to `max_examples`), or None."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
         return f"num-examples {num_examples!r} is not an integer"
     if num_examples <= 0:
@@ -155,6 +161,10 @@ class RoundReport:
     bytes_up: int = 0
     bytes_down: int = 0
     central_noise_std: float | None = None
+    # Clients whose masked vector was left out of the SecAgg+ sum (refused before unmasking; also in `rejected`).
+    excluded_from_sum: list[str] = field(default_factory=list)
+    # Clients whose individual update the server scaled down to the central-DP clip (plain rounds only).
+    reclipped: list[str] = field(default_factory=list)
 
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Any]]]
@@ -170,7 +180,10 @@ class GuardedStrategy(Strategy):
         max_examples: the largest plausible example count one client may claim.
         evaluate_fn: server-side evaluation `(round, weights) -> (loss, metrics)` on the held-out test set.
         central_dp: central (client-level) DP: every accepted update weighs the same and the mean gets Gaussian
-            noise of std σC/n (see privacy.central); None for none.
+            noise of std σC/n (see privacy.central); None for none. Where the server sees individual updates
+            (no secure aggregation) it scales each down to the clip C itself rather than trusting the client.
+        secure_aggregation: whether fit results carry a SecAgg+ aggregate instead of individual updates; then
+            refusals happen in `screen_masked_reply`, before the masked vectors are summed.
     """
 
     def __init__(
@@ -182,8 +195,10 @@ class GuardedStrategy(Strategy):
         max_examples: int,
         evaluate_fn: EvaluateFn | None = None,
         central_dp: CentralDP | None = None,
+        secure_aggregation: bool = False,
     ) -> None:
         super().__init__()
+        self.secure_aggregation = secure_aggregation
         self.inner = inner
         self.expected_shapes = expected_shapes
         self.max_update_norm = max_update_norm
@@ -221,7 +236,7 @@ class GuardedStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         report = self.report(server_round)
-        report.num_results = len(results)
+        report.num_results = len(results) + len(report.excluded_from_sum)
         report.failures = [_failure_reason(f) for f in failures]
         for reason in report.failures:
             log.warning("round %d: a client failed: %s", server_round, reason)
@@ -244,6 +259,15 @@ class GuardedStrategy(Strategy):
             if privacy:
                 self.privacy[client_id] = privacy
             delta = parameters_to_ndarrays(res.parameters)
+            if self.central_dp is not None and not self.secure_aggregation:
+                # Already validated (shapes, finite), so the guard only clips here.
+                delta, info = guard_update(
+                    delta, reference_shapes=self.expected_shapes, max_norm=self.central_dp.clipping_norm
+                )
+                if info.clipped:
+                    log.warning("round %d: scaled the update of client %s down to the central-DP clip %g",
+                                server_round, client_id, self.central_dp.clipping_norm)
+                    report.reclipped.append(client_id)
             weights = [g + d for g, d in zip(self._global, delta)]
             accepted.append((proxy, _replaced(res, parameters=ndarrays_to_parameters(weights))))
             report.clients[client_id] = {
@@ -272,6 +296,30 @@ class GuardedStrategy(Strategy):
         noisy = add_central_noise(mean, settings=self.central_dp, num_clients=len(uniform))
         report.central_noise_std = self.central_dp.noise_std(len(uniform))
         return ndarrays_to_parameters(noisy), metrics
+
+    def screen_masked_reply(self, server_round: int, proxy: ClientProxy, res: FitRes) -> str | None:
+        """Vets the clear metadata of a SecAgg+ reply before its masked vector joins the sum (issue 10 item 5).
+
+        Under secure aggregation every FitRes later carries the same aggregate, so refusing a node in
+        `aggregate_fit` would drop nothing from the sum: the refusal must happen here, where the workflow can still
+        leave the node's vector out and unmask it as a dropped node. Checks what travels in the clear: the example
+        count and the privacy-ledger sequence. The privacy record is committed later, in `aggregate_fit`, only if
+        the round's aggregate is accepted.
+
+        Returns:
+            Why the node is refused (also recorded in the round's report), or None.
+        """
+        client_id = str(res.metrics.get("client-id", proxy.cid))
+        privacy = {k[3:]: v for k, v in res.metrics.items() if k.startswith("dp-")}
+        reason = validate_count(res.num_examples, max_examples=self.max_examples) or self._check_ledger(
+            client_id, privacy
+        )
+        if reason is not None:
+            report = self.report(server_round)
+            log.warning("round %d: left client %s out of the secure sum: %s", server_round, client_id, reason)
+            report.rejected.append({"client": client_id, "reason": reason})
+            report.excluded_from_sum.append(client_id)
+        return reason
 
     def _check_ledger(self, client_id: str, privacy: dict[str, Any]) -> str | None:
         """A node's privacy ledger only moves forward: a replaced ledger or a lower sequence number means its

@@ -101,6 +101,7 @@ def run_in_process(
     *,
     num_nodes: int,
     client_threads: int = 2,
+    node_config: Callable[[int], dict] | None = None,
 ) -> InProcessRun:
     """Runs `server_main(grid, context)` to completion while `num_nodes` SuperNodes run `client_app`.
 
@@ -109,6 +110,7 @@ def run_in_process(
         client_app: The ClientApp every node runs, mods included.
         num_nodes: Number of nodes; node i gets node config partition-id = i.
         client_threads: ClientApp calls processed concurrently.
+        node_config: Extra node-config entries of the node with a given partition ID (e.g. its keys, a roster).
 
     Returns:
         The replies the server received and the nodes' final contexts.
@@ -126,7 +128,11 @@ def run_in_process(
         node_id: Context(
             run_id=run.run_id,
             node_id=node_id,
-            node_config={PARTITION_ID_KEY: partition, NUM_PARTITIONS_KEY: num_nodes},
+            node_config={
+                PARTITION_ID_KEY: partition,
+                NUM_PARTITIONS_KEY: num_nodes,
+                **(node_config(partition) if node_config else {}),
+            },
             state=RecordDict(),
             run_config={},
         )

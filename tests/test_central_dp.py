@@ -60,6 +60,29 @@ def test_central_dp_averages_uniformly_whatever_the_example_counts():
     assert guard.report(1).central_noise_std == pytest.approx(1e-9 * 5.0 / 2)
 
 
+def test_server_reclips_an_over_norm_update_to_the_central_clip():
+    """A plain-round client that skipped the clip (norm 5 C) moves the mean by no more than a clipped one would:
+    the server scales it to C itself and the round's report names it."""
+    # Prepare
+    clip = 1.0
+    guard = _make_central_guard(noise=1e-9, clip=clip)
+    over = _make_delta(5 * clip / np.sqrt(10))  # SHAPES hold 10 values: L2 norm 5 C
+    honest = _make_delta(-0.1)
+    results = [
+        (_Proxy("1"), _make_fitres(over, client="greedy")),
+        (_Proxy("2"), _make_fitres(honest, client="honest")),
+    ]
+
+    # Execute
+    parameters, _ = guard.aggregate_fit(1, results, [])
+
+    # Assert
+    clipped = clip / np.sqrt(10)  # each value of the update scaled to norm C
+    expected = 1.0 + (clipped - 0.1) / 2
+    assert all(np.allclose(a, expected, atol=1e-6) for a in parameters_to_ndarrays(parameters))
+    assert guard.report(1).reclipped == ["greedy"]
+
+
 def test_central_dp_noise_on_the_aggregate_matches_its_calibration():
     """The aggregate minus the exact uniform mean has the std σC/n the round reports."""
     big_shapes = [(200, 100), (50,)]
@@ -172,8 +195,16 @@ def test_simulation_with_secure_aggregation_and_central_dp_reports_central_epsil
     rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["fit"]["num_accepted"] for r in rounds[1:]] == [3, 3]
     assert [r["fit"]["central_noise_std"] for r in rounds[1:]] == pytest.approx([0.5 * 0.5 / 3] * 2)
+    assert [r["fit"]["secagg_quantization"]["num_clients"] for r in rounds[1:]] == [3, 3]
     privacy = json.loads((tmp_path / "run" / "privacy.json").read_text())
     assert privacy["secure_aggregation"] is True
+    # Clients clip to C = 0.5 and weigh 1 (max-weight 1), so one level is 2C/2**24 and the average is off by at most
+    # one level per client over a total weight of 3.
+    quantization = privacy["secure_aggregation_quantization"]
+    assert quantization["step"] == pytest.approx(2 * 0.5 / 2**24)
+    assert quantization["max_abs_error_of_average"] == pytest.approx(2 * 0.5 / 2**24)
+    assert quantization["max_abs_error_per_update"] == pytest.approx(2 * 0.5 / 2**24)
+    assert len(quantization["rounds"]) == 2
     assert privacy["central"]["epsilon"] == pytest.approx(
         central_epsilon(noise_multiplier=0.5, sample_rate=1.0, rounds=2, delta=settings.dp_delta)
     )

@@ -169,3 +169,31 @@ def test_threat_model_is_one_paragraph_covering_server_dp_and_gaps():
     assert "\n" not in THREAT_MODEL
     for phrase in ("honest-but-curious", "SecAgg+", "single training image", "Central DP", "Neither covers"):
         assert phrase in THREAT_MODEL
+
+
+def test_secagg_quantisation_cost_is_summarised_by_its_worst_round():
+    """privacy.json carries every round's SecAgg+ quantisation cost and the worst one on top; report.md states it."""
+    # Prepare
+    from server.secagg import QuantizationCost
+
+    def cost(server_round: int, total_weight: float) -> dict:
+        step = 2 * 0.5 / 2**24
+        return QuantizationCost(
+            server_round=server_round, num_clients=3, clipping_range=0.5, quantization_range=2**24,
+            total_weight=total_weight, step=step, max_abs_error=3 * step / total_weight,
+            rms_error=3**0.5 * step / 2 / total_weight, max_abs_error_per_update=step / (total_weight / 3),
+        ).to_json()
+
+    rounds = [cost(1, 3.0), cost(2, 1.5)]
+
+    # Execute
+    report = privacy_report(clients=[], central=None, secure_aggregation=True, secagg_quantization=rounds)
+    markdown = render_privacy_markdown(report)
+
+    # Assert
+    summary = report["secure_aggregation_quantization"]
+    assert summary["max_abs_error_of_average"] == rounds[1]["max_abs_error"] == pytest.approx(2 / 2**24)
+    assert summary["max_abs_error_per_update"] == rounds[1]["max_abs_error_per_update"]
+    assert summary["rounds"] == rounds
+    assert f"off by at most {2 / 2**24:.3g}" in markdown
+    assert privacy_report(clients=[], central=None, secure_aggregation=False)["secure_aggregation_quantization"] is None

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -44,6 +44,7 @@ from privacy.secagg import (
     make_secagg_mod,
 )
 from server.secagg import HardenedSecAggPlusWorkflow, make_secagg_workflow
+from server.strategy import GuardedStrategy
 from tests.secagg_runtime import InProcessRun, run_in_process
 
 SHAPES = [(40, 30), (30,), (7, 30), (7,)]
@@ -79,18 +80,25 @@ def _quantisation_bound(partitions: list[int]) -> float:
     return len(partitions) * 2 * CLIPPING_RANGE / weight_sum
 
 
-class _DeltaClient(NumPyClient):
-    """Returns its fixed update as a delta; a client in `dropping` fails during training instead."""
+def _site_metrics(partition: int) -> dict:
+    """The clear metrics of an honest site: its name (as GuardedStrategy reads it)."""
+    return {"partition": partition, "client-id": f"site-{partition}"}
 
-    def __init__(self, partition: int, *, dropping: frozenset[int], updates) -> None:
+
+class _DeltaClient(NumPyClient):
+    """Returns its fixed update as a delta (byte-identical each time it is asked for the same round, as a DP node's
+    replay of a released update is); a client in `dropping` fails during training instead."""
+
+    def __init__(self, partition: int, *, dropping: frozenset[int], updates, metrics=_site_metrics) -> None:
         self.partition = partition
         self.dropping = dropping
         self.updates = updates
+        self.metrics = metrics
 
     def fit(self, parameters, config):
         if self.partition in self.dropping:
             raise ConnectionError(f"client {self.partition} went offline during training")
-        return self.updates(self.partition), _num_examples(self.partition), {"partition": self.partition}
+        return self.updates(self.partition), _num_examples(self.partition), self.metrics(self.partition)
 
 
 def _drop_at(stage: str, partitions: frozenset[int]):
@@ -111,13 +119,14 @@ def _make_client_app(
     updates=_delta,
     mod=None,
     drop_at: tuple[str, frozenset[int]] | None = None,
+    metrics=_site_metrics,
 ) -> ClientApp:
     """NUM_NODES-ready app of `_DeltaClient`s behind `mod` ("plain" for none); `drop_at` loses nodes at a stage."""
     mod = make_secagg_mod(max_norm=CLIPPING_RANGE) if mod is None else mod
 
     def client_fn(context: Context):
         partition = int(context.node_config["partition-id"])
-        return _DeltaClient(partition, dropping=dropping, updates=updates).to_client()
+        return _DeltaClient(partition, dropping=dropping, updates=updates, metrics=metrics).to_client()
 
     mods = [] if mod == "plain" else [mod]
     if drop_at is not None:
@@ -168,9 +177,11 @@ class _Round:
     run: InProcessRun
 
 
-def _run_round(*, client_app: ClientApp, workflow: HardenedSecAggPlusWorkflow | None) -> _Round:
+def _run_round(
+    *, client_app: ClientApp, workflow: HardenedSecAggPlusWorkflow | None, strategy=None, node_config=None
+) -> _Round:
     """One federated round of NUM_NODES nodes; workflow None runs Flower's plain fit workflow."""
-    strategy = _RecordingFedAvg()
+    strategy = _RecordingFedAvg() if strategy is None else strategy
     captured = {}
 
     def server_main(grid: Grid, context: Context) -> None:
@@ -180,7 +191,7 @@ def _run_round(*, client_app: ClientApp, workflow: HardenedSecAggPlusWorkflow | 
         captured["global"] = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
         captured["metrics"] = legacy.history.metrics_distributed_fit
 
-    run = run_in_process(server_main, client_app, num_nodes=NUM_NODES)
+    run = run_in_process(server_main, client_app, num_nodes=NUM_NODES, node_config=node_config)
     return _Round(captured["global"], strategy, workflow, captured["metrics"], run)
 
 
@@ -566,3 +577,342 @@ def test_round_on_flowers_ray_simulation():
     survivors = [0, 1, 3, 4]
     assert workflow.failed_rounds == []
     assert _max_error(captured["global"], _weighted_average(survivors)) <= _quantisation_bound(survivors)
+
+
+# --- Issue 10 items 5, 6, 7 and 11: a curious or malicious coordinator ------------------------------------------
+
+
+def _make_guard(*, max_examples: int = 10_000) -> GuardedStrategy:
+    """GuardedStrategy over FedAvg, as the ServerApp wraps it, for NUM_NODES clients and a zero initial model."""
+    initial = [np.zeros(shape, np.float32) for shape in SHAPES]
+    inner = FedAvg(
+        fraction_evaluate=0.0,
+        min_fit_clients=NUM_NODES,
+        min_available_clients=NUM_NODES,
+        initial_parameters=ndarrays_to_parameters(initial),
+    )
+    return GuardedStrategy(inner, expected_shapes=SHAPES, max_update_norm=10.0, max_examples=max_examples)
+
+
+def _run_guarded_round(guard: GuardedStrategy, client_app: ClientApp) -> tuple[list[np.ndarray], dict]:
+    """One SecAgg+ round through the ServerApp's own FerWorkflow; returns the new global model and round 1's record."""
+    from server.server_app import FerWorkflow
+
+    records: list[dict] = []
+    captured = {}
+
+    def server_main(grid: Grid, context: Context) -> None:
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=guard)
+        workflow = FerWorkflow(
+            strategy=guard, num_rounds=1, start_weights=[np.zeros(shape, np.float32) for shape in SHAPES],
+            fit_workflow=_make_workflow(), evaluate_clients=False, on_round=records.append,
+        )
+        workflow(grid, legacy)
+        captured["global"] = workflow.final_weights
+
+    run_in_process(server_main, client_app, num_nodes=NUM_NODES)
+    (record,) = [r for r in records if r["round"] == 1]
+    return captured["global"], record
+
+
+def _rolled_back_ledger(partition: int) -> dict:
+    """Site 2 reports ledger sequence 3 after the server recorded 7 for the same ledger: a rolled-back budget."""
+    metrics = _site_metrics(partition)
+    if partition == 2:
+        metrics |= {"dp-ledger_id": "ledger-of-site-2", "dp-ledger_seq": 3}
+    return metrics
+
+
+@pytest.mark.parametrize(
+    ("refused", "max_examples", "metrics", "reason"),
+    [
+        (2, 10_000, _rolled_back_ledger, "went back from sequence 7 to 3"),
+        (4, 280, _site_metrics, "num-examples 300 exceeds the plausible maximum 280"),
+    ],
+)
+def test_node_refused_under_secagg_is_out_of_the_sum(refused, max_examples, metrics, reason):
+    """A node the guard refuses (ledger rollback, implausible count) is not in the SecAgg+ aggregate, and the round's
+    record names it (before the fix every FitRes carried the same sum, so the refusal removed nothing)."""
+    # Prepare
+    guard = _make_guard(max_examples=max_examples)
+    guard.privacy["site-2"] = {"ledger_id": "ledger-of-site-2", "ledger_seq": 7}
+    others = [p for p in range(NUM_NODES) if p != refused]
+
+    # Execute
+    new_global, record = _run_guarded_round(guard, _make_client_app(metrics=metrics))
+
+    # Assert
+    assert _max_error(new_global, _weighted_average(others)) <= _quantisation_bound(others)
+    assert _max_error(new_global, _weighted_average(list(range(NUM_NODES)))) > 1e-4
+    fit = record["fit"]
+    assert fit["failed"] is False
+    assert fit["secagg_excluded"] == [f"site-{refused}"]
+    assert [(r["client"], reason in r["reason"]) for r in fit["rejected"]] == [(f"site-{refused}", True)]
+    assert (fit["num_clients"], fit["num_accepted"]) == (NUM_NODES, NUM_NODES - 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "floor", "message"),
+    [
+        ({"num_shares": 5, "reconstruction_threshold": 2}, None, "threshold 2 is not more than half of 5 shares"),
+        ({}, 4, "threshold 3 is below this site's floor 4"),
+    ],
+)
+def test_site_refuses_a_threshold_the_server_could_split(overrides, floor, message):
+    """A threshold of at most half the shares (or below the site's own floor) stops the round at setup, before any
+    key share exists: otherwise two halves of a node's neighbours, sent different unmask lists, hand over both of
+    its secrets."""
+    # Prepare
+    node_config = (lambda partition: {"secagg-min-threshold": floor}) if floor else None
+
+    # Execute
+    outcome = _run_round(client_app=_make_client_app(), workflow=_make_workflow(**overrides), node_config=node_config)
+
+    # Assert
+    (failure,) = outcome.workflow.failed_rounds
+    assert failure.stage == "setup"
+    assert len(failure.client_errors) == NUM_NODES
+    assert all(message in error for error in failure.client_errors)
+    assert _stage_replies(outcome.run, key=Key.CIPHERTEXT_LIST) == []
+
+
+def _signed_sites(tmp_path, *, roster_for=None):
+    """Node keys for every site, the roster of their public keys, and a node-config function (roster pinned by the
+    partitions in `roster_for`, all of them when None)."""
+    from client.deploy import generate_node_keys
+
+    keys = {p: generate_node_keys(out_dir=tmp_path, name=f"site-{p}") for p in range(NUM_NODES)}
+    roster = tmp_path / "secagg-roster.yaml"
+    roster.write_text("".join(f"site-{p}: {k.public_key.read_text().strip()}\n" for p, k in keys.items()))
+
+    def node_config(partition: int) -> dict:
+        config = {"node-key": str(keys[partition].private_key)}
+        if roster_for is None or partition in roster_for:
+            config["secagg-roster"] = str(roster)
+        return config
+
+    return node_config
+
+
+def test_signed_keys_and_a_pinned_roster_give_the_plain_aggregate(tmp_path):
+    """Every site signs its SecAgg+ keys and checks its neighbours' against the roster: the honest round succeeds."""
+    # Execute
+    outcome = _run_round(client_app=_make_client_app(), workflow=_make_workflow(),
+                         node_config=_signed_sites(tmp_path))
+
+    # Assert
+    everyone = list(range(NUM_NODES))
+    assert outcome.workflow.failed_rounds == []
+    assert _max_error(outcome.new_global, _weighted_average(everyone)) <= _quantisation_bound(everyone)
+
+
+class _KeySwappingWorkflow(HardenedSecAggPlusWorkflow):
+    """A server that hands the victim's neighbours key pairs of its own in place of the victim's, so that it can
+    decrypt the key shares they encrypt "to the victim"."""
+
+    victim: int | None = None
+    server_sk2: bytes = b""
+    public_keys: dict = {}
+
+    def share_keys_stage(self, grid, context, state):
+        from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes, public_key_to_bytes
+
+        victim = min(state.active_node_ids)
+        (_, pk1), (sk2, pk2) = generate_key_pairs(), generate_key_pairs()
+        type(self).victim, type(self).server_sk2 = victim, private_key_to_bytes(sk2)
+        type(self).public_keys = {nid: list(keys) for nid, keys in state.nid_to_publickeys.items()}
+        state.nid_to_publickeys[victim] = [public_key_to_bytes(pk1), public_key_to_bytes(pk2)]
+        return super().share_keys_stage(grid, context, state)
+
+
+def _shares_the_server_decrypts(outcome: _Round) -> int:
+    """How many key-share ciphertexts meant for the victim the key-swapping server can open with its own key."""
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key
+
+    opened = 0
+    for reply in _stage_replies(outcome.run, key=Key.CIPHERTEXT_LIST):
+        configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+        sender_pk2 = _KeySwappingWorkflow.public_keys[reply.metadata.src_node_id][1]
+        server_sk2 = bytes_to_private_key(_KeySwappingWorkflow.server_sk2)
+        key = generate_shared_key(server_sk2, bytes_to_public_key(sender_pk2))
+        for dst, ciphertext in zip(configs[Key.DESTINATION_LIST], configs[Key.CIPHERTEXT_LIST]):
+            if dst == _KeySwappingWorkflow.victim:
+                decrypt(key, ciphertext)  # raises unless the server's key opens it
+                opened += 1
+    return opened
+
+
+def test_neighbours_pinning_the_roster_refuse_substituted_keys(tmp_path):
+    """The server swaps in its own keys for one node: every neighbour that pins the roster refuses before
+    encrypting a single share to them (before the fix they sent shares the server could open)."""
+    # Execute
+    outcome = _run_round(client_app=_make_client_app(), workflow=_make_workflow(_KeySwappingWorkflow),
+                         node_config=_signed_sites(tmp_path))
+
+    # Assert
+    (failure,) = outcome.workflow.failed_rounds
+    assert failure.stage == "share_keys"
+    refusals = [e for e in failure.client_errors if "do not match the signature" in e]
+    assert len(refusals) == NUM_NODES - 1
+    assert all(f"neighbour {_KeySwappingWorkflow.victim}'s SecAgg+ keys" in e for e in refusals)
+    assert _shares_the_server_decrypts(outcome) == 0
+
+
+def test_without_a_pinned_roster_substituted_keys_leak_shares(tmp_path):
+    """The residual risk of a site that pins no roster (docs/deployment.md): it encrypts its shares to the server."""
+    # Execute
+    outcome = _run_round(client_app=_make_client_app(), workflow=_make_workflow(_KeySwappingWorkflow),
+                         node_config=_signed_sites(tmp_path, roster_for=set()))
+
+    # Assert
+    assert _shares_the_server_decrypts(outcome) == NUM_NODES - 1
+
+
+def test_roster_refuses_strangers_and_one_member_posing_as_two(tmp_path):
+    """A neighbour signed by a key outside the roster, or two neighbours signed by one member, are refused."""
+    # Prepare
+    from client.deploy import generate_node_keys
+    from privacy.secagg_identity import NeighbourKeysRefused, load_roster, sign_keys, verify_neighbour_keys
+
+    member = generate_node_keys(out_dir=tmp_path, name="member")
+    stranger = generate_node_keys(out_dir=tmp_path, name="stranger")
+    roster_file = tmp_path / "roster.yaml"
+    roster_file.write_text(f"member: {member.public_key.read_text().strip()}\n")
+    keys = {7: (b"pk1-7", b"pk2-7"), 8: (b"pk1-8", b"pk2-8")}
+
+    def signed(key_file, node_id):
+        return sign_keys(key_file, run_id=1, group_id="3", node_id=node_id, pk1=keys[node_id][0], pk2=keys[node_id][1])
+
+    cases = [
+        ({7: signed(stranger.private_key, 7)}, {7: keys[7]}, "signed by a key not in the pinned roster"),
+        ({7: signed(member.private_key, 7), 8: signed(member.private_key, 8)}, keys, "both signed by roster member"),
+        ({7: signed(member.private_key, 8)}, {7: keys[7]}, "carry a signature for node 8"),
+        ({}, {7: keys[7]}, "sent no signature"),
+    ]
+
+    # Execute / Assert
+    for attestations, public_keys, message in cases:
+        with pytest.raises(NeighbourKeysRefused, match=re.escape(message)):
+            verify_neighbour_keys(roster=load_roster(roster_file), public_keys=public_keys,
+                                  attestations=attestations, own_node_id=1, run_id=1, group_id="3")
+    verify_neighbour_keys(roster=load_roster(roster_file), public_keys={7: keys[7]},
+                          attestations={7: signed(member.private_key, 7)}, own_node_id=1, run_id=1, group_id="3")
+
+
+class _SubsetFedAvg(_RecordingFedAvg):
+    """FedAvg that samples every node except `left_out` (a server choosing a round's participants)."""
+
+    def __init__(self, left_out: int) -> None:
+        super().__init__()
+        self.min_fit_clients = self.min_available_clients = NUM_NODES - 1
+        self.left_out = left_out
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        chosen = super().configure_fit(server_round, parameters, client_manager)
+        return [(proxy, ins) for proxy, ins in chosen if proxy.node_id != self.left_out]
+
+
+def test_repeated_round_with_another_participant_set_reveals_no_update():
+    """A server runs round 1 with all five nodes, then round 1 again from the same global model without one node:
+    the difference of the two sums would be that node's update. The nodes decline the repeat, so there is no second
+    sum (before the fix the difference gave the left-out node's update to within quantisation)."""
+    # Prepare
+    from flwr.server.compat.app_utils import start_update_client_manager_thread
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+    from flwr.server.workflow.constant import Key as WorkflowKey
+
+    workflow = _make_workflow()
+    first, repeat = _RecordingFedAvg(), None
+    sums: list[list[np.ndarray]] = []
+
+    def server_main(grid: Grid, context: Context) -> None:
+        nonlocal repeat
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=first)
+        thread, stop, ready = start_update_client_manager_thread(grid, legacy.client_manager)
+        ready.wait()
+        try:
+            initial = first.initial_parameters
+            legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
+            repeat = _SubsetFedAvg(left_out=max(p.node_id for p in legacy.client_manager.all().values()))
+            for strategy in (first, repeat):
+                legacy.strategy = strategy
+                legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(initial, True)
+                workflow(grid, legacy)
+                record = legacy.state.array_records[MAIN_PARAMS_RECORD]
+                sums.append(parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True)))
+        finally:
+            stop.set()
+            thread.join()
+
+    # Execute
+    run = run_in_process(server_main, _make_client_app(), num_nodes=NUM_NODES)
+
+    # Assert
+    victim_partition = int(run.node_contexts[repeat.left_out].node_config["partition-id"])
+    others = [p for p in range(NUM_NODES) if p != victim_partition]
+    weight = {p: _num_examples(p) for p in range(NUM_NODES)}
+    # What the server would compute: the victim's update as the difference of the two weighted sums.
+    difference = [
+        (a.astype(np.float64) * sum(weight.values()) - b.astype(np.float64) * sum(weight[p] for p in others))
+        / weight[victim_partition]
+        for a, b in zip(*sums)
+    ]
+    assert _max_error(difference, [u.astype(np.float64) for u in _delta(victim_partition)]) > 1e-3
+    assert [f.server_round for f in workflow.failed_rounds] == [1]
+    declined = workflow.failed_rounds[0].client_errors
+    assert len(declined) == NUM_NODES - 1 and all("declining the repeated round" in e for e in declined)
+    assert repeat.received == []
+
+
+def test_repeated_round_is_declined_across_runs_through_the_state_dir(tmp_path):
+    """After a restart (a resumed run: new run, fresh node Contexts) the same round from the same global model is
+    still declined: the contribution is remembered in the node's state directory, digests only."""
+    # Prepare
+    def node_config(partition: int) -> dict:
+        return {"state-dir": str(tmp_path / f"node-{partition}")}
+
+    first = _run_round(client_app=_make_client_app(), workflow=_make_workflow(), node_config=node_config)
+
+    # Execute
+    again = _run_round(client_app=_make_client_app(), workflow=_make_workflow(), node_config=node_config)
+
+    # Assert
+    assert first.workflow.failed_rounds == []
+    (failure,) = again.workflow.failed_rounds
+    assert failure.stage == "collect_masked_vectors"
+    assert len(failure.client_errors) == NUM_NODES
+    assert all("declining the repeated round" in error for error in failure.client_errors)
+    assert _stage_replies(again.run, key=Key.MASKED_PARAMETERS) == []
+    record = (tmp_path / "node-0" / "secagg-contributed.json").read_text()
+    assert record.startswith('{"identities": ["1:') and len(record) < 200
+
+
+def test_quantisation_cost_bounds_the_measured_error():
+    """The recorded worst-case error is the independent bound, and the measured error of the decoded average stays
+    within it (RMS within its expectation bound)."""
+    # Execute
+    everyone = list(range(NUM_NODES))
+    outcome = _run_round(client_app=_make_client_app(), workflow=_make_workflow())
+
+    # Assert
+    cost = outcome.workflow.quantization[1]
+    errors = np.concatenate([(a.astype(np.float64) - e).ravel()
+                             for a, e in zip(outcome.new_global, _weighted_average(everyone))])
+    assert cost.max_abs_error == pytest.approx(_quantisation_bound(everyone), rel=1e-12)
+    assert cost.step == pytest.approx(2 * CLIPPING_RANGE / QUANTIZATION_RANGE)
+    assert 0 < float(np.abs(errors).max()) <= cost.max_abs_error
+    # float32 rounding of the stored average adds at most ~1e-10 here; the RMS bound is an upper bound on variance.
+    assert float(np.sqrt(np.mean(errors**2))) <= 1.2 * cost.rms_error
+    smallest_weight = round(_num_examples(0) / MAX_WEIGHT * QUANTIZATION_RANGE) / QUANTIZATION_RANGE
+    assert cost.max_abs_error_per_update == pytest.approx(cost.step / smallest_weight)
+
+
+@pytest.mark.parametrize(("shares", "threshold"), [(4, 2), (5, 2), (6, 3)])
+def test_coordinator_refuses_a_threshold_sites_would_refuse(shares, threshold):
+    """fer-server/fer-sim refuse secagg-threshold <= secagg-shares/2 up front, naming the key."""
+    from client.config import ConfigError, RunSettings
+
+    with pytest.raises(ConfigError, match="secagg-threshold must be more than half of secagg-shares"):
+        RunSettings(secure_agg=True, secagg_shares=shares, secagg_threshold=threshold).validate()
+    RunSettings(secure_agg=True, secagg_shares=shares, secagg_threshold=shares // 2 + 1).validate()

@@ -50,6 +50,15 @@ def start(
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (loud warning).")] = False,
     max_retries: Annotated[int | None, typer.Option(help="Reconnect attempts (default: forever).")] = None,
     image_size: Annotated[int, typer.Option(help="Image size of the pre-join check (the run's image-size).")] = 48,
+    secagg_roster: Annotated[
+        Path | None,
+        typer.Option(help="The coordinator's secagg-roster.yaml (default: next to --ca-cert when it is there): "
+                          "refuse SecAgg+ neighbours whose keys no distinct enrolled site signed."),
+    ] = None,
+    secagg_min_threshold: Annotated[
+        int, typer.Option(help="Refuse SecAgg+ rounds whose reconstruction threshold is below this (it must "
+                               "always exceed half the shares).")
+    ] = 2,
 ) -> None:
     """Check the data, then join the federation and train when the coordinator asks (Ctrl-C leaves)."""
     from client.data.formats import DatasetError
@@ -102,6 +111,9 @@ def start(
         node_config["require-secure-agg"] = "true"
     if dp_epsilon is not None:
         node_config["dp-epsilon"] = float(dp_epsilon)
+    node_config.update(
+        _secagg_node_config(secagg_roster, ca_cert=ca_cert, key=key, min_threshold=secagg_min_threshold)
+    )
     settings = SuperNodeSettings(
         superlink=server,
         node_config=node_config,
@@ -154,3 +166,33 @@ def _absolute_spec(spec: str) -> str:
     if not sep or kind == "synthetic":
         return spec
     return f"{kind}={Path(arg).expanduser().resolve()}"
+
+
+def _secagg_node_config(roster: Path | None, *, ca_cert: Path | None, key: Path | None, min_threshold: int) -> dict:
+    """Node-config entries of the hardened SecAgg+ mod (privacy/secagg.py, issue 10 item 6): the node's key, with
+    which it signs its SecAgg+ keys; the roster it pins to check its neighbours'; its threshold floor."""
+    from privacy.secagg import MIN_THRESHOLD_KEY, NODE_KEY, ROSTER_KEY
+    from privacy.secagg_identity import SECAGG_ROSTER, identity_of, load_roster
+
+    if min_threshold < 2:
+        raise click.ClickException(f"--secagg-min-threshold must be at least 2, got {min_threshold}")
+    config: dict = {MIN_THRESHOLD_KEY: min_threshold}
+    if key is not None:
+        config[NODE_KEY] = str(key.resolve())
+    if roster is None and ca_cert is not None and (ca_cert.parent / SECAGG_ROSTER).is_file():
+        roster = ca_cert.parent / SECAGG_ROSTER
+    if roster is None:
+        return config
+    try:
+        members = load_roster(roster)
+        own = identity_of(key) if key is not None else None
+    except ValueError as err:
+        raise click.ClickException(f"--secagg-roster {err}") from None
+    if own is None:
+        raise click.ClickException("--secagg-roster needs --key: this node signs its SecAgg+ keys with it")
+    if own not in members:
+        raise click.ClickException(f"--secagg-roster {roster}: this node's key {key} is not in it; ask the "
+                                   "coordinator for the current roster")
+    config[ROSTER_KEY] = str(roster.resolve())
+    typer.echo(f"SecAgg+ roster pinned: {roster} ({len(members)} sites)")
+    return config

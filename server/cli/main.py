@@ -19,12 +19,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ("certs", "start", "enroll", "nodes", "revoke", "resume")
+COMMANDS = ("certs", "start", "enroll", "nodes", "revoke", "resume", "roster")
 
 
 def _register() -> None:
     # Command modules keep Flower imports inside the commands, so `fer-server --help` stays fast.
-    from server.cli import certs_cmd, enroll_cmd, resume_cmd, serve_cmd
+    from server.cli import certs_cmd, enroll_cmd, resume_cmd, roster_cmd, serve_cmd
 
     app.command("certs")(certs_cmd.certs)
     app.command("start")(serve_cmd.start)
@@ -32,6 +32,7 @@ def _register() -> None:
     app.command("nodes")(enroll_cmd.nodes)
     app.command("revoke")(enroll_cmd.revoke)
     app.command("resume")(resume_cmd.resume)
+    app.command("roster")(roster_cmd.roster)
 
 
 def _terminate(signum, frame) -> None:
