@@ -19,6 +19,16 @@ from server.server_app import initial_weights
 SETTINGS = RunSettings(dataset="synthetic=280", model="cnn_am", local_epochs=1, batch_size=32, out_dir="unused")
 
 
+@pytest.fixture(autouse=True)
+def _superlink_identity():
+    """Messages are stamped with the sending process's identity; here the test plays the SuperLink's ServerApp.
+    The identity is process-wide, so it is put back afterwards for every other module's tests."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
 def _make_context(tmp_path) -> Context:
     return Context(
         run_id=1,
@@ -30,8 +40,6 @@ def _make_context(tmp_path) -> Context:
 
 
 def _make_message(kind: str, weights: list[np.ndarray], config: dict) -> Message:
-    # Messages are stamped with the sending process's identity; here the test plays the SuperLink's ServerApp.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     parameters = ndarrays_to_parameters(weights)
     if kind == "train":
         content, message_type = compat.fitins_to_recorddict(FitIns(parameters, config), True), MessageType.TRAIN
@@ -60,15 +68,41 @@ def test_train_message_returns_a_delta_of_the_global_shapes_and_num_examples(tmp
     assert norm > 0
 
 
+def _independent_accuracy(weights: list[np.ndarray]) -> float:
+    """The accuracy of `weights` on synthetic=280's test split, computed without the client's evaluation code:
+    per-image standardisation written out here, one forward pass, argmax against the labels."""
+    import torch
+
+    from client import task
+    from client.data.formats import load_dataset
+    from models import create_model
+
+    test = load_dataset("synthetic=280", image_size=SETTINGS.image_size, seed=SETTINGS.seed).splits["test"]
+    images = test.images.astype(np.float64) / 255.0
+    mean = images.mean(axis=(1, 2), keepdims=True)
+    std = np.maximum(images.std(axis=(1, 2), keepdims=True), 1.0 / 255.0)
+    model = create_model(SETTINGS.model, dp=True)
+    task.set_weights(model, weights)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(((images - mean) / std)[:, None].astype(np.float32)))
+    return float((logits.argmax(dim=1).numpy() == test.labels).mean())
+
+
 def test_evaluate_message_reports_accuracy_on_the_local_test_split(tmp_path):
-    """An EVALUATE reply counts the node's test split and reports an accuracy in [0, 1]."""
+    """An EVALUATE reply counts the node's test split and reports the accuracy an independent pass computes."""
+    # Prepare: weights moved off the initial ones, so predictions are not all one class
+    rng = np.random.default_rng(3)
+    weights = [w + rng.normal(0.0, 0.05, w.shape).astype(np.float32) for w in initial_weights(SETTINGS)]
     app = make_client_app()
-
-    reply = app(_make_message("evaluate", initial_weights(SETTINGS), {"server-round": 1}), _make_context(tmp_path))
-
+    # Execute
+    reply = app(_make_message("evaluate", weights, {"server-round": 1}), _make_context(tmp_path))
+    # Assert
     evalres = compat.recorddict_to_evaluateres(reply.content)
     assert evalres.num_examples == 56  # synthetic test split = N // 5
-    assert 0.0 <= evalres.metrics["accuracy"] <= 1.0
+    expected = _independent_accuracy(weights)
+    assert evalres.metrics["accuracy"] == pytest.approx(expected, abs=1e-9)
+    assert 0.0 < expected < 1.0
 
 
 def test_clientapp_component_loads_without_torch():
