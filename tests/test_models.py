@@ -32,13 +32,13 @@ NUM_CLASSES = 5
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """These tensors are small: a second intra-op thread only adds contention on the shared 2-core CI machine, and
-    oneDNN would compile a kernel for every new layer shape. Restored afterwards for other modules' tests."""
-    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    """These tensors are small: a second intra-op thread only adds contention on the shared 2-core CI machine.
+    Restored afterwards for other modules' tests. oneDNN stays as production runs it (on): the models are tested
+    on the backend that trains them."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
+    assert torch.backends.mkldnn.enabled, "the production CPU backend (oneDNN) is what these tests must exercise"
     yield
-    torch.backends.mkldnn.enabled = mkldnn
     torch.set_num_threads(threads)
 
 
