@@ -219,3 +219,66 @@ def test_a_repeated_round_gets_the_released_update_without_a_second_charge(tmp_p
                                 anchor_path=tmp_path / "ledger.anchor", client_id="site-a", budget_epsilon=8.0,
                                 delta=settings.dp_delta)
     assert [r.server_round for r in ledger.rounds] == [1, 1]
+
+
+def test_fedprox_proximal_term_equals_hand_written_proximal_sgd():
+    """task.train with μ > 0 takes SGD steps on CE + μ/2·‖w − w_global‖², the gradient written out by hand here
+    (∇CE + μ·(w − w_global)), and ends closer to the global weights than with μ = 0."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client import task
+
+    # Prepare: 4 fixed batches, so the proximal term (zero at the first step) acts from the second on
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 6, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+    torch.manual_seed(0)
+    start = torch.nn.Linear(6, 3)
+    reference = [p.detach().clone() for p in start.parameters()]
+    lr, mu = 0.5, 2.0
+
+    def trained(proximal_mu: float) -> list:
+        model = torch.nn.Linear(6, 3)
+        model.load_state_dict(start.state_dict())
+        task.train(model, DataLoader(data, batch_size=8), epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+                   proximal_mu=proximal_mu, reference=reference)
+        return [p.detach() for p in model.parameters()]
+
+    by_hand = [r.clone() for r in reference]
+    for images, labels in DataLoader(data, batch_size=8):
+        weights = [w.clone().requires_grad_() for w in by_hand]
+        loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(images, *weights), labels)
+        grads = torch.autograd.grad(loss, weights)
+        by_hand = [w.detach() - lr * (g + mu * (w.detach() - r)) for w, g, r in zip(weights, grads, reference)]
+
+    # Execute
+    proximal, plain = trained(mu), trained(0.0)
+
+    # Assert
+    for got, want in zip(proximal, by_hand):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    distance = lambda ws: float(sum(((w - r) ** 2).sum() for w, r in zip(ws, reference)))  # noqa: E731
+    assert distance(proximal) < 0.9 * distance(plain)
+
+
+@pytest.mark.slow  # two local trainings of CNN-AM on 280 faces
+def test_fedprox_servers_mu_reaches_the_client_and_shortens_its_update(tmp_path):
+    """The ServerApp's fedprox fit config carries μ; a client trained under it (same seed, same batches) sends a
+    shorter update than under μ = 0."""
+    from server.server_app import build_strategy
+
+    # Prepare
+    settings = SETTINGS.replace(strategy="fedprox", proximal_mu=5.0)
+    weights = initial_weights(settings)
+    config = build_strategy(settings, weights).inner.on_fit_config_fn(1)
+    app = make_client_app()
+
+    # Execute
+    norms = {}
+    for mu in (config["proximal-mu"], 0.0):
+        reply = app(_make_message("train", weights, {**config, "proximal-mu": mu}), _make_context(tmp_path / str(mu)))
+        norms[mu] = compat.recorddict_to_fitres(reply.content, keep_input=False).metrics["update-norm"]
+
+    # Assert
+    assert config == {"server-round": 1, "proximal-mu": 5.0}
+    assert 0 < norms[5.0] < 0.9 * norms[0.0]
