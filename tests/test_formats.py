@@ -470,7 +470,7 @@ def test_synthetic_bad_size_is_rejected(spec):
 
 def _astronaut_gray() -> np.ndarray:
     """A real photograph of a face shipped with scikit-image (512x512)."""
-    data = pytest.importorskip("skimage.data")
+    from skimage import data  # declared in the test extras: a missing one must fail, not skip
     return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2GRAY)
 
 
