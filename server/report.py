@@ -307,8 +307,8 @@ def _markdown(name: str, config: Mapping[str, Any], rounds: Sequence[dict], summ
         out += ["> **Synthetic data.** This run used the procedurally generated synthetic FER dataset; its numbers "
                 "show that the system works, not how well it recognises real faces.", ""]
     if summary:
-        out += ["## Summary", "", *_table(["", "value"], [[key, _fmt(key, value)] for key, value in summary.items()
-                                                          if not isinstance(value, (dict, list))]), ""]
+        out += ["## Summary", "", *_table(["", "value"], _summary_rows(summary)), ""]
+        out += _failed_rounds(summary, rounds)
     scalars = _flat_scalars(config)
     if scalars:
         out += ["## Configuration", "", *_table(["setting", "value"], [[k, _cell(v)] for k, v in scalars]), ""]
@@ -322,6 +322,32 @@ def _markdown(name: str, config: Mapping[str, Any], rounds: Sequence[dict], summ
     if privacy is not None:
         out += _privacy_section(privacy, figures.get("privacy"))
     return "\n".join(out).rstrip() + "\n"
+
+
+def _summary_rows(summary: Mapping[str, Any]) -> list[list[str]]:
+    """One row per headline figure. Lists and nested blocks are shown too (flattened): summary.json's
+    failed_rounds is a list, and a report that dropped it would show a run with failed rounds as a clean one."""
+    rows = []
+    for key, value in summary.items():
+        if isinstance(value, Mapping):
+            rows += [[f"{key}.{sub}", _fmt(sub, inner)] for sub, inner in _flat_scalars(value)]
+        elif isinstance(value, list):
+            rows.append([key, ", ".join(_cell(item) for item in value) or "none"])
+        else:
+            rows.append([key, _fmt(key, value)])
+    return rows
+
+
+def _failed_rounds(summary: Mapping[str, Any], rounds: Sequence[dict]) -> list[str]:
+    """A warning under the summary naming each failed round and why (from metrics.jsonl), if any failed."""
+    failed = summary.get("failed_rounds")
+    if not isinstance(failed, list) or not failed:
+        return []
+    reasons = {r["round"]: (r.get("fit") or {}).get("failure") for r in rounds}
+    lines = [f"> **{len(failed)} round{'s' if len(failed) != 1 else ''} failed** (no aggregate was applied; the "
+             "model carried over unchanged):", ">"]
+    lines += [f"> - round {rnd}: {reasons.get(rnd) or 'no reason recorded'}" for rnd in failed]
+    return [*lines, ""]
 
 
 def _image_section(title: str, paths: Sequence[str | None]) -> list[str]:

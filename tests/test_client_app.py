@@ -19,6 +19,16 @@ from server.server_app import initial_weights
 SETTINGS = RunSettings(dataset="synthetic=280", model="cnn_am", local_epochs=1, batch_size=32, out_dir="unused")
 
 
+@pytest.fixture(autouse=True)
+def _superlink_identity():
+    """Messages are stamped with the sending process's identity; here the test plays the SuperLink's ServerApp.
+    The identity is process-wide, so it is put back afterwards for every other module's tests."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
 def _make_context(tmp_path) -> Context:
     return Context(
         run_id=1,
@@ -30,8 +40,6 @@ def _make_context(tmp_path) -> Context:
 
 
 def _make_message(kind: str, weights: list[np.ndarray], config: dict) -> Message:
-    # Messages are stamped with the sending process's identity; here the test plays the SuperLink's ServerApp.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     parameters = ndarrays_to_parameters(weights)
     if kind == "train":
         content, message_type = compat.fitins_to_recorddict(FitIns(parameters, config), True), MessageType.TRAIN
@@ -60,15 +68,41 @@ def test_train_message_returns_a_delta_of_the_global_shapes_and_num_examples(tmp
     assert norm > 0
 
 
+def _independent_accuracy(weights: list[np.ndarray]) -> float:
+    """The accuracy of `weights` on synthetic=280's test split, computed without the client's evaluation code:
+    per-image standardisation written out here, one forward pass, argmax against the labels."""
+    import torch
+
+    from client import task
+    from client.data.formats import load_dataset
+    from models import create_model
+
+    test = load_dataset("synthetic=280", image_size=SETTINGS.image_size, seed=SETTINGS.seed).splits["test"]
+    images = test.images.astype(np.float64) / 255.0
+    mean = images.mean(axis=(1, 2), keepdims=True)
+    std = np.maximum(images.std(axis=(1, 2), keepdims=True), 1.0 / 255.0)
+    model = create_model(SETTINGS.model, dp=True)
+    task.set_weights(model, weights)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(((images - mean) / std)[:, None].astype(np.float32)))
+    return float((logits.argmax(dim=1).numpy() == test.labels).mean())
+
+
 def test_evaluate_message_reports_accuracy_on_the_local_test_split(tmp_path):
-    """An EVALUATE reply counts the node's test split and reports an accuracy in [0, 1]."""
+    """An EVALUATE reply counts the node's test split and reports the accuracy an independent pass computes."""
+    # Prepare: weights moved off the initial ones, so predictions are not all one class
+    rng = np.random.default_rng(3)
+    weights = [w + rng.normal(0.0, 0.05, w.shape).astype(np.float32) for w in initial_weights(SETTINGS)]
     app = make_client_app()
-
-    reply = app(_make_message("evaluate", initial_weights(SETTINGS), {"server-round": 1}), _make_context(tmp_path))
-
+    # Execute
+    reply = app(_make_message("evaluate", weights, {"server-round": 1}), _make_context(tmp_path))
+    # Assert
     evalres = compat.recorddict_to_evaluateres(reply.content)
     assert evalres.num_examples == 56  # synthetic test split = N // 5
-    assert 0.0 <= evalres.metrics["accuracy"] <= 1.0
+    expected = _independent_accuracy(weights)
+    assert evalres.metrics["accuracy"] == pytest.approx(expected, abs=1e-9)
+    assert 0.0 < expected < 1.0
 
 
 def test_clientapp_component_loads_without_torch():
@@ -185,3 +219,66 @@ def test_a_repeated_round_gets_the_released_update_without_a_second_charge(tmp_p
                                 anchor_path=tmp_path / "ledger.anchor", client_id="site-a", budget_epsilon=8.0,
                                 delta=settings.dp_delta)
     assert [r.server_round for r in ledger.rounds] == [1, 1]
+
+
+def test_fedprox_proximal_term_equals_hand_written_proximal_sgd():
+    """task.train with μ > 0 takes SGD steps on CE + μ/2·‖w − w_global‖², the gradient written out by hand here
+    (∇CE + μ·(w − w_global)), and ends closer to the global weights than with μ = 0."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client import task
+
+    # Prepare: 4 fixed batches, so the proximal term (zero at the first step) acts from the second on
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 6, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+    torch.manual_seed(0)
+    start = torch.nn.Linear(6, 3)
+    reference = [p.detach().clone() for p in start.parameters()]
+    lr, mu = 0.5, 2.0
+
+    def trained(proximal_mu: float) -> list:
+        model = torch.nn.Linear(6, 3)
+        model.load_state_dict(start.state_dict())
+        task.train(model, DataLoader(data, batch_size=8), epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+                   proximal_mu=proximal_mu, reference=reference)
+        return [p.detach() for p in model.parameters()]
+
+    by_hand = [r.clone() for r in reference]
+    for images, labels in DataLoader(data, batch_size=8):
+        weights = [w.clone().requires_grad_() for w in by_hand]
+        loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(images, *weights), labels)
+        grads = torch.autograd.grad(loss, weights)
+        by_hand = [w.detach() - lr * (g + mu * (w.detach() - r)) for w, g, r in zip(weights, grads, reference)]
+
+    # Execute
+    proximal, plain = trained(mu), trained(0.0)
+
+    # Assert
+    for got, want in zip(proximal, by_hand):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    distance = lambda ws: float(sum(((w - r) ** 2).sum() for w, r in zip(ws, reference)))  # noqa: E731
+    assert distance(proximal) < 0.9 * distance(plain)
+
+
+@pytest.mark.slow  # two local trainings of CNN-AM on 280 faces
+def test_fedprox_servers_mu_reaches_the_client_and_shortens_its_update(tmp_path):
+    """The ServerApp's fedprox fit config carries μ; a client trained under it (same seed, same batches) sends a
+    shorter update than under μ = 0."""
+    from server.server_app import build_strategy
+
+    # Prepare
+    settings = SETTINGS.replace(strategy="fedprox", proximal_mu=5.0)
+    weights = initial_weights(settings)
+    config = build_strategy(settings, weights).inner.on_fit_config_fn(1)
+    app = make_client_app()
+
+    # Execute
+    norms = {}
+    for mu in (config["proximal-mu"], 0.0):
+        reply = app(_make_message("train", weights, {**config, "proximal-mu": mu}), _make_context(tmp_path / str(mu)))
+        norms[mu] = compat.recorddict_to_fitres(reply.content, keep_input=False).metrics["update-norm"]
+
+    # Assert
+    assert config == {"server-round": 1, "proximal-mu": 5.0}
+    assert 0 < norms[5.0] < 0.9 * norms[0.0]

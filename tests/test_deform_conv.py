@@ -1,11 +1,14 @@
 """The pure-PyTorch deformable convolution is exact: a plain conv at zero offsets, and equal to an independent
-per-pixel bilinear computation (and to torchvision's, where installed) for any offsets, gradients included."""
+per-pixel bilinear computation and to a committed golden in torchvision's offset layout for any offsets, gradients
+included."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,18 +188,21 @@ def test_per_sample_gradients_are_exact_under_opacus():
             assert check_per_sample_gradients_are_correct(x, model, grad_sample_mode=mode, atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize(("stride", "padding", "dilation"), GEOMETRIES)
-def test_matches_torchvision_deform_conv2d(stride, padding, dilation):
-    """Equal to torchvision.ops.deform_conv2d for the same kernel and offsets (skips where torchvision is absent)."""
+GOLDEN = Path(__file__).parent / "fixtures" / "deform_conv_golden.npz"
+
+
+@pytest.mark.parametrize("index", range(len(GEOMETRIES)))
+def test_matches_torchvision_layout_golden(index):
+    """Equal to a committed golden made by a float64 transcription of torchvision's deform_conv2d CPU kernel
+    (tests/fixtures/make_deform_conv_golden.py): offsets trained in torchvision's layout mean the same here."""
     # Prepare
-    ops = pytest.importorskip("torchvision.ops")
+    golden = np.load(GOLDEN)
+    stride, padding, dilation = (int(v) for v in golden[f"g{index}_geometry"])
+    assert (stride, padding, dilation) == GEOMETRIES[index]
+    x, offset, weight, bias = (torch.from_numpy(golden[f"g{index}_{name}"]) for name in ("x", "offset", "weight", "bias"))
     layer = _make_layer(stride=stride, padding=padding, dilation=dilation)
-    x = _make_input()
-    offset = _make_offsets(x, stride=stride, padding=padding, dilation=dilation, scale=2.5)
+    layer.load_conv_weight(weight, bias)
     # Execute
     out = layer(x, offset)
     # Assert
-    expected = ops.deform_conv2d(
-        x, offset, layer.conv_weight, layer.proj.bias, stride=stride, padding=padding, dilation=dilation
-    )
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, torch.from_numpy(golden[f"g{index}_out"]), rtol=1e-10, atol=1e-10)

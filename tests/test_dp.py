@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from privacy.accounting import calibrate_noise_multiplier, compute_epsilon
-from privacy.dp import GRAD_SAMPLE_MODES, DPClient, DPSettings, PlanExceeded, _SecureRandom
+from privacy.dp import GRAD_SAMPLE_MODES, DPClient, DPSettings, PlanExceeded, RoundPlan, _SecureRandom
 from privacy.ledger import PrivacyLedger, generate_key_file
 
 DELTA = 1e-5
@@ -64,10 +64,11 @@ def _open_ledger(tmp_path, *, epsilon: float = 3.0, accountant: str = "rdp") -> 
     )
 
 
-def _make_client(tmp_path, *, size: int = 60, batch_size: int = 4, rounds: int = 3, secure: bool = False) -> DPClient:
+def _make_client(tmp_path, *, size: int = 60, batch_size: int = 4, rounds: int = 3, secure: bool = False,
+                 max_grad_norm: float = 1.0) -> DPClient:
     """A DP client as Flower would build it at the start of a round."""
     return DPClient(
-        settings=DPSettings(epsilon=3.0, delta=DELTA, max_grad_norm=1.0, secure_mode=secure),
+        settings=DPSettings(epsilon=3.0, delta=DELTA, max_grad_norm=max_grad_norm, secure_mode=secure),
         ledger=_open_ledger(tmp_path),
         dataset_size=size,
         batch_size=batch_size,
@@ -394,3 +395,60 @@ def test_one_model_object_serves_consecutive_rounds(tmp_path, mode):
     linear_layers = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
     hooks = model._bookkeeping_hooks if mode == "bk" else model.autograd_grad_sample_hooks
     assert len(hooks) == 2 * linear_layers
+
+
+CLIP = 2.0  # above the √2 a sample's output-bias gradient alone can reach, so small inputs stay under it
+
+
+def _clipped_sum_of_one_step(tmp_path, *, mode: str, x: torch.Tensor, y: torch.Tensor) -> tuple[list, RoundPlan]:
+    """One production DP-SGD step of a fresh DPClient on the batch (x, y); returns the clipped per-sample-gradient
+    sum the optimizer added its noise to (Opacus keeps it as `summed_grad` until the next zero_grad)."""
+    torch.manual_seed(0)
+    model = _make_model()
+    client = _make_client(tmp_path, max_grad_norm=CLIP)
+    plan = client.begin_round(server_round=1)
+    private = client.make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                  dataset=_make_dataset(), plan=plan, grad_sample_mode=mode)
+    private.optimizer.zero_grad()
+    private.criterion(private.model(x), y).backward()
+    private.optimizer.step()
+    return [p.summed_grad.detach().clone() for p in model.parameters()], plan
+
+
+def _clipped_sum_by_hand(x: torch.Tensor, y: torch.Tensor, *, max_grad_norm: float) -> tuple[list, list[float]]:
+    """Σᵢ gᵢ · min(1, C / ‖gᵢ‖) with each sample's gradient from its own backward pass (no Opacus)."""
+    torch.manual_seed(0)
+    model = _make_model()
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    norms = []
+    for xi, yi in zip(x, y):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(xi[None]), yi[None]).backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        norms.append(norm)
+        total = [t + g * min(1.0, max_grad_norm / (norm + 1e-6)) for t, g in zip(total, grads)]
+    return total, norms
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_each_sample_contributes_at_most_max_grad_norm(tmp_path, mode):
+    """The sum a step adds its noise to is Σ of per-sample gradients clipped to max_grad_norm, computed here one
+    sample at a time without Opacus: no sample's pull exceeds the bound, whichever per-sample engine runs."""
+    # Prepare: 3 samples with inputs scaled far past the bound, 3 left below it
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(4))
+    x[:3] *= 50.0
+    x[3:] *= 0.02
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    expected, norms = _clipped_sum_by_hand(x, y, max_grad_norm=CLIP)
+
+    # Execute
+    clipped_sum, plan = _clipped_sum_of_one_step(tmp_path, mode=mode, x=x, y=y)
+
+    # Assert
+    assert plan.max_grad_norm == CLIP and plan.noise_multiplier > 0
+    assert min(norms[:3]) > 10 * CLIP and max(norms[3:]) < CLIP  # the bound bites, and only for the first three
+    for got, want in zip(clipped_sum, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    total_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in clipped_sum)))
+    assert total_norm <= (3 * CLIP + sum(norms[3:])) * (1 + 1e-4)

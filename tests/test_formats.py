@@ -470,7 +470,7 @@ def test_synthetic_bad_size_is_rejected(spec):
 
 def _astronaut_gray() -> np.ndarray:
     """A real photograph of a face shipped with scikit-image (512x512)."""
-    data = pytest.importorskip("skimage.data")
+    from skimage import data  # declared in the test extras: a missing one must fail, not skip
     return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2GRAY)
 
 
@@ -478,7 +478,7 @@ def _astronaut_gray() -> np.ndarray:
 def test_folder_kind_detects_faces_and_skips_photos_without_one(tmp_path):
     """A photo with a face becomes its aligned crop; a photo without one is skipped and reported as no_face."""
     # Prepare
-    preprocess = pytest.importorskip("client.data.preprocess")
+    from client.data import preprocess
     photo = _astronaut_gray()
     _write(tmp_path / "happy" / "astronaut.png", photo)
     _write(tmp_path / "sad" / "wall.png", cv2.GaussianBlur(_face(0, height=300, width=400), (31, 31), 0))
@@ -498,7 +498,6 @@ def test_folder_kind_detects_faces_and_skips_photos_without_one(tmp_path):
 def test_rafdb_original_photos_go_through_face_detection(tmp_path):
     """Without Image/aligned, RAF-DB's original photos are detected and cropped to the requested size."""
     # Prepare
-    pytest.importorskip("client.data.preprocess")
     _write(tmp_path / "Image" / "original" / "train_00001.jpg", _astronaut_gray())
     (tmp_path / "EmoLabel").mkdir()
     (tmp_path / "EmoLabel" / "list_patition_label.txt").write_text("train_00001.jpg 4\n")

@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.data.formats import BLANK_RANGE, DatasetError
+from client.data.formats import BLANK_RANGE, DatasetError, load_dataset
 from client.data.inspect import inspect_dataset
 from client.data.labels import EMOTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 FER2013 = REPO.parent / "shared" / "data" / "fer2013"
 FER_SIM = Path(sys.executable).with_name("fer-sim")
+# A tiny FER2013 folder copy with planted duplicates, overlap and blanks (tests/fixtures/make_fer2013_mini.py).
+MINI = REPO / "tests" / "fixtures" / "fer2013_mini"
 
 
 def _face(seed: int) -> np.ndarray:
@@ -94,8 +96,19 @@ def test_cli_json_is_one_object_matching_the_library(tmp_path):
     assert json.loads(result.stdout) == inspect_dataset(f"faces={tmp_path}")
 
 
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """The rows of every table `fer-sim inspect` prints, keyed by their first cell (rich's box drawing)."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("│"):
+            cells = [cell.strip() for cell in line.strip("│").split("│")]
+            if cells[0]:
+                rows[cells[0]] = cells[1:]
+    return rows
+
+
 def test_cli_tables_show_counts_and_problems(tmp_path):
-    """The human report names the format, the classes with their counts, and the problems found."""
+    """The human report's class table holds every split's counts and the problems table each problem's count."""
     # Prepare
     _make_site(tmp_path)
 
@@ -104,10 +117,29 @@ def test_cli_tables_show_counts_and_problems(tmp_path):
 
     # Assert
     assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert "faces" in out and "happy" in out and "48x48 (6)" in out
-    for problem in ("unreadable files", "blank images", "test images also in train"):
-        assert problem in out
+    rows = _table_rows(result.stdout)
+    assert {name: rows[name] for name in (*EMOTIONS, "total")} == {
+        **{name: ["0", "0"] for name in EMOTIONS}, "happy": ["3", "1"], "sad": ["1", "0"], "angry": ["0", "1"],
+        "total": ["4", "2"]}
+    assert "48x48 (6)" in result.stdout
+    assert rows["unreadable files (skipped)"][0] == "1"
+    assert rows["blank images (kept)"][0] == "1"
+    assert rows["test images also in train"][0] == "1"
+
+
+def test_cli_on_clean_synthetic_data_reports_zero_problems():
+    """Clean synthetic data: the counts of synthetic=20 and an explicit "No problems found.", no problems table."""
+    # Execute
+    result = _fer_sim("inspect", "--dataset", "synthetic=20")
+
+    # Assert
+    assert (result.returncode, result.stderr) == (0, "")
+    rows = _table_rows(result.stdout)
+    assert rows["total"] == ["20", "4"]
+    assert sum(int(rows[name][0]) for name in EMOTIONS) == 20
+    assert "SYNTHETIC data" in result.stdout
+    assert result.stdout.rstrip().endswith("No problems found.")
+    assert "problem" not in {line.split()[0] for line in result.stdout.splitlines() if line.startswith("┃")}
 
 
 def _bad_csv(root: Path) -> Path:
@@ -214,3 +246,69 @@ def test_real_fer2013_counts_and_known_problems():
         assert int(pixels.max()) - int(pixels.min()) <= BLANK_RANGE
     for name in ("unreadable", "non_image", "missing", "no_face", "unknown_folders"):
         assert problems[name]["count"] == 0
+
+
+# --- committed FER2013-layout JPEG fixture -------------------------------------------------------------------------
+
+def test_fer2013_folder_loader_decodes_the_committed_jpegs():
+    """Every fixture JPEG is loaded as OpenCV decodes it, labelled by its emotion folder, in its split."""
+    # Execute
+    dataset = load_dataset(f"fer2013={MINI}")
+
+    # Assert
+    assert (dataset.kind, dataset.format, dataset.synthetic) == ("fer2013", "fer2013-folder", False)
+    for split in ("train", "test"):
+        loaded = dataset.splits[split]
+        files = sorted(p.relative_to(MINI).as_posix() for p in (MINI / split).rglob("*.jpg"))
+        assert sorted(loaded.sources) == files
+        for source, image, label in zip(loaded.sources, loaded.images, loaded.labels):
+            np.testing.assert_array_equal(image, cv2.imread(str(MINI / source), cv2.IMREAD_GRAYSCALE))
+            assert EMOTIONS[label] == source.split("/")[1]
+
+
+def test_fer2013_fixture_audit_finds_every_planted_problem():
+    """Duplicates (one group with conflicting labels per split), the train/test overlap and the blanks planted in
+    the fixture are found, and agree with an independent pass over the files' bytes."""
+    # Prepare
+    within, shared = _byte_duplicates(MINI)
+
+    # Execute
+    report = inspect_dataset(f"fer2013={MINI}")
+
+    # Assert: the independent pass, and what make_fer2013_mini.py planted
+    assert within == {"train": (2, 3, 1), "test": (1, 1, 1)}
+    assert shared == {"groups": 2, "images": {"train": 2, "test": 3}}
+    problems = report["problems"]
+    for split, (groups, extra, conflicting) in within.items():
+        found = problems["duplicates"]["by_split"][split]
+        assert (found["groups"], found["extra_copies"], found["conflicting_groups"]) == (groups, extra, conflicting)
+    assert problems["duplicates"]["by_split"]["train"]["conflicting_examples"] == [
+        ["train/fear/Training_90003.jpg", "train/sad/Training_00017.jpg"]]
+    pair = problems["shared_across_splits"]["by_pair"]["train/test"]
+    assert {"groups": pair["groups"], "images": pair["images"]} == shared
+    assert pair["examples"] == [["train/angry/Training_00001.jpg", "test/angry/PublicTest_90004.jpg"],
+                                ["train/surprise/Training_00021.jpg", "test/surprise/PublicTest_90006.jpg"]]
+    blank = problems["blank"]
+    assert (blank["all_black"], blank["flat"], blank["by_split"]) == (1, 1, {"train": 1, "test": 1})
+    assert blank["examples"] == ["train/neutral/Training_00028.jpg", "test/surprise/PublicTest_00040.jpg"]
+    for name in ("unreadable", "non_image", "missing", "no_face", "unknown_folders"):
+        assert problems[name]["count"] == 0
+
+
+def test_cli_prints_the_fixtures_counts_and_problems():
+    """`fer-sim inspect` prints the fixture's per-class counts and each planted problem's image count."""
+    # Execute
+    result = _fer_sim("inspect", "--dataset", f"fer2013={MINI}")
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    rows = _table_rows(result.stdout)
+    files = {split: {name: len(list((MINI / split / name).glob("*.jpg"))) for name in EMOTIONS}
+             for split in ("train", "test")}
+    for name in EMOTIONS:
+        assert rows[name] == [str(files["train"][name]), str(files["test"][name])]
+    assert rows["total"] == [str(sum(files["train"].values())), str(sum(files["test"].values()))]
+    assert rows["blank images (kept)"][0] == "2"
+    assert rows["duplicates in train (kept)"][0] == "3"
+    assert rows["duplicates in test (kept)"][0] == "1"
+    assert rows["test images also in train"][0] == "3"

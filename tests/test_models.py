@@ -32,13 +32,13 @@ NUM_CLASSES = 5
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """These tensors are small: a second intra-op thread only adds contention on the shared 2-core CI machine, and
-    oneDNN would compile a kernel for every new layer shape. Restored afterwards for other modules' tests."""
-    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    """These tensors are small: a second intra-op thread only adds contention on the shared 2-core CI machine.
+    Restored afterwards for other modules' tests. oneDNN stays as production runs it (on): the models are tested
+    on the backend that trains them."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
+    assert torch.backends.mkldnn.enabled, "the production CPU backend (oneDNN) is what these tests must exercise"
     yield
-    torch.backends.mkldnn.enabled = mkldnn
     torch.set_num_threads(threads)
 
 
@@ -134,9 +134,9 @@ def test_dp_build_passes_opacus_validation_and_plain_build_does_not(name):
     ModuleValidator.validate(dp_model, strict=True)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in dp_model.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in dp_model.modules())
-    if any(isinstance(m, nn.BatchNorm2d) for m in plain_model.modules()):
-        with pytest.raises(UnsupportedModuleError):
-            ModuleValidator.validate(plain_model, strict=True)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in plain_model.modules())  # every paper model uses BatchNorm
+    with pytest.raises(UnsupportedModuleError):
+        ModuleValidator.validate(plain_model, strict=True)
 
 
 @pytest.mark.slow

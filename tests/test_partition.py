@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
 from simulation.partition import SCHEMES, partition_labels, partition_stats
-from client.profiles import PROFILES, assign_profiles
+from client.profiles import assign_profiles
 
 # FER2013's training-set class counts (angry .. neutral), so the rare "disgust" class is rare here too.
 _FER2013_COUNTS = (3995, 436, 4097, 7215, 4830, 3171, 4965)
@@ -223,10 +221,21 @@ def test_bad_arguments_raise_one_clear_line(kwargs, message):
 
 
 def test_profiles_weights_feed_the_partitioner():
-    """The profile registry's data weights are what the partitioner receives (hospital 4, IoT 1)."""
-    profiles = assign_profiles(10, {"hospital": 0.2, "iot": 0.8}, seed=0)
+    """A simulated federation's plan gives each client the share of the data its profile's weight asks for:
+    with one hospital (weight 4) and four IoT hubs (weight 1) on an IID split, 4/8 and 1/8 of the faces."""
+    from client.config import RunSettings
+    from simulation.federation import federation_plan, federation_stats
 
-    weights = [profile.data_weight for profile in profiles]
+    # Prepare
+    settings = RunSettings(dataset="synthetic=400", num_clients=5, partition="iid", profile_mix="hospital=0.2,iot=0.8",
+                           out_dir="unused")
 
-    assert sorted(weights) == [1.0] * 8 + [4.0] * 2
-    assert math.isclose(PROFILES["hospital"].data_weight / PROFILES["iot"].data_weight, 4.0)
+    # Execute
+    plan = federation_plan(settings)
+    stats = federation_stats(settings)
+
+    # Assert
+    sizes = {client.client_id: (client.profile.name, len(client.indices)) for client in plan}
+    assert sorted(sizes.values()) == [("hospital", 200)] + [("iot", 50)] * 4
+    assert {cid: (entry["profile"], entry["size"]) for cid, entry in stats["clients"].items()} == sizes
+    assert len(np.unique(np.concatenate([client.indices for client in plan]))) == 400

@@ -14,9 +14,12 @@ import pytest
 import torch
 
 from server.metrics import classification_metrics, client_distribution, summarize
+from client.data.labels import EMOTIONS
 from server.report import write_report
 from server.rundir import RunDirectory, flatten_round, load_model
 from simulation.partition import partition_labels, partition_stats
+
+from tests.report_tables import expected_round_row, markdown_table, num, pct
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CONFIG = {"dataset": "synthetic", "num-clients": 4, "model": "cnn_am", "alpha": 0.5, "secure-agg": False}
@@ -358,3 +361,63 @@ def test_report_reads_the_federation_partition_layout(tmp_path):
     assert f"label skew (synthetic), mean total-variation distance from the global label mix: " \
            f"{block['label_skew_tv']:.3f}" in section
     assert (tmp_path / "run" / "plots" / "partition.png").read_bytes()[:8] == _PNG_SIGNATURE
+
+
+def _read_back(path) -> tuple[list[dict], dict]:
+    """metrics.jsonl and summary.json as the run wrote them to disk."""
+    rounds = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return rounds, json.loads((path / "summary.json").read_text())
+
+
+def test_report_tables_hold_the_rows_of_metrics_jsonl(tmp_path):
+    """Summary, Rounds and final per-class tables show, row by row, what metrics.jsonl and summary.json hold."""
+    # Prepare
+    _make_run(tmp_path / "run", rounds=3)
+    rounds, summary = _read_back(tmp_path / "run")
+
+    # Execute
+    text = write_report(tmp_path / "run").read_text()
+
+    # Assert
+    assert markdown_table(text, "Rounds") == [expected_round_row(record) for record in rounds]
+    final = rounds[-1]["server"]
+    assert markdown_table(text, "Final per-class results (server-side test set)") == [
+        {"class": name, "recall": pct(final["per_class_recall"][k]), "F1": num(final["per_class_f1"][k]),
+         "support": str(final["support"][k])} for k, name in enumerate(EMOTIONS)]
+    shown = {row[""]: row["value"] for row in markdown_table(text, "Summary")}
+    assert shown["final_accuracy"] == pct(summary["final_accuracy"]) == pct(rounds[-1]["server"]["accuracy"])
+    assert shown["best_round"] == str(summary["best_round"])
+    assert shown["rounds"] == "3"
+    assert shown["bytes_up"] == f"{sum(r['bytes_up'] for r in rounds) / 1e3:.2f} kB"
+
+
+def test_failed_rounds_are_shown_in_the_summary(tmp_path):
+    """summary.json's failed_rounds (a list) appears as a Summary row and as a warning naming each round's reason."""
+    # Prepare: round 2 failed as the ServerApp records it
+    run = _make_run(tmp_path / "run", rounds=3)
+    records = run.rounds()
+    records[2]["fit"].update(failed=True, failure="round 2: SecAgg+ halted: 1 of 3 shares received")
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run.write_summary({**run.read_json("summary.json"), "failed_rounds": [2]})
+
+    # Execute
+    text = write_report(tmp_path / "run").read_text()
+
+    # Assert
+    shown = {row[""]: row["value"] for row in markdown_table(text, "Summary")}
+    assert shown["failed_rounds"] == "2"
+    summary_section = text[text.index("## Summary"):text.index("## Configuration")]
+    assert "> **1 round failed**" in summary_section
+    assert "> - round 2: round 2: SecAgg+ halted: 1 of 3 shares received" in summary_section
+
+
+def test_a_run_without_failed_rounds_says_none(tmp_path):
+    """An empty failed_rounds list is shown as "none", with no failure warning."""
+    # Prepare
+    run = _make_run(tmp_path / "run", rounds=1)
+    run.write_summary({**run.read_json("summary.json"), "failed_rounds": []})
+    # Execute
+    text = write_report(tmp_path / "run").read_text()
+    # Assert
+    assert {row[""]: row["value"] for row in markdown_table(text, "Summary")}["failed_rounds"] == "none"
+    assert "failed**" not in text

@@ -13,6 +13,8 @@ from server.rundir import RunDirectory
 from simulation.cli.evaluate_cmd import evaluate_saved_model
 from simulation.runner import run_simulation
 
+from tests.report_tables import expected_round_row, markdown_table, pct
+
 pytestmark = pytest.mark.slow
 
 
@@ -64,7 +66,15 @@ def test_run_directory_is_complete(three_client_run):
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["round-001.pt", "round-002.pt"]
     assert summary["bytes_per_round"] > 0 and summary["rounds"] == 2
     report = (out / "report.md").read_text()
-    assert "synthetic" in report.lower()
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "synthetic" in report.splitlines()[0].lower()
+    assert markdown_table(report, "Rounds") == [expected_round_row(record) for record in rounds]
+    shown = {row[""]: row["value"] for row in markdown_table(report, "Summary")}
+    assert shown["final_accuracy"] == pct(rounds[-1]["server"]["accuracy"])
+    assert shown["failed_rounds"] == "none"
+    final = rounds[-1]["server"]
+    assert [row["recall"] for row in markdown_table(report, "Final per-class results (server-side test set)")] == [
+        pct(value) for value in final["per_class_recall"]]
     for image in (out / "plots").glob("*.png"):
         assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = torch.load(out / "model.pt", weights_only=True)

@@ -55,7 +55,6 @@ def _params(arrays) -> Parameters:
 @pytest.mark.parametrize(
     ("arrays", "num_examples", "expected"),
     [
-        (_make_delta(0.1), 10, None),
         (_make_delta(0.1)[:1], 10, "expected 2 arrays"),
         ([np.zeros((2, 3), np.float32), np.zeros(4, np.float32)], 10, "shape"),
         ([np.zeros((3, 2), np.float64), np.zeros(4, np.float32)], 10, "dtype"),
@@ -68,13 +67,16 @@ def _params(arrays) -> Parameters:
     ],
 )
 def test_validate_update_names_the_problem(arrays, num_examples, expected):
-    """Each kind of malformed update is rejected with a reason that names it; a good one passes."""
+    """Each kind of malformed update is rejected with a reason that names it."""
     reason = validate_update(arrays, expected_shapes=SHAPES, num_examples=num_examples, max_norm=10.0, max_examples=1000)
 
-    if expected is None:
-        assert reason is None
-    else:
-        assert expected in reason
+    assert expected in reason
+
+
+def test_validate_update_passes_a_good_update():
+    """A well-formed update within the bounds has no reason to be rejected."""
+    assert validate_update(_make_delta(0.1), expected_shapes=SHAPES, num_examples=10, max_norm=10.0,
+                           max_examples=1000) is None
 
 
 def test_malformed_updates_are_rejected_and_the_round_goes_on():
@@ -130,20 +132,25 @@ def test_undecodable_bytes_are_rejected_not_unpickled():
     assert "undecodable" in guard.report(1).rejected[0]["reason"]
 
 
-@pytest.mark.parametrize("name", list_strategies())
+@pytest.mark.parametrize("name", [name for name in list_strategies() if name != "fedadam"])
 def test_every_strategy_aggregates_identical_updates_to_that_update(name):
-    """Identical accepted deltas must give global + delta under every registered rule (FedAdam: moves towards it)."""
+    """Identical accepted deltas must give global + delta under every registered averaging rule."""
     guard = _make_guard(name)
     results = [(_Proxy(str(i)), _make_fitres(_make_delta(0.5), client=f"c{i}")) for i in range(5)]
 
     parameters, _ = guard.aggregate_fit(1, results, [])
 
-    aggregated = parameters_to_ndarrays(parameters)
-    if name == "fedadam":
-        # FedAdam starts from its initial (zero) weights and takes one adaptive step towards the average (1.5).
-        assert all(np.all((a > 0) & (a < 1.5)) for a in aggregated)
-    else:
-        assert all(np.allclose(a, 1.5) for a in aggregated)
+    assert all(np.allclose(a, 1.5) for a in parameters_to_ndarrays(parameters))
+
+
+def test_fedadam_steps_from_its_initial_weights_towards_identical_updates():
+    """FedAdam starts from its initial (zero) weights and takes one adaptive step towards the average (1.5)."""
+    guard = _make_guard("fedadam")
+    results = [(_Proxy(str(i)), _make_fitres(_make_delta(0.5), client=f"c{i}")) for i in range(5)]
+
+    parameters, _ = guard.aggregate_fit(1, results, [])
+
+    assert all(np.all((a > 0) & (a < 1.5)) for a in parameters_to_ndarrays(parameters))
 
 
 def test_unknown_strategy_lists_known_ones():
@@ -162,3 +169,76 @@ def test_metrics_aggregator_weights_by_examples_and_skips_empty_replies():
         "accuracy": pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
     }
     assert aggregate([(5, {})]) == {}
+
+
+# --- robust rules against an outlier ------------------------------------------------------------------------------
+
+def _make_outlier_round(*, honest: int = 4, seed: int = 0) -> list[list[np.ndarray]]:
+    """`honest` deltas scattered around 0.2 (per element) and one last outlier at 3.0 on every element: norm 9.5,
+    inside the guard's bound of 10, so only the aggregation rule can keep it out."""
+    rng = np.random.default_rng(seed)
+    deltas = [[rng.uniform(0.1, 0.3, shape).astype(np.float32) for shape in SHAPES] for _ in range(honest)]
+    return [*deltas, [np.full(shape, 3.0, np.float32) for shape in SHAPES]]
+
+
+def _aggregate(name: str, deltas: list[list[np.ndarray]], **options) -> list[np.ndarray]:
+    guard = _make_guard(name, **options)
+    results = [(_Proxy(str(i)), _make_fitres(d, num_examples=10 + 7 * i, client=f"c{i}")) for i, d in enumerate(deltas)]
+    parameters, _ = guard.aggregate_fit(1, results, [])
+    assert guard.report(1).num_accepted == len(deltas)  # the guard let the outlier through: the rule must cope
+    return parameters_to_ndarrays(parameters)
+
+
+def test_fedavg_is_pulled_by_an_outlier():
+    """The contrast the robust rules are tested against: FedAvg's example-weighted mean moves towards the outlier."""
+    deltas = _make_outlier_round()
+    weights = np.array([10 + 7 * i for i in range(len(deltas))], float)
+
+    aggregated = _aggregate("fedavg", deltas)
+
+    for k, array in enumerate(aggregated):
+        expected = 1.0 + sum(w * d[k] for w, d in zip(weights, deltas)) / weights.sum()
+        np.testing.assert_allclose(array, expected, rtol=1e-5)
+        assert np.all(array > 1.3)  # every honest delta is <= 0.3
+
+
+def test_fedmedian_takes_the_coordinate_wise_median():
+    """FedMedian gives global + the per-element median of the deltas, which the outlier cannot move past the
+    honest values."""
+    deltas = _make_outlier_round()
+
+    aggregated = _aggregate("fedmedian", deltas)
+
+    for k, array in enumerate(aggregated):
+        stacked = np.stack([d[k] for d in deltas])
+        np.testing.assert_allclose(array, 1.0 + np.median(stacked, axis=0), rtol=1e-6)
+        assert np.all(array <= 1.3)
+
+
+def test_fedtrimmedavg_drops_the_extremes_of_each_coordinate():
+    """With beta 0.2 and 5 clients, each element drops its lowest and highest value (the outlier's among them)
+    and averages the middle 3 without example weights."""
+    deltas = _make_outlier_round()
+
+    aggregated = _aggregate("fedtrimmedavg", deltas, trimmed_beta=0.2)
+
+    for k, array in enumerate(aggregated):
+        middle = np.sort(np.stack([d[k] for d in deltas]), axis=0)[1:-1]
+        np.testing.assert_allclose(array, 1.0 + middle.mean(axis=0), rtol=1e-6)
+        assert np.all(array <= 1.3)
+
+
+def test_krum_selects_the_most_central_update_never_the_outlier():
+    """Krum (f = 1) returns the one update whose n - f - 2 nearest neighbours are closest, scored here by hand."""
+    deltas = _make_outlier_round()
+    flat = [np.concatenate([a.ravel() for a in d]).astype(np.float64) for d in deltas]
+    keep = len(flat) - 1 - 2
+    scores = [sorted(float(((x - y) ** 2).sum()) for j, y in enumerate(flat) if j != i)[:keep]
+              for i, x in enumerate(flat)]
+    chosen = int(np.argmin([sum(s) for s in scores]))
+
+    aggregated = _aggregate("krum", deltas, krum_malicious=1)
+
+    assert chosen != len(deltas) - 1
+    for k, array in enumerate(aggregated):
+        np.testing.assert_allclose(array, 1.0 + deltas[chosen][k], rtol=1e-6)

@@ -55,9 +55,14 @@ def resume(
     checkpoint = run.latest_checkpoint()
     if checkpoint is None:
         raise click.ClickException(f"{run_dir} has no checkpoint yet; start the run again with `fer-server start`")
-    done = json.loads(checkpoint.with_suffix(".json").read_text())["round"]
     try:
-        settings = RunSettings.from_run_config(json.loads(config_path.read_text()))
+        run_config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise click.ClickException(f"{config_path}: not a readable JSON run config ({err})") from None
+    if not isinstance(run_config, dict):
+        raise click.ClickException(f"{config_path}: expected a JSON object of run-config keys")
+    try:
+        settings = RunSettings.from_run_config(run_config)
         settings = settings.replace(out_dir=str(run_dir), resume_from=str(checkpoint))
         if settings.secure_agg and settings.secagg_timeout == 0:
             settings = settings.replace(secagg_timeout=DEFAULT_SECAGG_TIMEOUT)
@@ -65,6 +70,7 @@ def resume(
             settings = settings.replace(round_timeout=DEFAULT_ROUND_TIMEOUT)
     except ConfigError as err:
         raise click.ClickException(f"{config_path}: {err}") from None
+    done = _checkpoint_round(checkpoint, model=settings.model)
     if done >= settings.num_server_rounds:
         raise click.ClickException(f"{run_dir} already completed all {settings.num_server_rounds} rounds")
     typer.echo(f"resuming {run_dir} after round {done} of {settings.num_server_rounds}")
@@ -72,3 +78,22 @@ def resume(
         settings=settings, certs=certs, state_dir=state_dir, host=host, port=port, connect_host=connect_host,
         insecure=insecure, enroll=enroll or [], timeout=timeout, keep_running=keep_running,
     )
+
+
+def _checkpoint_round(checkpoint: Path, *, model: str) -> int:
+    """The round `checkpoint` completed, after checking here, before any SuperLink starts, what the ServerApp would
+    only find once the sites have joined: that the file is intact (sha256, weights only) and holds the run's model.
+    """
+    from server.rundir import load_model
+
+    try:
+        _, meta = load_model(checkpoint)
+        done = int(meta["round"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise click.ClickException(f"checkpoint {checkpoint} cannot be resumed from ({reason})") from None
+    if meta.get("name") != model:
+        raise click.ClickException(
+            f"checkpoint {checkpoint} holds model {meta.get('name')!r} but the run's config.json says {model!r}"
+        )
+    return done

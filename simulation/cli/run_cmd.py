@@ -144,9 +144,20 @@ def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = F
         )
     if settings.model not in list_models():
         raise click.ClickException(f"--model {settings.model!r} is unknown; known: {', '.join(list_models())}")
+    fresh = not Path(settings.out_dir).exists()
     try:
         run_dir = RunDirectory(settings.out_dir)
     except (FileExistsError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        # The data and the federation's layout are checked before anything is written, so a user's mistake leaves
+        # no half-made run behind (the plan is cached: the run reuses it).
+        from simulation.federation import federation_plan
+
+        federation_plan(settings)
+    except (DatasetError, ConfigError, ValueError) as err:  # ValueError: the partitioner's one-line refusals
+        if fresh:
+            run_dir.path.rmdir()  # made empty just above; rmdir cannot remove anything else
         raise click.ClickException(str(err)) from None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:
