@@ -67,8 +67,8 @@ def resume(
         raise click.ClickException(f"{config_path}: {err}") from None
     if done >= settings.num_server_rounds:
         raise click.ClickException(f"{run_dir} already completed all {settings.num_server_rounds} rounds")
-    typer.echo(f"resuming {run_dir} after round {done} of {settings.num_server_rounds}")
     launch(
         settings=settings, certs=certs, state_dir=state_dir, host=host, port=port, connect_host=connect_host,
         insecure=insecure, enroll=enroll or [], timeout=timeout, keep_running=keep_running,
+        command="fer-server resume", banner=f"resuming {run_dir} after round {done} of {settings.num_server_rounds}",
     )

@@ -142,8 +142,36 @@ def launch(
     enroll: list[Path],
     timeout: float | None,
     keep_running: bool,
+    command: str = "fer-server start",
+    banner: str | None = None,
 ) -> None:
-    """Starts the SuperLink, enrols keys, submits the run and follows it; shared by `start` and `resume`."""
+    """Starts the SuperLink, enrols keys, submits the run and follows it; shared by `start` and `resume`.
+
+    A live predecessor (a fer-server on the same state or run directory, or anything on the port) stops it before
+    anything is written (CoordinatorLocks). The SuperLink's whole process tree dies with this process, however it
+    dies, and holds the locks until it is gone: a later `resume` can never race a leftover of this one.
+    """
+    from server.deploy import CoordinatorLocks, DeployError
+
+    try:
+        locks = CoordinatorLocks.claim(state_dir=state_dir, run_dir=Path(settings.out_dir), host=host, port=port,
+                                       command=command)
+    except DeployError as err:
+        raise click.ClickException(str(err)) from None
+    if banner:
+        typer.echo(banner)
+    try:
+        _launch_locked(settings=settings, certs=certs, state_dir=state_dir, host=host, port=port,
+                       connect_host=connect_host, insecure=insecure, enroll=enroll, timeout=timeout,
+                       keep_running=keep_running, locks=locks)
+    finally:
+        locks.release()
+
+
+def _launch_locked(
+    *, settings, certs: Path, state_dir: Path, host: str, port: int, connect_host: str, insecure: bool,
+    enroll: list[Path], timeout: float | None, keep_running: bool, locks,
+) -> None:
     from server.deploy import DeployError, SuperLink, SuperLinkSettings, TlsFiles
     from server.report import write_report
 
@@ -162,9 +190,10 @@ def launch(
     )
     run_dir = Path(settings.out_dir)
     try:
-        link = SuperLink.start(link_settings)
+        link = SuperLink.start(link_settings, pass_fds=locks.fds)
     except DeployError as err:
         raise click.ClickException(str(err)) from None
+    locks.add_helper(link.process.pid)
     try:
         scheme = "http" if insecure else "https"
         typer.echo(f"SuperLink listening on {scheme}://{host}:{port} (state: {link.state_dir})")
