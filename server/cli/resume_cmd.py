@@ -3,6 +3,10 @@
 Flower marks the interrupted run as failed; this submits a new run with the same configuration that starts from
 the checkpoint, writing into the same run directory (rounds after the checkpoint replace any the dead run logged).
 SuperNodes reconnect by themselves; each node's privacy ledger lives on the node, so its spend carries over.
+
+It refuses to start while anything of the dead run is still alive (its supervisor still holds the state and run
+directory locks, or something holds the port): see `launch`. On success it writes summary.json, report.md and the
+plots like an uninterrupted run; on failure its own SuperLink tree is stopped, so nothing goes on advancing the run.
 """
 
 from __future__ import annotations
