@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -314,8 +315,10 @@ def test_sigkilled_server_leaves_nothing_running_and_resume_finishes_every_round
     assert [r["fit"]["num_accepted"] for r in records[1:]] == [2, 2, 2]
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
     assert _report_rounds(run_dir / "report.md") == ["0", "1", "2", "3"]
-    for plot in ("accuracy.png", "loss.png", "clients.png"):
-        assert (run_dir / "plots" / plot).stat().st_size > 0, plot
+    shown = re.findall(r"\]\((plots/[^)]+\.png)\)", (run_dir / "report.md").read_text())
+    assert {"plots/accuracy.png", "plots/loss.png", "plots/privacy.png"} <= set(shown), shown
+    for plot in shown:
+        assert (run_dir / plot).stat().st_size > 0, plot
     reported = {c["client_id"]: c for c in json.loads((run_dir / "privacy.json").read_text())["clients"]}
     from privacy.ledger import read_ledger
 
