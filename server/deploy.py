@@ -383,33 +383,45 @@ class CoordinatorLocks:
         return Path(state_dir).resolve() / STATE_LOCK, run_dir.parent / f".{run_dir.name}.fer-server.lock"
 
     @classmethod
-    def claim(cls, *, state_dir: Path, run_dir: Path, host: str, port: int, command: str) -> CoordinatorLocks:
-        """Checks for a live predecessor, then takes both locks. Nothing is written unless every check passes.
+    def probe(cls, *, state_dir: Path, run_dir: Path, host: str, port: int) -> None:
+        """Checks for a live predecessor without writing anything.
 
         Raises:
             DeployError: one line naming the live holder (state directory, run directory or port) and what to do.
         """
-        state_lock, run_lock = cls.paths(state_dir=state_dir, run_dir=run_dir)
-        checks = ((state_lock, f"state directory {Path(state_dir).resolve()}", "use another --state-dir"),
-                  (run_lock, f"run directory {Path(run_dir).resolve()}", "let it finish"))
-        for lock_path, what, otherwise in checks:  # a probe first: a refused start writes nothing
+        for lock_path, what, otherwise in cls._checks(state_dir=state_dir, run_dir=run_dir):
             holder = InstanceLock.holder_of(lock_path)
             if holder is not None:
                 raise DeployError(_in_use(what, holder, otherwise))
         if port_in_use(host, port):
             raise DeployError(_port_taken(port, port_holder(port)))
+
+    @classmethod
+    def claim(cls, *, state_dir: Path, run_dir: Path, host: str, port: int, command: str) -> CoordinatorLocks:
+        """`probe`, then takes both locks (creating the state directory): nothing is written unless it passes.
+
+        Raises:
+            DeployError: as `probe`, also when another start wins the race for a lock.
+        """
+        cls.probe(state_dir=state_dir, run_dir=run_dir, host=host, port=port)
         locks: list[InstanceLock] = []
         try:
-            for lock_path, what, otherwise in checks:
+            for lock_path, what, otherwise in cls._checks(state_dir=state_dir, run_dir=run_dir):
                 try:
                     locks.append(InstanceLock.acquire(lock_path, command=command))
-                except LockedError as err:  # lost a race with another start
+                except LockedError as err:
                     raise DeployError(_in_use(what, err.holder or LockHolder(0, "another process"), otherwise)) from None
         except BaseException:
             for lock in locks:
                 lock.release()
             raise
         return cls(state=locks[0], run=locks[1])
+
+    @classmethod
+    def _checks(cls, *, state_dir: Path, run_dir: Path) -> tuple[tuple[Path, str, str], ...]:
+        state_lock, run_lock = cls.paths(state_dir=state_dir, run_dir=run_dir)
+        return ((state_lock, f"state directory {Path(state_dir).resolve()}", "use another --state-dir"),
+                (run_lock, f"run directory {Path(run_dir).resolve()}", "let it finish"))
 
     @property
     def fds(self) -> tuple[int, int]:

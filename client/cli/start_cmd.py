@@ -126,7 +126,7 @@ def start(
     )
     typer.echo(f"joining {server} as {client_id or 'this node'} (Ctrl-C leaves)")
     try:
-        _run_supernode(settings, lock=lock, client_id=client_id)
+        _run_supernode(settings, lock=lock)
     finally:
         lock.release()
 
@@ -141,7 +141,7 @@ def _raise_stopped(signum, _frame) -> None:
     raise _Stopped(signum)
 
 
-def _run_supernode(settings, *, lock, client_id: str | None) -> None:
+def _run_supernode(settings, *, lock) -> None:
     """Runs the SuperNode under its supervisor (client/lifetime.py) until it exits or we are told to stop.
 
     SIGTERM and SIGINT both stop it within seconds. Both handlers are installed explicitly: a shell starts a
