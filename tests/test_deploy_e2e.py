@@ -25,20 +25,22 @@ from client.lifetime import cmdline, descendants, pid_alive
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-# How far above both the initial model and a one-class predictor the trained model must score: 2 rounds of 3
-# epochs reached 0.31-0.38 (see RUN_CONFIG), a one-class model scores 23/160 = 0.144 on the server's test set.
-MARGIN = 0.10
+# How far above both the initial model (0.1125) and a one-class predictor (23/160 = 0.144 on the server's test set)
+# the trained model must score. With the default lr 3e-4 this federation reached only 0.169 after 2 rounds, which
+# the old `> 1/7` check passed; see RUN_CONFIG for what it reaches now.
+MARGIN = 0.08
 # The crash test checks book-keeping, not learning: smaller node datasets and one local epoch keep its 3 rounds short.
 SMALL = "synthetic=240"
-# Small and quick. Of the registered models, CNN-AM's federated (GroupNorm) build moved off chance fastest on the
-# synthetic faces in a quick check (0.31-0.38 after 2 rounds of 3 epochs on 640 faces; chance is 0.14).
-# Clients evaluate nothing (the server's test set scores each round), so a round costs one ClientApp start-up
-# per node instead of two.
+# Small and quick: CNN-AM's federated (GroupNorm) build, every site on the same 640 synthetic training faces. Adam
+# at lr 1e-3, fresh each round as in a ClientApp, measured on those faces alone: 0.206 after 3 epochs, 0.269 after
+# 6 (lr 3e-4: 0.169 federated; 2e-3: 0.175). Clients evaluate nothing (the server's test set scores each round),
+# so a round costs one ClientApp start-up per node instead of two.
 RUN_CONFIG = """\
 model = "cnn_am"
 dataset = "synthetic=800"
 local-epochs = 3
 batch-size = 32
+lr = 0.001
 fraction-evaluate = 0.0
 """
 
