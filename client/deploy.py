@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import time
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from client.lifetime import descendants, spawn_supervised, stop_tree  # noqa: F401 - re-exported
 
 PRIVATE_KEY = "node.key"
 PUBLIC_KEY = "node.pub"
@@ -84,45 +85,6 @@ def wait_for_port(host: str, port: int, *, timeout: float, process: subprocess.P
         except OSError:
             time.sleep(0.2)
     raise TimeoutError(f"nothing answered on {host}:{port} within {timeout:.0f} s")
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of `pid` (from /proc), children first. Flower detaches some of its helpers into new
-    sessions, so a process-group kill misses them; walking the parent links does not."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def stop_tree(process: subprocess.Popen, *, timeout: float = 5.0, kill: bool = False) -> None:
-    """Stops `process` and everything it started: SIGTERM (SIGKILL with `kill`), then SIGKILL after `timeout`."""
-    if process.poll() is not None:
-        return
-    pids = [process.pid, *descendants(process.pid)]
-    # A polite signal first (unless told to kill), then SIGKILL for whatever is still there.
-    for sig in ([] if kill else [signal.SIGTERM]) + [signal.SIGKILL]:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def check_data(*, spec: str, image_size: int = 48, seed: int = 42) -> str:
@@ -211,12 +173,15 @@ def flower_env() -> dict[str, str]:
     return env
 
 
-def start_supernode(settings: SuperNodeSettings, *, log_file: Path | None = None) -> subprocess.Popen:
-    """Starts `flower-supernode`; its output goes to `log_file` (or is inherited when None)."""
+def start_supernode(
+    settings: SuperNodeSettings, *, log_file: Path | None = None, pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen:
+    """Starts `flower-supernode` under a supervisor (client/lifetime.py: the SuperNode, its SuperExec and every
+    ClientApp die with the caller); its output goes to `log_file` (or is inherited when None). `pass_fds` go to
+    the supervisor only (the state directory's lock, held until the last process of the tree is gone)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     if log_file is None:
-        return subprocess.Popen(settings.command(), env=settings.env(), stdin=subprocess.DEVNULL)
+        return spawn_supervised(settings.command(), env=settings.env(), pass_fds=pass_fds)
     with open(log_file, "ab") as log:
-        return subprocess.Popen(
-            settings.command(), env=settings.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+        return spawn_supervised(settings.command(), env=settings.env(), stdout=log, stderr=subprocess.STDOUT,
+                                pass_fds=pass_fds)

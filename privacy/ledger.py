@@ -536,5 +536,26 @@ class PrivacyLedger:
         return self._rounds[-1].epsilon_after if self._rounds else 0.0
 
 
+def read_ledger(path: str | os.PathLike[str], *, key_file: str | os.PathLike[str]) -> tuple[dict, tuple[LedgerRound, ...]]:
+    """Reads a ledger without opening it for charging (no anchor check, nothing written), for a status line such as
+    the one `fer-client` prints when it stops. Returns its terms (client_id, budget_epsilon, delta, accountant) and
+    its rounds.
+
+    Raises:
+        LedgerError: the file or key cannot be read, or the ledger does not authenticate under the key.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LedgerError(f"privacy ledger {path} does not exist")
+    box = _Box(_read_key(Path(key_file)))
+    with _locked(path):
+        blob = _read_or_none(path)
+    if blob is None:
+        raise LedgerError(f"privacy ledger {path} does not exist")
+    document = box.open(blob, purpose="ledger", where=path)
+    terms = {name: document.get(name) for name in ("client_id", "budget_epsilon", "delta", "accountant")}
+    return terms, _rounds_of(document, path)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -25,7 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.deploy import descendants, free_port, stop_tree, wait_for_port  # noqa: F401
+from client.deploy import free_port, wait_for_port  # noqa: F401
+from client.lifetime import (  # noqa: F401 - descendants and stop_tree re-exported for the tests
+    InstanceLock,
+    LockedError,
+    LockHolder,
+    cmdline,
+    descendants,
+    dying_with_me,
+    port_holder,
+    port_in_use,
+    spawn_supervised,
+    stop_tree,
+)
 from server.control_guard import TOKEN_FILE as CONTROL_TOKEN
 from server.control_guard import issue_control_token
 from server.fab_signing import SIGNING_KEY_ENV
@@ -172,8 +184,12 @@ class SuperLink:
         return self.state_dir / "flwr"
 
     @classmethod
-    def start(cls, settings: SuperLinkSettings, *, timeout: float = 60.0) -> SuperLink:
-        """Starts `flower-superlink` and waits until its port answers; its output goes to state_dir/superlink.log."""
+    def start(cls, settings: SuperLinkSettings, *, timeout: float = 60.0, pass_fds: tuple[int, ...] = ()) -> SuperLink:
+        """Starts `flower-superlink` and waits until its port answers; its output goes to state_dir/superlink.log.
+
+        It runs under a supervisor (client/lifetime.py), so the SuperLink, its SuperExec and the ServerApp die with
+        this process however it dies. `pass_fds` go to the supervisor only (the state directory's lock: held
+        until the last process of the tree is gone)."""
         state_dir = Path(settings.state_dir).resolve()
         state_dir.mkdir(parents=True, exist_ok=True)
         link = cls(state_dir=state_dir, signing_key=settings.tls.signing_key if settings.tls else None)
@@ -185,9 +201,9 @@ class SuperLink:
         issue_control_token(state_dir=state_dir, flwr_home=link.flwr_home, address=address)
         log = open(state_dir / LOG_FILE, "ab")  # noqa: SIM115 - the child owns it
         try:
-            link.process = subprocess.Popen(
-                settings.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=flower_env(flwr_home=link.flwr_home), cwd=state_dir,
+            link.process = spawn_supervised(
+                settings.command(), stdout=log, stderr=subprocess.STDOUT,
+                env=flower_env(flwr_home=link.flwr_home), cwd=state_dir, pass_fds=pass_fds,
             )
         finally:
             log.close()
@@ -195,6 +211,9 @@ class SuperLink:
             wait_for_port(settings.connect_host, settings.port, timeout=timeout, process=link.process)
         except TimeoutError as err:
             link.stop()
+            holder = port_holder(settings.port)
+            if holder is not None:  # taken between our check and the SuperLink's bind
+                raise DeployError(_port_taken(settings.port, holder)) from None
             raise DeployError(f"the SuperLink did not start ({err}); see {state_dir / LOG_FILE}") from None
         return link
 
@@ -226,6 +245,7 @@ class SuperLink:
         try:
             done = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+                preexec_fn=dying_with_me(),  # a `flwr run` must not submit on after fer-server died
             )
         except subprocess.TimeoutExpired:
             raise DeployError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s") from None
@@ -342,6 +362,89 @@ class SuperLink:
             if timeout is not None and now - started > timeout:
                 raise DeployError(f"run {run_id} did not finish within {timeout:.0f} s")
             time.sleep(poll if not summary_written else 2.0)
+
+
+STATE_LOCK = "fer-server.lock"
+
+
+@dataclass
+class CoordinatorLocks:
+    """The locks a running `fer-server start`/`resume` holds: its state directory and its run directory.
+
+    The run directory's lock is a hidden file beside it (`.NAME.fer-server.lock`): inside, it would make a new
+    run directory non-empty."""
+
+    state: InstanceLock
+    run: InstanceLock
+
+    @staticmethod
+    def paths(*, state_dir: Path, run_dir: Path) -> tuple[Path, Path]:
+        run_dir = Path(run_dir).resolve()
+        return Path(state_dir).resolve() / STATE_LOCK, run_dir.parent / f".{run_dir.name}.fer-server.lock"
+
+    @classmethod
+    def probe(cls, *, state_dir: Path, run_dir: Path, host: str, port: int) -> None:
+        """Checks for a live predecessor without writing anything.
+
+        Raises:
+            DeployError: one line naming the live holder (state directory, run directory or port) and what to do.
+        """
+        for lock_path, what, otherwise in cls._checks(state_dir=state_dir, run_dir=run_dir):
+            holder = InstanceLock.holder_of(lock_path)
+            if holder is not None:
+                raise DeployError(_in_use(what, holder, otherwise))
+        if port_in_use(host, port):
+            raise DeployError(_port_taken(port, port_holder(port)))
+
+    @classmethod
+    def claim(cls, *, state_dir: Path, run_dir: Path, host: str, port: int, command: str) -> CoordinatorLocks:
+        """`probe`, then takes both locks (creating the state directory): nothing is written unless it passes.
+
+        Raises:
+            DeployError: as `probe`, also when another start wins the race for a lock.
+        """
+        cls.probe(state_dir=state_dir, run_dir=run_dir, host=host, port=port)
+        locks: list[InstanceLock] = []
+        try:
+            for lock_path, what, otherwise in cls._checks(state_dir=state_dir, run_dir=run_dir):
+                try:
+                    locks.append(InstanceLock.acquire(lock_path, command=command))
+                except LockedError as err:
+                    raise DeployError(_in_use(what, err.holder or LockHolder(0, "another process"), otherwise)) from None
+        except BaseException:
+            for lock in locks:
+                lock.release()
+            raise
+        return cls(state=locks[0], run=locks[1])
+
+    @classmethod
+    def _checks(cls, *, state_dir: Path, run_dir: Path) -> tuple[tuple[Path, str, str], ...]:
+        state_lock, run_lock = cls.paths(state_dir=state_dir, run_dir=run_dir)
+        return ((state_lock, f"state directory {Path(state_dir).resolve()}", "use another --state-dir"),
+                (run_lock, f"run directory {Path(run_dir).resolve()}", "let it finish"))
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        return self.state.fd, self.run.fd
+
+    def add_helper(self, pid: int) -> None:
+        """Records the SuperLink's supervisor, which holds both locks until its tree is gone."""
+        self.state.add_helper(pid)
+        self.run.add_helper(pid)
+
+    def release(self) -> None:
+        self.state.release()
+        self.run.release()
+
+
+def _in_use(what: str, holder: LockHolder, otherwise: str) -> str:
+    return f"{what} is in use by {holder.describe()}: {holder.advice(otherwise)}"
+
+
+def _port_taken(port: int, pid: int | None) -> str:
+    if pid is None:
+        return f"port {port} is already in use by another process: stop it or choose another --port"
+    return f"port {port} is already in use by pid {pid} ({cmdline(pid)[:100]}): stop it or choose another --port"
 
 
 @contextmanager

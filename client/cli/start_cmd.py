@@ -15,6 +15,7 @@ from typing import Annotated
 import click
 import typer
 
+STATE_LOCK = "fer-client.lock"
 INSECURE_WARNING = (
     "WARNING: --insecure: no TLS and no node authentication. Model updates cross the network in the clear. "
     "Use only for a throw-away local test."
@@ -62,7 +63,8 @@ def start(
 ) -> None:
     """Check the data, then join the federation and train when the coordinator asks (Ctrl-C leaves)."""
     from client.data.formats import DatasetError
-    from client.deploy import SuperNodeSettings, check_data, free_port, start_supernode, stop_tree
+    from client.deploy import SuperNodeSettings, check_data, free_port, start_supernode
+    from client.lifetime import InstanceLock, LockedError
     from client.profiles import PROFILES
 
     if dp_epsilon is not None and not dp_epsilon > 0:
@@ -79,14 +81,22 @@ def start(
         raise click.ClickException(f"--profile must be one of {', '.join(PROFILES)}; got {profile!r}")
     if isolation not in ("subprocess", "process"):
         raise click.ClickException(f"--isolation must be subprocess or process; got {isolation!r}")
+    state_dir = state_dir.resolve()
+    lock_path = state_dir / STATE_LOCK
+    holder = InstanceLock.holder_of(lock_path)  # before anything is written: a refused start leaves no trace
+    if holder is not None:
+        raise click.ClickException(_in_use(state_dir, holder))
     try:
         described = check_data(spec=dataset, image_size=image_size)
     except DatasetError as err:
         raise click.ClickException(str(err)) from None
     typer.echo(f"data check: {described}")
     trusted_entities = _trusted_entities(trusted_entities, ca_cert=ca_cert, insecure=insecure)
+    try:
+        lock = InstanceLock.acquire(lock_path, command="fer-client start")
+    except LockedError as err:  # lost a race with another start on the same folder
+        raise click.ClickException(_in_use(state_dir, err.holder)) from None
 
-    state_dir = state_dir.resolve()
     node_config = {"dataset": _absolute_spec(dataset), "state-dir": str(state_dir)}
     if client_id:
         node_config["client-id"] = client_id
@@ -127,16 +137,88 @@ def start(
         trusted_entities=trusted_entities,
     )
     typer.echo(f"joining {server} as {client_id or 'this node'} (Ctrl-C leaves)")
-    process = start_supernode(settings)
-    # Our own SIGTERM must stop the SuperNode and its ClientApps too, not orphan them.
-    signal.signal(signal.SIGTERM, lambda *_: (stop_tree(process), sys.exit(143)))
     try:
+        _run_supernode(settings, lock=lock)
+    finally:
+        lock.release()
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, _frame) -> None:
+    raise _Stopped(signum)
+
+
+def _run_supernode(settings, *, lock) -> None:
+    """Runs the SuperNode under its supervisor (client/lifetime.py) until it exits or we are told to stop.
+
+    SIGTERM and SIGINT both stop it within seconds. Both handlers are installed explicitly: a shell starts a
+    background job with SIGINT ignored, and Python then never raises KeyboardInterrupt (issue 15: Ctrl-C / kill
+    -INT did nothing). The state directory's lock goes to the supervisor too, so a new fer-client on this folder
+    is refused until the last process of this one's tree is gone.
+    """
+    from client.deploy import start_supernode
+    from client.lifetime import cmdline, descendants, stop_tree
+
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGINT)}
+    process = None
+    try:
+        process = start_supernode(settings, pass_fds=(lock.fd,))
+        lock.add_helper(process.pid)
         code = process.wait()
-    except KeyboardInterrupt:
-        stop_tree(process)
-        raise
+    except _Stopped as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        in_round = process is not None and any(
+            "flwr-clientapp" in cmdline(pid) for pid in descendants(process.pid)
+        )
+        if process is not None:
+            stop_tree(process, timeout=3.0)
+        name = signal.Signals(stop.signum).name
+        print(f"fer-client: stopped on {name}; {_round_status(in_round)}; {_ledger_status(settings)}",
+              file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if code != 0:
         raise click.ClickException(f"the SuperNode exited with code {code} (refused or unreachable server?)")
+
+
+def _round_status(in_round: bool) -> str:
+    if in_round:
+        return ("a round was in progress: its ClientApp was stopped and its update not sent (if the ledger below "
+                "charged it, a resumed round re-sends the same update at no new cost)")
+    return "no round was in progress"
+
+
+def _ledger_status(settings) -> str:
+    """One clause on what this node's privacy ledger holds (no ledger: no DP round was ever charged)."""
+    from privacy.ledger import LedgerError, read_ledger
+
+    config = settings.node_config
+    path = Path(config["state-dir"]) / "privacy.ledger"
+    if not path.exists():
+        return "privacy ledger: no DP round charged"
+    try:
+        terms, rounds = read_ledger(path, key_file=config["ledger-key"])
+    except LedgerError as err:
+        return f"privacy ledger unreadable ({err})"
+    if not rounds:
+        return "privacy ledger: no DP round charged"
+    charged = ", ".join(str(r.server_round) for r in rounds)
+    return (f"privacy ledger: rounds {charged} charged, epsilon {rounds[-1].epsilon_after:.3f} of "
+            f"{float(terms['budget_epsilon']):.3f} spent")
+
+
+def _in_use(state_dir: Path, holder) -> str:
+    if holder is None:
+        return f"state directory {state_dir} is in use by another process: stop it first or use another --state-dir"
+    return f"state directory {state_dir} is in use by {holder.describe()}: {holder.advice('use another --state-dir')}"
 
 
 def _trusted_entities(path: Path | None, *, ca_cert: Path | None, insecure: bool) -> Path | None:

@@ -3,6 +3,10 @@
 Flower marks the interrupted run as failed; this submits a new run with the same configuration that starts from
 the checkpoint, writing into the same run directory (rounds after the checkpoint replace any the dead run logged).
 SuperNodes reconnect by themselves; each node's privacy ledger lives on the node, so its spend carries over.
+
+It refuses to start while anything of the dead run is still alive (its supervisor still holds the state and run
+directory locks, or something holds the port): see `launch`. On success it writes summary.json, report.md and the
+plots like an uninterrupted run; on failure its own SuperLink tree is stopped, so nothing goes on advancing the run.
 """
 
 from __future__ import annotations
@@ -73,10 +77,10 @@ def resume(
     done = _checkpoint_round(checkpoint, model=settings.model)
     if done >= settings.num_server_rounds:
         raise click.ClickException(f"{run_dir} already completed all {settings.num_server_rounds} rounds")
-    typer.echo(f"resuming {run_dir} after round {done} of {settings.num_server_rounds}")
     launch(
         settings=settings, certs=certs, state_dir=state_dir, host=host, port=port, connect_host=connect_host,
         insecure=insecure, enroll=enroll or [], timeout=timeout, keep_running=keep_running,
+        command="fer-server resume", banner=f"resuming {run_dir} after round {done} of {settings.num_server_rounds}",
     )
 
 

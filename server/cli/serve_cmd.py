@@ -142,11 +142,25 @@ def launch(
     enroll: list[Path],
     timeout: float | None,
     keep_running: bool,
+    command: str = "fer-server start",
+    banner: str | None = None,
 ) -> None:
-    """Starts the SuperLink, enrols keys, submits the run and follows it; shared by `start` and `resume`."""
-    from server.deploy import DeployError, SuperLink, SuperLinkSettings, TlsFiles
+    """Starts the SuperLink, enrols keys, submits the run and follows it; shared by `start` and `resume`.
+
+    A live predecessor (a fer-server on the same state or run directory, or anything on the port) stops it before
+    anything is written (CoordinatorLocks.probe; the locks are taken once the data and certificates checked out). The SuperLink's whole process tree dies with this process, however it
+    dies, and holds the locks until it is gone: a later `resume` can never race a leftover of this one.
+    """
+    from server.deploy import CoordinatorLocks, DeployError, SuperLink, SuperLinkSettings, TlsFiles
     from server.report import write_report
 
+    run_dir = Path(settings.out_dir)
+    try:
+        CoordinatorLocks.probe(state_dir=state_dir, run_dir=run_dir, host=host, port=port)
+    except DeployError as err:
+        raise click.ClickException(str(err)) from None
+    if banner:
+        typer.echo(banner)
     _check_server_data(settings)
     for key in enroll:
         if not key.is_file():
@@ -160,11 +174,16 @@ def launch(
     link_settings = SuperLinkSettings(
         state_dir=state_dir, host=host, port=port, tls=tls, insecure=insecure, connect_host=connect_host
     )
-    run_dir = Path(settings.out_dir)
     try:
-        link = SuperLink.start(link_settings)
+        locks = CoordinatorLocks.claim(state_dir=state_dir, run_dir=run_dir, host=host, port=port, command=command)
+        try:
+            link = SuperLink.start(link_settings, pass_fds=locks.fds)
+        except BaseException:
+            locks.release()
+            raise
     except DeployError as err:
         raise click.ClickException(str(err)) from None
+    locks.add_helper(link.process.pid)
     try:
         scheme = "http" if insecure else "https"
         typer.echo(f"SuperLink listening on {scheme}://{host}:{port} (state: {link.state_dir})")
@@ -193,6 +212,7 @@ def launch(
         raise click.ClickException(str(err)) from None
     finally:
         link.stop()
+        locks.release()
 
 
 def app_dir() -> Path:
