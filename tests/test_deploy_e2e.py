@@ -86,14 +86,15 @@ def _wait_for_text(path: Path, text: str, *, timeout: float, process: subprocess
     raise AssertionError(f"{text!r} not in {path.name} within {timeout} s:\n{path.read_text(errors='replace')[-3000:]}")
 
 
-def _start_server(tmp: Path, make_args, log: Path, *, attempts: int = 3) -> tuple[subprocess.Popen, int]:
+def _start_server(tmp: Path, make_args, log: Path, *, attempts: int = 3,
+                  sigint_ignored: bool = False) -> tuple[subprocess.Popen, int]:
     """Starts `make_args(port)` on a free port and waits until it waits for nodes; returns it and its port.
 
     free_port() releases the port before fer-server binds it, so another process can take it in between; fer-server
     then exits with one line saying the port is in use, and this retries on a new port."""
     for _ in range(attempts):
         port = free_port()
-        server = _spawn(make_args(port), log, cwd=tmp)
+        server = _spawn(make_args(port), log, cwd=tmp, sigint_ignored=sigint_ignored)
         try:
             _wait_for_text(log, "waiting for", timeout=120, process=server)
             return server, port
@@ -356,8 +357,9 @@ def _error_lines(output: str) -> list[str]:
 
 def test_busy_port_state_or_run_dir_refuses_a_second_start_and_sigint_stops_a_background_client(tmp_path):
     """A second fer-server on a held port, state directory or run directory, and a second fer-client on a held state
-    directory, each exit 1 with one line naming the holder's pid and write nothing; a fer-client started with SIGINT
-    ignored (a background job) still stops on SIGINT within seconds, leaving no process and a free lock."""
+    directory, each exit 1 with one line naming the holder's pid and write nothing; a fer-client and a fer-server
+    started with SIGINT ignored (background jobs) still stop on SIGINT within seconds, leaving no process and free
+    locks."""
     # Prepare
     from client.lifetime import InstanceLock
 
@@ -369,7 +371,7 @@ def test_busy_port_state_or_run_dir_refuses_a_second_start_and_sigint_stops_a_ba
     try:
         held_port = int(squatter.stdout.readline())
         server, port = _start_server(tmp_path, lambda port: _insecure_server_args(port, "srv", "run"),
-                                     tmp_path / "server.log")
+                                     tmp_path / "server.log", sigint_ignored=True)
         processes.append(server)
         client = _spawn(_insecure_client_args(port, "node"), tmp_path / "client.log", cwd=tmp_path,
                         sigint_ignored=True)
@@ -392,6 +394,10 @@ def test_busy_port_state_or_run_dir_refuses_a_second_start_and_sigint_stops_a_ba
         client.send_signal(signal.SIGINT)
         client_rc = client.wait(timeout=30)
         client_left = _left_over(client_tree, mentioning=str(tmp_path / "node"), timeout=10)
+        server_tree = _tree(server.pid)
+        server.send_signal(signal.SIGINT)
+        server_rc = server.wait(timeout=30)
+        server_left = _left_over(server_tree, mentioning=str(tmp_path / "srv"), timeout=10)
     finally:
         for process in processes:
             stop_tree(process, timeout=3)
@@ -413,3 +419,5 @@ def test_busy_port_state_or_run_dir_refuses_a_second_start_and_sigint_stops_a_ba
     assert len(client_tree) >= 4, client_tree  # fer-client, supervisor, SuperNode, SuperExec
     assert client_left == {}
     assert InstanceLock.holder_of(tmp_path / "node" / "fer-client.lock") is None
+    assert server_rc == 130 and server_left == {}, (server_rc, server_left)
+    assert InstanceLock.holder_of(tmp_path / "srv" / "fer-server.lock") is None

@@ -41,7 +41,10 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    # SIGINT is installed explicitly too: a shell starts background jobs with SIGINT ignored, and Python then
+    # keeps it ignored, so `kill -INT` on a backgrounded fer-server would do nothing.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _terminate)
     _register()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0] not in COMMANDS and args[0] not in ("--help", "-h")):
