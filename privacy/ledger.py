@@ -332,6 +332,37 @@ class PrivacyLedger:
         return ledger
 
     @classmethod
+    def open_existing(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        key_file: str | os.PathLike[str],
+        anchor_path: str | os.PathLike[str],
+        client_id: str,
+    ) -> PrivacyLedger:
+        """Opens and verifies an existing ledger under the budget, δ and accountant it was created with.
+
+        For a node that must train under its own budget whatever a run asks for (a run without DP-SGD).
+
+        Raises:
+            LedgerError: No ledger at ``path``, or anything :meth:`open` refuses.
+        """
+        ledger_path = Path(path)
+        blob = _read_or_none(ledger_path)
+        if blob is None:
+            raise LedgerError(f"privacy ledger {ledger_path} not found")
+        document = _Box(_read_key(Path(key_file))).open(blob, purpose="ledger", where=ledger_path)
+        return cls.open(
+            ledger_path,
+            key_file=key_file,
+            anchor_path=anchor_path,
+            client_id=client_id,
+            budget_epsilon=document["budget_epsilon"],
+            delta=document["delta"],
+            accountant=document["accountant"],
+        )
+
+    @classmethod
     def _open_locked(
         cls,
         path: Path,

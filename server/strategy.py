@@ -34,6 +34,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from privacy.central import CentralDP, add_central_noise
+from server.ledger_registry import NodeLedgers
 
 log = logging.getLogger("fer_fl.server")
 
@@ -171,6 +172,8 @@ class GuardedStrategy(Strategy):
         evaluate_fn: server-side evaluation `(round, weights) -> (loss, metrics)` on the held-out test set.
         central_dp: central (client-level) DP: every accepted update weighs the same and the mean gets Gaussian
             noise of std σC/n (see privacy.central); None for none.
+        ledgers: the record of each node's privacy ledger that rollbacks are checked against (kept on disk by
+            deployments, server/ledger_registry.py); None keeps one in memory.
     """
 
     def __init__(
@@ -182,6 +185,7 @@ class GuardedStrategy(Strategy):
         max_examples: int,
         evaluate_fn: EvaluateFn | None = None,
         central_dp: CentralDP | None = None,
+        ledgers: NodeLedgers | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -194,6 +198,7 @@ class GuardedStrategy(Strategy):
         self.server_metrics: dict[int, dict[str, Any]] = {}
         # Latest DP status each node reported (epsilon spent, ledger sequence): for privacy.json and rollback checks.
         self.privacy: dict[str, dict[str, Any]] = {}
+        self.ledgers = ledgers if ledgers is not None else NodeLedgers()
         self._global: list[np.ndarray] | None = None
 
     def __repr__(self) -> str:
@@ -236,13 +241,14 @@ class GuardedStrategy(Strategy):
                 report.rejected.append({"client": client_id, "reason": reason})
                 continue
             privacy = {k[3:]: v for k, v in res.metrics.items() if k.startswith("dp-")}
-            reason = self._check_ledger(client_id, privacy)
+            reason = self.ledgers.check(client_id, privacy, server_round=server_round)
             if reason is not None:
                 log.warning("round %d: rejected the update of client %s: %s", server_round, client_id, reason)
                 report.rejected.append({"client": client_id, "reason": reason})
                 continue
             if privacy:
                 self.privacy[client_id] = privacy
+                self.ledgers.accept(client_id, privacy, server_round=server_round)
             delta = parameters_to_ndarrays(res.parameters)
             weights = [g + d for g, d in zip(self._global, delta)]
             accepted.append((proxy, _replaced(res, parameters=ndarrays_to_parameters(weights))))
@@ -253,6 +259,7 @@ class GuardedStrategy(Strategy):
             loss = _as_float(res.metrics.get("train-loss"))
             if loss is not None:
                 losses.append((loss, int(res.num_examples)))
+        self.ledgers.save()
         # Replies arrive in completion order; a fixed order makes float aggregation, and so the run, reproducible.
         accepted.sort(key=lambda item: str(item[1].metrics.get("client-id", item[0].cid)))
         report.num_accepted = len(accepted)
@@ -272,22 +279,6 @@ class GuardedStrategy(Strategy):
         noisy = add_central_noise(mean, settings=self.central_dp, num_clients=len(uniform))
         report.central_noise_std = self.central_dp.noise_std(len(uniform))
         return ndarrays_to_parameters(noisy), metrics
-
-    def _check_ledger(self, client_id: str, privacy: dict[str, Any]) -> str | None:
-        """A node's privacy ledger only moves forward: a replaced ledger or a lower sequence number means its
-        recorded spend was rolled back (e.g. both ledger and anchor restored from a backup), which the node
-        alone cannot detect."""
-        previous = self.privacy.get(client_id)
-        if not privacy or previous is None:
-            return None
-        if privacy.get("ledger_id") != previous.get("ledger_id"):
-            return "its privacy ledger was replaced since its last update (possible budget reset)"
-        if int(privacy.get("ledger_seq", -1)) <= int(previous.get("ledger_seq", -1)):
-            return (
-                f"its privacy ledger went back from sequence {previous.get('ledger_seq')} "
-                f"to {privacy.get('ledger_seq')} (possible rollback)"
-            )
-        return None
 
     def _check(self, res: FitRes) -> str | None:
         try:

@@ -89,7 +89,7 @@ def _server_args(port: int, *extra: str) -> list[str]:
 def _client_args(port: int, name: str, *extra: str) -> list[str]:
     return [str(BIN / "fer-client"), "start", "--server", f"127.0.0.1:{port}", "--ca-cert", "certs/ca.crt",
             "--key", f"keys/{name}.key", "--dataset", "synthetic=800", "--client-id", f"site-{name}",
-            "--state-dir", f"node-{name}", *extra]
+            "--state-dir", f"node-{name}", "--new-privacy-ledger", *extra]
 
 
 def _stock_supernode_args(tmp: Path, port: int, name: str, *, with_ca: bool) -> list[str]:
@@ -197,6 +197,9 @@ def test_killed_server_resumes_and_finishes_every_round_once(tmp_path):
     assert _rounds(run_dir) == [0, 1, 2, 3]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "stock-stock" in records[-1]["privacy"]
+    # The coordinator's ledger record outlived the killed ServerApp: it is in its state folder, not the process.
+    marks = json.loads((tmp_path / "srv" / "node-ledgers.json").read_text())["nodes"]
+    assert set(marks) == {"site-a", "stock-stock"}
     privacy = json.loads((run_dir / "privacy.json").read_text())
     reported = {c["client_id"]: c for c in privacy["clients"]}
     from privacy.ledger import PrivacyLedger

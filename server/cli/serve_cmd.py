@@ -147,7 +147,16 @@ def launch(
     from server.deploy import DeployError, SuperLink, SuperLinkSettings, TlsFiles
     from server.report import write_report
 
+    from server.ledger_registry import REGISTRY_FILE, LedgerRegistryError, NodeLedgers
+
     _check_server_data(settings)
+    # The coordinator's record of each node's privacy ledger outlives this run: a resume or the next run with the
+    # same state folder still refuses a node whose ledger went back or was replaced (server/ledger_registry.py).
+    settings = settings.replace(ledger_registry=str(Path(state_dir).resolve() / REGISTRY_FILE))
+    try:
+        NodeLedgers(Path(settings.ledger_registry))
+    except LedgerRegistryError as err:
+        raise click.ClickException(str(err)) from None
     for key in enroll:
         if not key.is_file():
             raise click.ClickException(f"public key file {key} does not exist")
