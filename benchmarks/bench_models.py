@@ -8,7 +8,10 @@ Per model (default size, DP build = GroupNorm, random 48×48 grayscale input):
   "ghost" (ghost clipping: per-sample gradient norms without per-sample gradients where Opacus knows how: Linear)
   and "ew" (torch's ExpandedWeights); and "bk", our book-keeping clipping (privacy/bookkeeping.py: one backward
   pass, clipped sum formed from the recorded activations and output gradients) with Opacus's ghost-clipping
-  optimizer adding the noise. DP/plain is the throughput ratio, 1.0 meaning DP is free.
+  optimizer adding the noise from torch's (seedable) generator, and "bk-secure", the same with the noise drawn
+  from the OS-keyed CSPRNG a deployed node uses (privacy.dp `_SecureRandom`). DP/plain is the throughput ratio,
+  1.0 meaning DP is free; secure_over_seeded = bk-secure ÷ bk, timed in the same turns (the CSPRNG's cost under
+  the same load); noise_ms_per_step times the two generators alone, back to back.
 Training engines are timed in turns (each engine once per turn, 3 turns, median), so a slow spell of the shared
 machine hits every engine alike; each timing is the median over repetitions after warm-up. The load average is
 recorded, because on a shared 2-core machine other processes' work shows up as slower figures.
@@ -42,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from models import complexity, create_model, list_models  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "bench_models.json"
-DP_MODES = ("hooks", "functorch", "ghost", "ew", "bk")
+DP_MODES = ("hooks", "functorch", "ghost", "ew", "bk", "bk-secure")
 TRAIN_BATCH = {"dmsnet_heavy": 16}
 INFER_BATCHES = (1, 64)
 
@@ -89,15 +92,22 @@ def make_train_step(name: str, mode: str | None, *, batch: int):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     criterion: nn.Module = nn.CrossEntropyLoss()
     images, labels = _batch(batch)
-    if mode == "bk":
+    if mode in ("bk", "bk-secure"):
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
         from privacy.bookkeeping import BookKeepingLoss, BookKeepingModule
+        from privacy.dp import _secure_optimizer_class, _SecureRandom
 
         model = BookKeepingModule(model, max_grad_norm=1.0)
         criterion = BookKeepingLoss(model, criterion)
-        optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
-                                                    expected_batch_size=batch)
+        # bk-secure: what a deployed node runs (privacy.dp DPSettings(secure_mode=True)): the noise comes from
+        # ChaCha20 keyed by the OS, each value the sum of four Gaussians over two; bk draws from torch's generator.
+        secure = mode == "bk-secure"
+        optimizer_class = _secure_optimizer_class(DPOptimizerFastGradientClipping) if secure \
+            else DPOptimizerFastGradientClipping
+        optimizer = optimizer_class(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
+        if secure:
+            optimizer.secure_random = _SecureRandom()
     elif mode is not None:
         from opacus import PrivacyEngine
 
@@ -143,6 +153,18 @@ def bench_train(name: str, modes: list[str | None], *, batch: int, timing: dict,
     return {key: statistics.median(values) for key, values in per_turn.items()}, errors
 
 
+def bench_noise(count: int, *, timing: dict) -> dict[str, float]:
+    """Milliseconds to draw one step's noise for `count` parameters, back to back: torch's seeded generator (one
+    Gaussian per value, Opacus without secure_mode) and the OS-keyed CSPRNG a deployed node uses (privacy.dp)."""
+    from privacy.dp import _SecureRandom
+
+    reference, secure = torch.zeros(count), _SecureRandom()
+    return {
+        "seeded": 1000 * _timed(lambda: torch.normal(0.0, 1.0, size=reference.shape), **timing),
+        "csprng": 1000 * _timed(lambda: secure.gaussian_like(reference, std=1.0), **timing),
+    }
+
+
 def run(models: list[str], modes: list[str], *, quick: bool) -> dict:
     timing = {"warmup": 1 if quick else 2, "min_reps": 2 if quick else 3, "min_seconds": 0.5 if quick else 2.0}
     turns = 1 if quick else 3
@@ -162,6 +184,11 @@ def run(models: list[str], modes: list[str], *, quick: bool) -> dict:
         row["dp_over_plain"] = {m: v / plain for m, v in row["train_images_per_s"].items() if m != "plain"}
         if row["dp_over_plain"]:
             row["best_dp_mode"] = max(row["dp_over_plain"], key=row["dp_over_plain"].get)
+        train = row["train_images_per_s"]
+        if "bk" in train and "bk-secure" in train:
+            # Timed in the same turns, so the shared machine's load hits both alike: the CSPRNG's own cost.
+            row["secure_over_seeded"] = train["bk-secure"] / train["bk"]
+        row["noise_ms_per_step"] = bench_noise(row["params"], timing=timing)
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         _print_row(row, modes)
@@ -203,6 +230,10 @@ def _print_row(row: dict, modes: list[str]) -> None:
     best = row.get("best_dp_mode")
     cells.append(f"{row['dp_over_plain'][best]:.2f} ({best})" if best else "-")
     print("  ".join(f"{c:>13}" for c in cells), flush=True)
+    noise = row["noise_ms_per_step"]
+    secure = f", bk-secure/bk {row['secure_over_seeded']:.2f}" if "secure_over_seeded" in row else ""
+    print(f"{'':>13}  noise per step: seeded {noise['seeded']:.1f} ms, csprng {noise['csprng']:.1f} ms{secure}",
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

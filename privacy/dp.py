@@ -20,7 +20,10 @@ finds no distribution of it for Python 3.11 / torch 2.x), so ``PrivacyEngine(sec
 ImportError here. ``DPSettings(secure_mode=True)``
 instead draws both the Poisson sampling and the noise from ChaCha20 (``cryptography``, keyed from
 ``os.urandom``) and keeps Opacus's defence against floating-point attacks (each noise value is the sum
-of four Gaussians over two, Holohan et al. 2021, §5.1). ``PrivacyEngine`` is not used at all: the
+of four Gaussians over two, Holohan et al. 2021, §5.1). Deployed nodes always use it
+(``client/dp_training.py``): the coordinator picks the run's seed, so noise derived from it would be noise the
+coordinator can regenerate and subtract. Simulations keep torch's seeded generator (reproducible runs), and
+``privacy.json`` says so. ``PrivacyEngine`` is not used at all: the
 pieces are assembled directly so that q, the steps and the accounting are exactly the ones charged.
 
 One round on a client::
@@ -98,8 +101,9 @@ class DPSettings:
         delta: δ of the budget; keep it well below 1 / dataset size.
         max_grad_norm: Per-example gradient clipping norm C.
         accountant: ``"rdp"`` (default) or ``"prv"`` (tighter, slower).
-        secure_mode: Draw sampling and noise from a CSPRNG with the floating-point-attack defence
-            (for production; slower). Without it, torch's default generator is used.
+        secure_mode: Draw sampling and noise from a CSPRNG keyed by the OS, with the floating-point-attack
+            defence (every deployed node; a few percent of a CNN-AM step, benchmarks/bench_models.py). Without
+            it, torch's default generator is used, which whoever knows its seed can replay.
     """
 
     epsilon: float
@@ -165,8 +169,8 @@ class _SecureRandom:
     which does not install here (see the module docstring); torch's CPU generator is Mersenne Twister, not a
     CSPRNG (its state follows from 624 outputs, its seed has 64 bits), so seeding it from the OS is not enough.
 
-    The Gaussians follow Opacus's ``secure_mode`` recipe: float32 Box-Muller on 24-bit uniforms (what
-    ``torch.normal`` does for float32), each noise value the sum of four of them over two against
+    The Gaussians follow Opacus's ``secure_mode`` recipe: float32 Box-Muller (as ``torch.normal`` for float32;
+    23-bit uniforms here), each noise value the sum of four of them over two against
     floating-point attacks (Holohan et al. 2021, §5.1). The keystream goes straight into a preallocated buffer
     and the transcendental functions run in torch: 1.2 M noise values (CNN-AM) cost ~19 ms per step here, against
     ~160 ms for the same in float64 numpy (measured on the project machine; benchmarks/bench_models.py).
@@ -181,15 +185,20 @@ class _SecureRandom:
         cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
         self._stream = cipher.encryptor()
         self._used = 0
+        self._zeros = bytearray()
+        self._out = bytearray()
 
     def _keystream(self, count: int) -> bytearray:
+        """The next `count` keystream bytes, at the start of a buffer that the next call overwrites."""
         if self._used + count > self._REKEY_BYTES:
             self._rekey()
         self._used += count
-        # update_into wants room for a block beyond the data; the first `count` bytes are the keystream.
-        out = bytearray(count + 15)
-        self._stream.update_into(bytes(count), out)
-        return out
+        # The buffers are kept between steps: fresh ones cost a page fault per 4 KiB, every step (measured: most of
+        # the keystream's time on a loaded machine). update_into wants room for one block beyond the data.
+        if len(self._zeros) < count:
+            self._zeros, self._out = bytearray(count), bytearray(count + 15)
+        self._stream.update_into(memoryview(self._zeros)[:count], self._out)
+        return self._out
 
     def uniform(self, count: int) -> np.ndarray:
         """``count`` float64 uniforms in the open interval (0, 1), 53 random bits each."""
@@ -197,13 +206,20 @@ class _SecureRandom:
         return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
     def normal(self, count: int) -> torch.Tensor:
-        """``count`` standard normal float32 values (Box-Muller on 24-bit uniforms in (0, 1))."""
+        """``count`` standard normal float32 values (Box-Muller on 23-bit uniforms in (0, 1))."""
         pairs = (count + 1) // 2
         words = torch.frombuffer(self._keystream(8 * pairs), dtype=torch.int32, count=2 * pairs)
-        uniforms = ((words & 0x00FFFFFF).to(torch.float32) + 0.5) * 2.0**-24
-        radius = torch.sqrt(-2.0 * torch.log(uniforms[:pairs]))
-        angle = (2.0 * math.pi) * uniforms[pairs:]
-        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+        # Uniforms without an int-to-float conversion, in place: 23 random mantissa bits under exponent 0 give
+        # 1 + k/2^23 in [1, 2); subtracting 1 - 2^-24 (exact) gives (2k + 1)/2^24 in (0, 1), never 0 for the log.
+        uniforms = words.bitwise_and_(0x007FFFFF).bitwise_or_(0x3F800000).view(torch.float32).sub_(1.0 - 2.0**-24)
+        radius = uniforms[:pairs].log_().mul_(-2.0).sqrt_()
+        angle = uniforms[pairs:].mul_(2.0 * math.pi)
+        out = torch.empty(2 * pairs, dtype=torch.float32)
+        torch.cos(angle, out=out[:pairs])
+        torch.sin(angle, out=out[pairs:])
+        out[:pairs].mul_(radius)
+        out[pairs:].mul_(radius)
+        return out[:count]
 
     def gaussian_like(self, reference: torch.Tensor, *, std: float) -> torch.Tensor:
         """N(0, std²) noise shaped like ``reference``, as the sum of four Gaussians over two."""

@@ -22,10 +22,12 @@ Files and what each one catches:
   the anchor's), a different ledger of the same sequence number, an anchor rolled back further than one
   write, files swapped between clients or between ledger and anchor, another process writing the same
   ledger concurrently.
-* **Not detectable on the client alone**: deleting *both* files (the next open starts a new, empty
-  ledger) or restoring old copies of *both* together. That is what :attr:`PrivacyLedger.ledger_id` and
-  :attr:`PrivacyLedger.seq` are for: the client reports them with every update, and the server flags a
-  node whose ledger id changes or whose sequence number goes down. Someone who holds the key file can
+* **Not detectable by the ledger alone**: deleting *both* files (the next open starts a new, empty
+  ledger) or restoring old copies of *both* together. A deployed node closes the first (client/dp_training.py:
+  its key is made only on purpose, and a key that has served a ledger never opens a fresh one); for both,
+  :attr:`PrivacyLedger.ledger_id` and :attr:`PrivacyLedger.seq` go with every update, and the coordinator
+  refuses a node whose ledger id changes or whose sequence number goes down, remembering them across resumes
+  and runs (server/ledger_registry.py). Someone who holds the key file can
   forge anything; the key must be readable by the client process only (0600, checked here).
 """
 
