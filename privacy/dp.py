@@ -171,9 +171,10 @@ class _SecureRandom:
 
     The Gaussians follow Opacus's ``secure_mode`` recipe: float32 Box-Muller (as ``torch.normal`` for float32;
     23-bit uniforms here), each noise value the sum of four of them over two against
-    floating-point attacks (Holohan et al. 2021, §5.1). The keystream goes straight into a preallocated buffer
-    and the transcendental functions run in torch: 1.2 M noise values (CNN-AM) cost ~19 ms per step here, against
-    ~160 ms for the same in float64 numpy (measured on the project machine; benchmarks/bench_models.py).
+    floating-point attacks (Holohan et al. 2021, §5.1). The keystream goes into buffers kept between steps and
+    the arithmetic runs in place in float32: 1.2 M noise values (CNN-AM) cost about what torch's own generator
+    needs for the same four Gaussians (18-46 ms against 37-49 ms on the loaded project machine), where the first
+    version (float64, fresh buffers) took ~160 ms on a quiet one (benchmarks/bench_models.py).
     """
 
     _REKEY_BYTES = 1 << 30
@@ -205,27 +206,42 @@ class _SecureRandom:
         words = np.frombuffer(self._keystream(8 * count), dtype=np.uint64, count=count)
         return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
-    def normal(self, count: int) -> torch.Tensor:
-        """``count`` standard normal float32 values (Box-Muller on 23-bit uniforms in (0, 1))."""
+    def normal(self, count: int) -> np.ndarray:
+        """``count`` standard normal float32 values (Box-Muller on 23-bit uniforms in (0, 1)).
+
+        numpy, in place, on purpose: its float32 log/cos/sin are SIMD and single-threaded, so the cost stays that
+        of torch's own generator whatever the thread count and load (measured at load ~20: 18 ms here and 37 ms
+        for ``torch.normal`` with 2 threads, where the same Box-Muller in torch ops took 223 ms).
+        """
         pairs = (count + 1) // 2
-        words = torch.frombuffer(self._keystream(8 * pairs), dtype=torch.int32, count=2 * pairs)
-        # Uniforms without an int-to-float conversion, in place: 23 random mantissa bits under exponent 0 give
-        # 1 + k/2^23 in [1, 2); subtracting 1 - 2^-24 (exact) gives (2k + 1)/2^24 in (0, 1), never 0 for the log.
-        uniforms = words.bitwise_and_(0x007FFFFF).bitwise_or_(0x3F800000).view(torch.float32).sub_(1.0 - 2.0**-24)
-        radius = uniforms[:pairs].log_().mul_(-2.0).sqrt_()
-        angle = uniforms[pairs:].mul_(2.0 * math.pi)
-        out = torch.empty(2 * pairs, dtype=torch.float32)
-        torch.cos(angle, out=out[:pairs])
-        torch.sin(angle, out=out[pairs:])
-        out[:pairs].mul_(radius)
-        out[pairs:].mul_(radius)
+        words = np.frombuffer(self._keystream(8 * pairs), dtype=np.uint32, count=2 * pairs)
+        # Uniforms without an int-to-float conversion: 23 random mantissa bits under exponent 0 give 1 + k/2^23 in
+        # [1, 2); subtracting 1 - 2^-24 (exact) gives (2k + 1)/2^24 in (0, 1), never 0 for the log.
+        words &= np.uint32(0x007FFFFF)
+        words |= np.uint32(0x3F800000)
+        uniforms = words.view(np.float32)
+        uniforms -= np.float32(1.0 - 2.0**-24)
+        radius, angle = uniforms[:pairs], uniforms[pairs:]
+        np.log(radius, out=radius)
+        radius *= np.float32(-2.0)
+        np.sqrt(radius, out=radius)
+        angle *= np.float32(2.0 * math.pi)
+        out = np.empty(2 * pairs, dtype=np.float32)
+        np.cos(angle, out=out[:pairs])
+        np.sin(angle, out=out[pairs:])
+        out[:pairs] *= radius
+        out[pairs:] *= radius
         return out[:count]
 
     def gaussian_like(self, reference: torch.Tensor, *, std: float) -> torch.Tensor:
         """N(0, std²) noise shaped like ``reference``, as the sum of four Gaussians over two."""
         count = reference.numel()
-        values = self.normal(4 * count).view(4, count).sum(dim=0).mul_(std / 2.0)
-        return values.to(dtype=reference.dtype, device=reference.device).view(reference.shape)
+        four = self.normal(4 * count).reshape(4, count)
+        values = four[0] + four[1]
+        values += four[2]
+        values += four[3]
+        values *= np.float32(std / 2.0)
+        return torch.from_numpy(values).to(dtype=reference.dtype, device=reference.device).view(reference.shape)
 
 
 def _secure_optimizer_class(base: type) -> type:

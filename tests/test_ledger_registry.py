@@ -127,3 +127,16 @@ def test_a_wiped_node_is_refused_at_start_and_a_new_ledger_is_loud(tmp_path):
     assert "NEW PRIVACY LEDGER" in new.stderr
     assert (tmp_path / "node" / "ledger.key").is_file()
     assert again.returncode == 1 and "already has a privacy ledger" in again.stderr.splitlines()[-1]
+
+
+def test_an_unreadable_registry_is_refused_not_forgotten(tmp_path):
+    """A corrupt node-ledgers.json stops the coordinator with the file's name; it is never read as empty."""
+    from server.ledger_registry import LedgerRegistryError
+
+    # Prepare
+    path = tmp_path / REGISTRY_FILE
+    path.write_text('{"nodes": {"site-a": {"ledger_id": "L1"}}}')
+
+    # Execute / Assert
+    with pytest.raises(LedgerRegistryError, match=REGISTRY_FILE):
+        NodeLedgers(path)
