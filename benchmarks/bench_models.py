@@ -10,8 +10,9 @@ Per model (default size, DP build = GroupNorm, random 48×48 grayscale input):
   pass, clipped sum formed from the recorded activations and output gradients) with Opacus's ghost-clipping
   optimizer adding the noise from torch's (seedable) generator, and "bk-secure", the same with the noise drawn
   from the OS-keyed CSPRNG a deployed node uses (privacy.dp `_SecureRandom`). DP/plain is the throughput ratio,
-  1.0 meaning DP is free; secure_over_seeded = bk-secure ÷ bk, timed in the same turns (the CSPRNG's cost under
-  the same load); noise_ms_per_step times the two generators alone, back to back.
+  1.0 meaning DP is free; secure_over_seeded = bk-secure ÷ bk, the median of the turns' ratios (each turn times
+  them back to back, so it is the CSPRNG's cost under the same load); noise_ms_per_step times the two generators
+  alone, back to back.
 Training engines are timed in turns (each engine once per turn, 3 turns, median), so a slow spell of the shared
 machine hits every engine alike; each timing is the median over repetitions after warm-up. The load average is
 recorded, because on a shared 2-core machine other processes' work shows up as slower figures.
@@ -131,11 +132,14 @@ def make_train_step(name: str, mode: str | None, *, batch: int):
     return step
 
 
-def bench_train(name: str, modes: list[str | None], *, batch: int, timing: dict, rounds: int) -> tuple[dict, dict]:
+def bench_train(
+    name: str, modes: list[str | None], *, batch: int, timing: dict, rounds: int
+) -> tuple[dict, dict, dict]:
     """Images/s of each engine's SGD steps, timed in turns so that a slow spell of the shared machine hits every
     engine alike: `rounds` turns, each engine timed once per turn, median over the turns.
 
-    Returns the images/s by engine ("plain" for None) and the errors of engines that cannot train this model.
+    Returns the median images/s by engine ("plain" for None), the errors of engines that cannot train this model,
+    and each engine's images/s per turn.
     """
     steps, errors = {}, {}
     for mode in modes:
@@ -147,10 +151,12 @@ def bench_train(name: str, modes: list[str | None], *, batch: int, timing: dict,
             steps.pop(key, None)
             errors[key] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
     per_turn: dict[str, list[float]] = {key: [] for key in steps}
-    for _ in range(rounds):
-        for key, step in steps.items():
+    for turn in range(rounds):
+        # Every other turn runs the engines in reverse order, so a load that drifts within a turn favours none.
+        for key, step in (steps.items() if turn % 2 == 0 else reversed(steps.items())):
             per_turn[key].append(batch / _timed(step, **timing))
-    return {key: statistics.median(values) for key, values in per_turn.items()}, errors
+    medians = {key: statistics.median(values) for key, values in per_turn.items()}
+    return medians, errors, per_turn
 
 
 def bench_noise(count: int, *, timing: dict) -> dict[str, float]:
@@ -178,16 +184,18 @@ def run(models: list[str], modes: list[str], *, quick: bool) -> dict:
             "model": name, "params": cost["params"], "macs_48": cost["macs"], "train_batch": batch,
             "infer_images_per_s": bench_inference(name, timing=timing),
         }
-        row["train_images_per_s"], row["errors"] = bench_train(name, [None, *modes], batch=batch, timing=timing,
-                                                              rounds=turns)
+        row["train_images_per_s"], row["errors"], per_turn = bench_train(name, [None, *modes], batch=batch,
+                                                                        timing=timing, rounds=turns)
         plain = row["train_images_per_s"]["plain"]
         row["dp_over_plain"] = {m: v / plain for m, v in row["train_images_per_s"].items() if m != "plain"}
         if row["dp_over_plain"]:
             row["best_dp_mode"] = max(row["dp_over_plain"], key=row["dp_over_plain"].get)
-        train = row["train_images_per_s"]
-        if "bk" in train and "bk-secure" in train:
-            # Timed in the same turns, so the shared machine's load hits both alike: the CSPRNG's own cost.
-            row["secure_over_seeded"] = train["bk-secure"] / train["bk"]
+        if "bk" in per_turn and "bk-secure" in per_turn:
+            # The median of each turn's ratio: both timed back to back, so the shared machine's load hits both
+            # alike and what remains is the CSPRNG's own cost.
+            row["secure_over_seeded"] = statistics.median(
+                secure / seeded for secure, seeded in zip(per_turn["bk-secure"], per_turn["bk"]))
+            row["secure_over_seeded_turns"] = [s / b for s, b in zip(per_turn["bk-secure"], per_turn["bk"])]
         row["noise_ms_per_step"] = bench_noise(row["params"], timing=timing)
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
