@@ -10,9 +10,8 @@ Per model (default size, DP build = GroupNorm, random 48×48 grayscale input):
   pass, clipped sum formed from the recorded activations and output gradients) with Opacus's ghost-clipping
   optimizer adding the noise from torch's (seedable) generator, and "bk-secure", the same with the noise drawn
   from the OS-keyed CSPRNG a deployed node uses (privacy.dp `_SecureRandom`). DP/plain is the throughput ratio,
-  1.0 meaning DP is free; secure_over_seeded = bk-secure ÷ bk, the median of the turns' ratios (each turn times
-  them back to back, so it is the CSPRNG's cost under the same load); noise_ms_per_step times the two generators
-  alone, back to back.
+  1.0 meaning DP is free; secure_vs_seeded times single bk and bk-secure steps back to back (the CSPRNG's cost under
+  the same load; see bench_secure_pairs); noise_ms_per_step times the two generators alone, back to back.
 Training engines are timed in turns (each engine once per turn, 3 turns, median), so a slow spell of the shared
 machine hits every engine alike; each timing is the median over repetitions after warm-up. The load average is
 recorded, because on a shared 2-core machine other processes' work shows up as slower figures.
@@ -151,12 +150,37 @@ def bench_train(
             steps.pop(key, None)
             errors[key] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
     per_turn: dict[str, list[float]] = {key: [] for key in steps}
-    for turn in range(rounds):
-        # Every other turn runs the engines in reverse order, so a load that drifts within a turn favours none.
-        for key, step in (steps.items() if turn % 2 == 0 else reversed(steps.items())):
+    for _ in range(rounds):
+        for key, step in steps.items():
             per_turn[key].append(batch / _timed(step, **timing))
     medians = {key: statistics.median(values) for key, values in per_turn.items()}
     return medians, errors, per_turn
+
+
+def bench_secure_pairs(name: str, *, batch: int, pairs: int) -> dict[str, float]:
+    """The CSPRNG's cost inside a DP step, as close to "the same moment" as a shared machine allows: one bk step and
+    one bk-secure step back to back (order alternating), `pairs` times; the median of each pair's ratio.
+
+    Turns of 2 s per engine (bench_train) are too coarse here: other work on the machine comes and goes within
+    seconds (measured per-turn ratios of 0.92, 0.46 and 0.69 in one run), while single steps alternate in ~0.3 s.
+    """
+    seeded, secure = make_train_step(name, "bk", batch=batch), make_train_step(name, "bk-secure", batch=batch)
+    for step in (seeded, secure, seeded, secure):
+        step()
+    times: dict[str, list[float]] = {"bk": [], "bk-secure": []}
+    for index in range(pairs):
+        order = (("bk", seeded), ("bk-secure", secure))
+        for key, step in order if index % 2 == 0 else reversed(order):
+            tick = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - tick)
+    ratios = [b / s for b, s in zip(times["bk"], times["bk-secure"])]
+    return {
+        "bk_ms": 1000 * statistics.median(times["bk"]),
+        "bk_secure_ms": 1000 * statistics.median(times["bk-secure"]),
+        "secure_over_seeded": statistics.median(ratios),
+        "pairs": pairs,
+    }
 
 
 def bench_noise(count: int, *, timing: dict) -> dict[str, float]:
@@ -191,11 +215,7 @@ def run(models: list[str], modes: list[str], *, quick: bool) -> dict:
         if row["dp_over_plain"]:
             row["best_dp_mode"] = max(row["dp_over_plain"], key=row["dp_over_plain"].get)
         if "bk" in per_turn and "bk-secure" in per_turn:
-            # The median of each turn's ratio: both timed back to back, so the shared machine's load hits both
-            # alike and what remains is the CSPRNG's own cost.
-            row["secure_over_seeded"] = statistics.median(
-                secure / seeded for secure, seeded in zip(per_turn["bk-secure"], per_turn["bk"]))
-            row["secure_over_seeded_turns"] = [s / b for s, b in zip(per_turn["bk-secure"], per_turn["bk"])]
+            row["secure_vs_seeded"] = bench_secure_pairs(name, batch=batch, pairs=4 if quick else 20)
         row["noise_ms_per_step"] = bench_noise(row["params"], timing=timing)
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
@@ -239,7 +259,9 @@ def _print_row(row: dict, modes: list[str]) -> None:
     cells.append(f"{row['dp_over_plain'][best]:.2f} ({best})" if best else "-")
     print("  ".join(f"{c:>13}" for c in cells), flush=True)
     noise = row["noise_ms_per_step"]
-    secure = f", bk-secure/bk {row['secure_over_seeded']:.2f}" if "secure_over_seeded" in row else ""
+    pair = row.get("secure_vs_seeded")
+    secure = (f"; steps back to back: bk {pair['bk_ms']:.0f} ms, bk-secure {pair['bk_secure_ms']:.0f} ms, "
+              f"bk-secure/bk {pair['secure_over_seeded']:.2f}") if pair else ""
     print(f"{'':>13}  noise per step: seeded {noise['seeded']:.1f} ms, csprng {noise['csprng']:.1f} ms{secure}",
           flush=True)
 
