@@ -8,7 +8,10 @@ Per model (default size, DP build = GroupNorm, random 48×48 grayscale input):
   "ghost" (ghost clipping: per-sample gradient norms without per-sample gradients where Opacus knows how: Linear)
   and "ew" (torch's ExpandedWeights); and "bk", our book-keeping clipping (privacy/bookkeeping.py: one backward
   pass, clipped sum formed from the recorded activations and output gradients) with Opacus's ghost-clipping
-  optimizer adding the noise. DP/plain is the throughput ratio, 1.0 meaning DP is free.
+  optimizer adding the noise from torch's (seedable) generator, and "bk-secure", the same with the noise drawn
+  from the OS-keyed CSPRNG a deployed node uses (privacy.dp `_SecureRandom`). DP/plain is the throughput ratio,
+  1.0 meaning DP is free; secure_vs_seeded times single bk and bk-secure steps back to back (the CSPRNG's cost under
+  the same load; see bench_secure_pairs); noise_ms_per_step times the two generators alone, back to back.
 Training engines are timed in turns (each engine once per turn, 3 turns, median), so a slow spell of the shared
 machine hits every engine alike; each timing is the median over repetitions after warm-up. The load average is
 recorded, because on a shared 2-core machine other processes' work shows up as slower figures.
@@ -42,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from models import complexity, create_model, list_models  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "bench_models.json"
-DP_MODES = ("hooks", "functorch", "ghost", "ew", "bk")
+DP_MODES = ("hooks", "functorch", "ghost", "ew", "bk", "bk-secure")
 TRAIN_BATCH = {"dmsnet_heavy": 16}
 INFER_BATCHES = (1, 64)
 
@@ -89,15 +92,22 @@ def make_train_step(name: str, mode: str | None, *, batch: int):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     criterion: nn.Module = nn.CrossEntropyLoss()
     images, labels = _batch(batch)
-    if mode == "bk":
+    if mode in ("bk", "bk-secure"):
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
         from privacy.bookkeeping import BookKeepingLoss, BookKeepingModule
+        from privacy.dp import _secure_optimizer_class, _SecureRandom
 
         model = BookKeepingModule(model, max_grad_norm=1.0)
         criterion = BookKeepingLoss(model, criterion)
-        optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
-                                                    expected_batch_size=batch)
+        # bk-secure: what a deployed node runs (privacy.dp DPSettings(secure_mode=True)): the noise comes from
+        # ChaCha20 keyed by the OS, each value the sum of four Gaussians over two; bk draws from torch's generator.
+        secure = mode == "bk-secure"
+        optimizer_class = _secure_optimizer_class(DPOptimizerFastGradientClipping) if secure \
+            else DPOptimizerFastGradientClipping
+        optimizer = optimizer_class(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
+        if secure:
+            optimizer.secure_random = _SecureRandom()
     elif mode is not None:
         from opacus import PrivacyEngine
 
@@ -121,11 +131,14 @@ def make_train_step(name: str, mode: str | None, *, batch: int):
     return step
 
 
-def bench_train(name: str, modes: list[str | None], *, batch: int, timing: dict, rounds: int) -> tuple[dict, dict]:
+def bench_train(
+    name: str, modes: list[str | None], *, batch: int, timing: dict, rounds: int
+) -> tuple[dict, dict, dict]:
     """Images/s of each engine's SGD steps, timed in turns so that a slow spell of the shared machine hits every
     engine alike: `rounds` turns, each engine timed once per turn, median over the turns.
 
-    Returns the images/s by engine ("plain" for None) and the errors of engines that cannot train this model.
+    Returns the median images/s by engine ("plain" for None), the errors of engines that cannot train this model,
+    and each engine's images/s per turn.
     """
     steps, errors = {}, {}
     for mode in modes:
@@ -140,7 +153,46 @@ def bench_train(name: str, modes: list[str | None], *, batch: int, timing: dict,
     for _ in range(rounds):
         for key, step in steps.items():
             per_turn[key].append(batch / _timed(step, **timing))
-    return {key: statistics.median(values) for key, values in per_turn.items()}, errors
+    medians = {key: statistics.median(values) for key, values in per_turn.items()}
+    return medians, errors, per_turn
+
+
+def bench_secure_pairs(name: str, *, batch: int, pairs: int) -> dict[str, float]:
+    """The CSPRNG's cost inside a DP step, as close to "the same moment" as a shared machine allows: one bk step and
+    one bk-secure step back to back (order alternating), `pairs` times; the median of each pair's ratio.
+
+    Turns of 2 s per engine (bench_train) are too coarse here: other work on the machine comes and goes within
+    seconds (measured per-turn ratios of 0.92, 0.46 and 0.69 in one run), while single steps alternate in ~0.3 s.
+    """
+    seeded, secure = make_train_step(name, "bk", batch=batch), make_train_step(name, "bk-secure", batch=batch)
+    for step in (seeded, secure, seeded, secure):
+        step()
+    times: dict[str, list[float]] = {"bk": [], "bk-secure": []}
+    for index in range(pairs):
+        order = (("bk", seeded), ("bk-secure", secure))
+        for key, step in order if index % 2 == 0 else reversed(order):
+            tick = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - tick)
+    ratios = [b / s for b, s in zip(times["bk"], times["bk-secure"])]
+    return {
+        "bk_ms": 1000 * statistics.median(times["bk"]),
+        "bk_secure_ms": 1000 * statistics.median(times["bk-secure"]),
+        "secure_over_seeded": statistics.median(ratios),
+        "pairs": pairs,
+    }
+
+
+def bench_noise(count: int, *, timing: dict) -> dict[str, float]:
+    """Milliseconds to draw one step's noise for `count` parameters, back to back: torch's seeded generator (one
+    Gaussian per value, Opacus without secure_mode) and the OS-keyed CSPRNG a deployed node uses (privacy.dp)."""
+    from privacy.dp import _SecureRandom
+
+    reference, secure = torch.zeros(count), _SecureRandom()
+    return {
+        "seeded": 1000 * _timed(lambda: torch.normal(0.0, 1.0, size=reference.shape), **timing),
+        "csprng": 1000 * _timed(lambda: secure.gaussian_like(reference, std=1.0), **timing),
+    }
 
 
 def run(models: list[str], modes: list[str], *, quick: bool) -> dict:
@@ -156,12 +208,15 @@ def run(models: list[str], modes: list[str], *, quick: bool) -> dict:
             "model": name, "params": cost["params"], "macs_48": cost["macs"], "train_batch": batch,
             "infer_images_per_s": bench_inference(name, timing=timing),
         }
-        row["train_images_per_s"], row["errors"] = bench_train(name, [None, *modes], batch=batch, timing=timing,
-                                                              rounds=turns)
+        row["train_images_per_s"], row["errors"], per_turn = bench_train(name, [None, *modes], batch=batch,
+                                                                        timing=timing, rounds=turns)
         plain = row["train_images_per_s"]["plain"]
         row["dp_over_plain"] = {m: v / plain for m, v in row["train_images_per_s"].items() if m != "plain"}
         if row["dp_over_plain"]:
             row["best_dp_mode"] = max(row["dp_over_plain"], key=row["dp_over_plain"].get)
+        if "bk" in per_turn and "bk-secure" in per_turn:
+            row["secure_vs_seeded"] = bench_secure_pairs(name, batch=batch, pairs=4 if quick else 20)
+        row["noise_ms_per_step"] = bench_noise(row["params"], timing=timing)
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         _print_row(row, modes)
@@ -203,6 +258,12 @@ def _print_row(row: dict, modes: list[str]) -> None:
     best = row.get("best_dp_mode")
     cells.append(f"{row['dp_over_plain'][best]:.2f} ({best})" if best else "-")
     print("  ".join(f"{c:>13}" for c in cells), flush=True)
+    noise = row["noise_ms_per_step"]
+    pair = row.get("secure_vs_seeded")
+    secure = (f"; steps back to back: bk {pair['bk_ms']:.0f} ms, bk-secure {pair['bk_secure_ms']:.0f} ms, "
+              f"bk-secure/bk {pair['secure_over_seeded']:.2f}") if pair else ""
+    print(f"{'':>13}  noise per step: seeded {noise['seeded']:.1f} ms, csprng {noise['csprng']:.1f} ms{secure}",
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

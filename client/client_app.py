@@ -9,6 +9,7 @@ client itself (`client.trainer.FerClient`, torch and all) is imported when a mes
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,12 @@ from flwr.app import Context
 from flwr.client import ClientApp
 
 from client.config import ConfigError, RunSettings
+from client.dp_training import LedgerFiles
 from client.node_data import NodeData, load_node_data
+from privacy.ledger import PrivacyLedger
 from privacy.secagg import secure_aggregation_mod
+
+log = logging.getLogger("fer_fl.client")
 
 @dataclass(frozen=True)
 class NodeSetup:
@@ -47,7 +52,7 @@ def setup_from_node_config(context: Context, settings: RunSettings) -> NodeSetup
     )
     profile_name = str(cfg.get("profile", ""))
     profile = PROFILES.get(profile_name)
-    state_dir = Path(str(cfg.get("state-dir", Path.home() / ".fer-fl" / client_id)))
+    state_dir = node_state_dir(cfg, client_id)
     return NodeSetup(
         data=data,
         profile=profile_name or "default",
@@ -57,20 +62,45 @@ def setup_from_node_config(context: Context, settings: RunSettings) -> NodeSetup
     )
 
 
-def node_settings(settings: RunSettings, node_config: dict) -> RunSettings:
-    """The run's settings as this node applies them: a node's own `dp-epsilon` caps the run's budget.
+def node_state_dir(node_config: dict, client_id: str) -> Path:
+    """A deployed node's private folder (ledger, released update): `state-dir`, else ~/.fer-fl/CLIENT_ID."""
+    return Path(str(node_config.get("state-dir", Path.home() / ".fer-fl" / client_id)))
+
+
+def node_settings(settings: RunSettings, node_config: dict, *, client_id: str | None = None) -> RunSettings:
+    """The run's settings as this node applies them: a node's own `dp-epsilon` caps the run's budget, and a node
+    that keeps a privacy ledger trains under DP-SGD whatever the run asks.
 
     A site may hold itself to a stricter budget than the coordinator's, or insist on DP-SGD in a run that has
     none; it can never be made to spend more than it set. The node's ledger records the budget it first trained
     under and refuses a different one later, so the cap cannot be raised by restarting with another value.
+    A deployed node with a ledger that gets a run without DP-SGD (`dp-epsilon = 0`) trains under its ledger's
+    budget, δ and accountant (declining once that is spent), never without DP: its budget binds it, not the
+    coordinator. A ledger it cannot open (missing key, tampering) raises, and the node declines.
+
+    Args:
+        settings: the run's settings.
+        node_config: the SuperNode's node config.
+        client_id: the node's identity (default: its `client-id`); needed to open its ledger.
     """
-    if "dp-epsilon" not in node_config:
+    if "dp-epsilon" in node_config:
+        own = float(node_config["dp-epsilon"])
+        if not own > 0:
+            raise ConfigError(f"node-config dp-epsilon must be positive, got {own}")
+        run = settings.dp_epsilon
+        settings = settings.replace(dp_epsilon=min(own, run) if run > 0 else own)
+    if settings.dp_enabled or "partition-id" in node_config:
+        return settings  # simulated nodes' ledgers live in each run's own directory
+    client_id = client_id or str(node_config.get("client-id", ""))
+    files = LedgerFiles.from_node_config(state_dir=node_state_dir(node_config, client_id), node_config=node_config)
+    if not files.has_ledger():
         return settings
-    own = float(node_config["dp-epsilon"])
-    if not own > 0:
-        raise ConfigError(f"node-config dp-epsilon must be positive, got {own}")
-    run = settings.dp_epsilon
-    return settings.replace(dp_epsilon=min(own, run) if run > 0 else own)
+    files.check_not_wiped()
+    ledger = PrivacyLedger.open_existing(files.ledger, key_file=files.key, anchor_path=files.anchor,
+                                         client_id=client_id)
+    log.warning("the run asks for no DP-SGD; this node keeps a privacy ledger and trains under its budget "
+                "(epsilon %.4g, %.4g spent)", ledger.budget_epsilon, ledger.spent_epsilon)
+    return settings.replace(dp_epsilon=ledger.budget_epsilon, dp_delta=ledger.delta, accountant=ledger.accountant)
 
 
 def make_client_app(
@@ -86,7 +116,8 @@ def make_client_app(
     fixed = settings
 
     def client_fn(context: Context):
-        settings = node_settings(fixed or RunSettings.from_run_config(dict(context.run_config)), context.node_config)
+        settings = node_settings(fixed or RunSettings.from_run_config(dict(context.run_config)), context.node_config,
+                                 client_id=str(context.node_config.get("client-id", context.node_id)))
         setup = provider(context, settings)
         node_index = int(context.node_config.get("partition-id", 0))
         # Imported here, not at the top: SecAgg+'s key-exchange and unmask stages never reach the client, and

@@ -82,6 +82,9 @@ class RunSettings:
     central_clip: float = 0.0
     # Deployment: a checkpoint (checkpoints/round-XXX.pt of this run's out-dir) to continue from; "" starts fresh
     resume_from: str = ""
+    # Deployment: the file of the coordinator's per-node privacy-ledger record (server/ledger_registry.py), kept
+    # across resumes and runs so a rolled-back or reset ledger is caught; "" keeps it in memory (simulations)
+    ledger_registry: str = ""
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -12,7 +12,7 @@ update is caught here rather than turned into garbage the server cannot see.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import secrets
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from client import replay, task
 from client.client_app import NodeSetup
 from client.config import RunSettings
 from client.data.preprocess import Augment, FERTorchDataset
-from client.dp_training import open_dp_client
+from client.dp_training import LedgerFiles, open_dp_client
 from models import create_model, model_info
 
 log = logging.getLogger("fer_fl.client")
@@ -45,7 +45,22 @@ class FerClient(NumPyClient):
         # statistics (a leak of their own) and average badly across non-IID sites.
         return create_model(self.settings.model, dp=True)
 
+    @property
+    def simulated(self) -> bool:
+        """A node of a simulation (Flower's simulation engine gives it a partition-id; a SuperNode's node config,
+        which its site's operator writes, never has one)."""
+        return "partition-id" in self.node_config
+
     def _seed(self, server_round: int) -> int:
+        """The seed of this round's torch generator (augmentation, shuffling, dropout; DP noise in simulations).
+
+        A simulation is reproducible: the seed follows from the run's seed, the node's partition and the round,
+        so no two nodes share batches or noise, and privacy.json says the noise was seeded. A deployed node seeds
+        from the OS: the coordinator knows the run's seed, and every real node used to share index 0, so it
+        could regenerate a node's batches and noise (its DP noise is drawn from a CSPRNG anyway, privacy.dp).
+        """
+        if not self.simulated:
+            return secrets.randbits(63)
         return self.settings.seed * 1_000_003 + self.node_index * 1_009 + server_round
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
@@ -53,7 +68,7 @@ class FerClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         server_round = int(config.get("server-round", 0))
-        if not self.settings.dp_enabled or "partition-id" in self.node_config:
+        if not self.settings.dp_enabled or self.simulated:
             # Simulated nodes keep their state inside the run directory, which must never hold individual
             # updates; and a simulation is never resumed mid-round.
             return self._fit(parameters, config)
@@ -124,17 +139,14 @@ class FerClient(NumPyClient):
         `BudgetExhausted` propagates: Flower turns it into an error reply naming the reason, and the server
         carries on without this node.
         """
-        cfg = self.node_config
         dp = open_dp_client(
             settings=self.settings,
             client_id=self.setup.data.client_id,
-            state_dir=self.setup.state_dir,
+            files=LedgerFiles.from_node_config(state_dir=self.setup.state_dir, node_config=self.node_config),
             dataset_size=len(dataset),
             batch_size=self.setup.batch_size,
             local_epochs=self.setup.local_epochs,
-            key_file=Path(cfg["ledger-key"]) if "ledger-key" in cfg else None,
-            anchor_path=Path(cfg["ledger-anchor"]) if "ledger-anchor" in cfg else None,
-            create_key="partition-id" in cfg,
+            simulated=self.simulated,
         )
         plan = dp.begin_round(server_round=server_round)
         private = dp.make_private(

@@ -25,7 +25,23 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
-__all__ = ["BookKeepingLoss", "BookKeepingModule", "release_bookkeeping_hooks", "supports_bookkeeping"]
+__all__ = [
+    "BookKeepingLoss",
+    "BookKeepingModule",
+    "UnrecordedGradientError",
+    "release_bookkeeping_hooks",
+    "supports_bookkeeping",
+]
+
+
+class UnrecordedGradientError(RuntimeError):
+    """A trainable parameter's per-sample contribution was not recorded in this step, so it cannot be clipped.
+
+    Raised instead of leaving autograd's unclipped gradient in ``.grad`` (every ``.grad`` is cleared first): a
+    parameter used outside its layer's forward (``F.linear(x, layer.weight)``), hooks removed, or a layer whose
+    output never reached the loss. Opacus's hooks mode refuses the same steps ("Per sample gradient is not
+    initialized").
+    """
 
 # Attribute on the wrapped model that holds the hook handles, so a later round can release them.
 _HANDLES_ATTR = "_bookkeeping_hooks"
@@ -175,9 +191,14 @@ class BookKeepingModule(nn.Module):
             return self.per_sample_gradient_norms
         norms_sq = loss_per_sample.new_zeros(batch)
         pending: list[tuple[nn.Module, list[_Record], dict[nn.Parameter, torch.Tensor] | None]] = []
+        unrecorded: list[str] = []
         for layer, state in self._layers.items():
             records = [r for r in state.records if r.backprop is not None]
             if not records:
+                # Fail closed: autograd may have put this layer's *unclipped* gradient in .grad (reproduced: a
+                # Linear weight used through F.linear left a gradient of norm 90 under a clip of 0.08).
+                if _own_parameters(layer):
+                    unrecorded.append(type(layer).__name__)
                 continue
             if type(layer) is nn.Linear and len(records) == 1 and records[0].activation.dim() == 2:
                 norms_sq += _linear_flat_norm_sq(layer, records[0])
@@ -187,6 +208,8 @@ class BookKeepingModule(nn.Module):
                 for grad in per_sample.values():
                     norms_sq += grad.reshape(batch, -1).pow(2).sum(1)
                 pending.append((layer, records, per_sample))
+        if unrecorded:
+            self._fail_closed(unrecorded)
         norms = norms_sq.sqrt()
         coefficients = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for layer, records, per_sample in pending:
@@ -199,6 +222,19 @@ class BookKeepingModule(nn.Module):
             state.records.clear()
         self.per_sample_gradient_norms = norms.detach()
         return self.per_sample_gradient_norms
+
+
+    def _fail_closed(self, unrecorded: list[str]) -> None:
+        for state in self._layers.values():
+            state.records.clear()
+        for param in self._module.parameters():
+            param.grad = None
+        self.per_sample_gradient_norms = None
+        raise UnrecordedGradientError(
+            f"no per-sample contribution was recorded for trainable layer(s) {', '.join(sorted(set(unrecorded)))} "
+            "in this step (a parameter used outside its layer's forward, hooks removed, or an output that never "
+            "reached the loss); refusing to leave an unclipped gradient"
+        )
 
 
 def _linear_flat_norm_sq(layer: nn.Linear, record: _Record) -> torch.Tensor:

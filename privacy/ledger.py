@@ -22,10 +22,12 @@ Files and what each one catches:
   the anchor's), a different ledger of the same sequence number, an anchor rolled back further than one
   write, files swapped between clients or between ledger and anchor, another process writing the same
   ledger concurrently.
-* **Not detectable on the client alone**: deleting *both* files (the next open starts a new, empty
-  ledger) or restoring old copies of *both* together. That is what :attr:`PrivacyLedger.ledger_id` and
-  :attr:`PrivacyLedger.seq` are for: the client reports them with every update, and the server flags a
-  node whose ledger id changes or whose sequence number goes down. Someone who holds the key file can
+* **Not detectable by the ledger alone**: deleting *both* files (the next open starts a new, empty
+  ledger) or restoring old copies of *both* together. A deployed node closes the first (client/dp_training.py:
+  its key is made only on purpose, and a key that has served a ledger never opens a fresh one); for both,
+  :attr:`PrivacyLedger.ledger_id` and :attr:`PrivacyLedger.seq` go with every update, and the coordinator
+  refuses a node whose ledger id changes or whose sequence number goes down, remembering them across resumes
+  and runs (server/ledger_registry.py). Someone who holds the key file can
   forge anything; the key must be readable by the client process only (0600, checked here).
 """
 
@@ -330,6 +332,37 @@ class PrivacyLedger:
             ledger = cls._open_locked(ledger_path, anchor, box, client_id, float(budget_epsilon), float(delta), accountant)
         ledger._check_terms(budget_epsilon=float(budget_epsilon), delta=float(delta), accountant=accountant)
         return ledger
+
+    @classmethod
+    def open_existing(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        key_file: str | os.PathLike[str],
+        anchor_path: str | os.PathLike[str],
+        client_id: str,
+    ) -> PrivacyLedger:
+        """Opens and verifies an existing ledger under the budget, δ and accountant it was created with.
+
+        For a node that must train under its own budget whatever a run asks for (a run without DP-SGD).
+
+        Raises:
+            LedgerError: No ledger at ``path``, or anything :meth:`open` refuses.
+        """
+        ledger_path = Path(path)
+        blob = _read_or_none(ledger_path)
+        if blob is None:
+            raise LedgerError(f"privacy ledger {ledger_path} not found")
+        document = _Box(_read_key(Path(key_file))).open(blob, purpose="ledger", where=ledger_path)
+        return cls.open(
+            ledger_path,
+            key_file=key_file,
+            anchor_path=anchor_path,
+            client_id=client_id,
+            budget_epsilon=document["budget_epsilon"],
+            delta=document["delta"],
+            accountant=document["accountant"],
+        )
 
     @classmethod
     def _open_locked(

@@ -37,6 +37,14 @@ THREAT_MODEL = (
     "takes part, when and for how long; and poisoned updates from malicious clients."
 )
 
+SEEDED_NOISE_CAVEAT = (
+    "The local DP-SGD noise and Poisson sampling of {clients} were drawn from torch's generator seeded from the "
+    "run's seed (a reproducible simulation): they are not private against anyone who knows that seed and the "
+    "code, who can regenerate the noise and subtract it. Their epsilon figures hold only against an adversary who "
+    "does not know the seed. Deployed nodes (fer-client) draw both from a cryptographically secure generator keyed "
+    "by the operating system, which nobody else can reproduce."
+)
+
 _CLIENT_FIELDS = (
     "epsilon_spent",
     "epsilon_budget",
@@ -115,24 +123,41 @@ def privacy_report(
             expected RMS) and to one update. Summarised under ``secure_aggregation_quantization``.
 
     Returns:
-        A JSON-ready dict: ``schema``, ``secure_aggregation``, ``local_dp``, ``clients`` (sorted by
-        id, each with ``budget_exhausted``), ``max_epsilon_spent``, ``central`` (with its ``epsilon``)
-        and ``threat_model``.
+        A JSON-ready dict: ``schema``, ``secure_aggregation``, ``local_dp``, ``local_dp_noise`` (where the
+        noise came from), ``clients`` (sorted by id, each with ``budget_exhausted``), ``max_epsilon_spent``,
+        ``central`` (with its ``epsilon``), ``threat_model``, and ``seeded_noise_caveat`` when any client's
+        noise was seeded (not private against whoever knows the seed).
 
     Raises:
         ValueError: A missing field or a non-finite number, named by client index and field.
     """
     entries = sorted((_client_entry(i, c) for i, c in enumerate(clients)), key=lambda e: e["client_id"])
-    return {
+    # A client that does not say its noise came from the CSPRNG is counted as seeded: never claim more than known.
+    seeded = [e["client_id"] for e in entries if e.get("secure_mode") is not True]
+    report = {
         "schema": SCHEMA,
         "secure_aggregation": bool(secure_aggregation),
         "local_dp": bool(entries),
+        "local_dp_noise": _noise_source(entries, seeded),
         "clients": entries,
         "max_epsilon_spent": max((e["epsilon_spent"] for e in entries), default=None),
         "central": None if central is None else _central_entry(central),
         "secure_aggregation_quantization": _quantization_entry(secagg_quantization),
         "threat_model": THREAT_MODEL,
     }
+    if seeded:
+        who = "every client" if len(seeded) == len(entries) else "clients " + ", ".join(seeded)
+        report["seeded_noise_caveat"] = SEEDED_NOISE_CAVEAT.format(clients=who)
+    return report
+
+
+def _noise_source(entries: list[dict[str, Any]], seeded: list[str]) -> str | None:
+    if not entries:
+        return None
+    if not seeded:
+        return "csprng (keyed by the OS; not reproducible)"
+    return "seeded (reproducible; not private against whoever knows the seed)" if len(seeded) == len(entries) \
+        else "mixed (see seeded_noise_caveat)"
 
 
 def _quantization_entry(rounds: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
@@ -200,6 +225,8 @@ def render_privacy_markdown(report: Mapping[str, Any]) -> str:
                 f"{c['noise_multiplier']:.3f} | {c['max_grad_norm']:g} | {c['sample_rate']:.4f} | {c['steps']} | "
                 f"{c['accountant']} |"
             )
+        if report.get("seeded_noise_caveat"):
+            lines += ["", f"**Seeded noise.** {report['seeded_noise_caveat']}"]
     else:
         lines += ["", "Local DP-SGD: off."]
     central = report["central"]

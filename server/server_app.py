@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from models import create_model
 from privacy.central import CentralDP
 from privacy.report import privacy_report
 from server.evaluation import ServerEvaluator
+from server.ledger_registry import NodeLedgers
 from server.metrics import client_distribution
 from server.rundir import RunDirectory
 from server.secagg import QuantizationCost, make_secagg_workflow
@@ -129,6 +131,7 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
         evaluator = ServerEvaluator(model_name=settings.model, images=test_set[0], labels=test_set[1])
     return GuardedStrategy(
         inner,
+        ledgers=NodeLedgers(Path(settings.ledger_registry) if settings.ledger_registry else None),
         expected_shapes=[w.shape for w in weights],
         max_update_norm=settings.max_update_norm,
         max_examples=settings.max_examples,
@@ -322,7 +325,8 @@ def run_federation(
         extra=data_meta(settings),
         round=settings.num_server_rounds,
     )
-    if settings.dp_enabled or settings.secure_agg or settings.central_dp_enabled:
+    # strategy.privacy also holds nodes that imposed DP-SGD on a run without it (their own budget binds them).
+    if settings.dp_enabled or strategy.privacy or settings.secure_agg or settings.central_dp_enabled:
         quantization = list(getattr(fit_workflow, "quantization", {}).values())
         run_dir.write_json("privacy.json", build_privacy_report(settings, strategy, quantization=quantization))
     run_dir.write_summary(summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings))

@@ -35,6 +35,7 @@ from flwr.server.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmed
 
 from privacy.central import CentralDP, add_central_noise
 from privacy.guard import guard_update
+from server.ledger_registry import NodeLedgers
 
 log = logging.getLogger("fer_fl.server")
 
@@ -184,6 +185,8 @@ class GuardedStrategy(Strategy):
             (no secure aggregation) it scales each down to the clip C itself rather than trusting the client.
         secure_aggregation: whether fit results carry a SecAgg+ aggregate instead of individual updates; then
             refusals happen in `screen_masked_reply`, before the masked vectors are summed.
+        ledgers: the record of each node's privacy ledger that rollbacks are checked against (kept on disk by
+            deployments, server/ledger_registry.py); None keeps one in memory.
     """
 
     def __init__(
@@ -196,6 +199,7 @@ class GuardedStrategy(Strategy):
         evaluate_fn: EvaluateFn | None = None,
         central_dp: CentralDP | None = None,
         secure_aggregation: bool = False,
+        ledgers: NodeLedgers | None = None,
     ) -> None:
         super().__init__()
         self.secure_aggregation = secure_aggregation
@@ -209,6 +213,7 @@ class GuardedStrategy(Strategy):
         self.server_metrics: dict[int, dict[str, Any]] = {}
         # Latest DP status each node reported (epsilon spent, ledger sequence): for privacy.json and rollback checks.
         self.privacy: dict[str, dict[str, Any]] = {}
+        self.ledgers = ledgers if ledgers is not None else NodeLedgers()
         self._global: list[np.ndarray] | None = None
 
     def __repr__(self) -> str:
@@ -251,13 +256,14 @@ class GuardedStrategy(Strategy):
                 report.rejected.append({"client": client_id, "reason": reason})
                 continue
             privacy = {k[3:]: v for k, v in res.metrics.items() if k.startswith("dp-")}
-            reason = self._check_ledger(client_id, privacy)
+            reason = self.ledgers.check(client_id, privacy, server_round=server_round)
             if reason is not None:
                 log.warning("round %d: rejected the update of client %s: %s", server_round, client_id, reason)
                 report.rejected.append({"client": client_id, "reason": reason})
                 continue
             if privacy:
                 self.privacy[client_id] = privacy
+                self.ledgers.accept(client_id, privacy, server_round=server_round)
             delta = parameters_to_ndarrays(res.parameters)
             if self.central_dp is not None and not self.secure_aggregation:
                 # Already validated (shapes, finite), so the guard only clips here.
@@ -277,6 +283,7 @@ class GuardedStrategy(Strategy):
             loss = _as_float(res.metrics.get("train-loss"))
             if loss is not None:
                 losses.append((loss, int(res.num_examples)))
+        self.ledgers.save()
         # Replies arrive in completion order; a fixed order makes float aggregation, and so the run, reproducible.
         accepted.sort(key=lambda item: str(item[1].metrics.get("client-id", item[0].cid)))
         report.num_accepted = len(accepted)
@@ -311,8 +318,8 @@ class GuardedStrategy(Strategy):
         """
         client_id = str(res.metrics.get("client-id", proxy.cid))
         privacy = {k[3:]: v for k, v in res.metrics.items() if k.startswith("dp-")}
-        reason = validate_count(res.num_examples, max_examples=self.max_examples) or self._check_ledger(
-            client_id, privacy
+        reason = validate_count(res.num_examples, max_examples=self.max_examples) or self.ledgers.check(
+            client_id, privacy, server_round=server_round
         )
         if reason is not None:
             report = self.report(server_round)
@@ -320,22 +327,6 @@ class GuardedStrategy(Strategy):
             report.rejected.append({"client": client_id, "reason": reason})
             report.excluded_from_sum.append(client_id)
         return reason
-
-    def _check_ledger(self, client_id: str, privacy: dict[str, Any]) -> str | None:
-        """A node's privacy ledger only moves forward: a replaced ledger or a lower sequence number means its
-        recorded spend was rolled back (e.g. both ledger and anchor restored from a backup), which the node
-        alone cannot detect."""
-        previous = self.privacy.get(client_id)
-        if not privacy or previous is None:
-            return None
-        if privacy.get("ledger_id") != previous.get("ledger_id"):
-            return "its privacy ledger was replaced since its last update (possible budget reset)"
-        if int(privacy.get("ledger_seq", -1)) <= int(previous.get("ledger_seq", -1)):
-            return (
-                f"its privacy ledger went back from sequence {previous.get('ledger_seq')} "
-                f"to {privacy.get('ledger_seq')} (possible rollback)"
-            )
-        return None
 
     def _check(self, res: FitRes) -> str | None:
         try:

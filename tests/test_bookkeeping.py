@@ -187,3 +187,49 @@ def test_each_models_dp_engine_is_one_the_client_can_open(name):
     assert engine in GRAD_SAMPLE_MODES
     if engine == "bk":
         assert supports_bookkeeping(_make_model(name))
+
+
+class _SideUse(nn.Module):
+    """A model whose head's weight is also used through F.linear, outside the head's own (hooked) forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.relu(self.body(x)), self.head.weight, self.head.bias)
+
+
+def _make_side_use_step(*, remove_hooks: bool):
+    """A private optimizer over `_SideUse` (or a normal MLP with its hooks removed) and a large-gradient batch."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    torch.manual_seed(0)
+    model = _SideUse() if not remove_hooks else nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    wrapped = BookKeepingModule(model, max_grad_norm=0.08)
+    if remove_hooks:
+        wrapped.remove_hooks()
+    optimizer = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.08, expected_batch_size=4
+    )
+    images = 100.0 * torch.randn(4, 8)
+    return model, wrapped, optimizer, images, torch.tensor([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize("remove_hooks", [False, True], ids=["param-used-outside-its-layer", "hooks-removed"])
+def test_an_unrecorded_parameter_fails_closed_and_nothing_steps(remove_hooks):
+    """Attack: a parameter whose per-sample contribution was not recorded raises; no unclipped .grad, no step."""
+    # Prepare
+    model, wrapped, optimizer, images, labels = _make_side_use_step(remove_hooks=remove_hooks)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    # Execute
+    with pytest.raises(RuntimeError, match="no per-sample contribution was recorded"):
+        optimizer.zero_grad(set_to_none=True)
+        BookKeepingLoss(wrapped, nn.CrossEntropyLoss())(wrapped(images), labels).backward()
+        optimizer.step()
+
+    # Assert: the unclipped autograd gradient (norm far above the 0.08 clip) is not left behind, and nothing moved
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -176,7 +176,8 @@ def test_fer_client_reports_the_supernodes_exit_code(tmp_path):
     """A SuperNode that cannot reach its server (no retries) exits non-zero; fer-client ends with exit 1 and one
     line giving the SuperNode's code, no traceback."""
     # Execute
-    done = _cli(*CLIENT, "--insecure", "--max-retries", "0", "--state-dir", "site", cwd=tmp_path)
+    done = _cli(*CLIENT, "--insecure", "--max-retries", "0", "--state-dir", "site", "--new-privacy-ledger",
+               cwd=tmp_path)
 
     # Assert
     assert done.returncode == 1, done.stderr

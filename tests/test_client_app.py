@@ -282,3 +282,112 @@ def test_fedprox_servers_mu_reaches_the_client_and_shortens_its_update(tmp_path)
     # Assert
     assert config == {"server-round": 1, "proximal-mu": 5.0}
     assert 0 < norms[5.0] < 0.9 * norms[0.0]
+
+
+def _make_deployed_node(state_dir, *, dp_epsilon: float, key_dir=None) -> tuple[Context, RunSettings]:
+    """A deployed node (no partition-id) whose operator made its ledger key, in a run at `dp_epsilon`."""
+    from privacy.ledger import generate_key_file
+
+    settings = SETTINGS.replace(dp_epsilon=dp_epsilon, num_server_rounds=3)
+    context = _make_context(state_dir)
+    context.run_config.update(settings.to_run_config())
+    key = (key_dir or state_dir) / "ledger.key"
+    generate_key_file(key)
+    context.node_config["ledger-key"] = str(key)
+    return context, settings
+
+
+def _train(context: Context, weights: list[np.ndarray], server_round: int = 1):
+    """One TRAIN message through the real ClientApp; the reply Message."""
+    return make_client_app()(_make_message("train", weights, {"server-round": server_round}), context)
+
+
+def _delta(reply) -> np.ndarray:
+    assert not reply.has_error(), reply.error if reply.has_error() else ""
+    return parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=False).parameters)[0]
+
+
+@pytest.mark.slow
+def test_a_deployed_nodes_dp_noise_cannot_be_replayed_from_the_run_config(tmp_path):
+    """Attack (server replay): two trainings with identical config, data, weights and round give different DP
+    updates on deployed nodes (OS-keyed noise and sampling); a simulation stays reproducible and says so."""
+    # Prepare: two deployed nodes, and two simulated runs of the same partition, all else identical
+    contexts = [_make_deployed_node(tmp_path / f"node-{i}", dp_epsilon=8.0)[0] for i in range(2)]
+    simulated = []
+    for i in range(2):
+        context, _ = _make_deployed_node(tmp_path / f"sim-{i}", dp_epsilon=8.0)
+        context.node_config["partition-id"] = 0
+        simulated.append(context)
+    weights = initial_weights(SETTINGS)
+
+    # Execute
+    deployed = [_delta(_train(c, weights)) for c in contexts]
+    replies = [_train(c, weights) for c in simulated]
+
+    # Assert: what the coordinator could recompute from the run config no longer matches the real update
+    assert not np.array_equal(deployed[0], deployed[1])
+    assert np.array_equal(_delta(replies[0]), _delta(replies[1]))
+    metrics = compat.recorddict_to_fitres(replies[0].content, keep_input=False).metrics
+    assert metrics["dp-secure_mode"] is False
+
+
+@pytest.mark.slow
+def test_a_deployed_node_with_a_ledger_trains_under_dp_when_the_run_asks_for_none(tmp_path):
+    """Attack: the coordinator sends dp-epsilon 0 to a node with a ledger; the node trains under DP-SGD with its
+    ledger's budget (charged, reported), never plain."""
+    from privacy.ledger import PrivacyLedger
+
+    # Prepare: the node trained a DP round before (its ledger exists), now a run without DP
+    context, _ = _make_deployed_node(tmp_path, dp_epsilon=8.0)
+    weights = initial_weights(SETTINGS)
+    _delta(_train(context, weights, server_round=1))
+    context.run_config.update(SETTINGS.replace(dp_epsilon=0.0, num_server_rounds=3).to_run_config())
+
+    # Execute
+    reply = _train(context, [weights[0] + 0.01], server_round=1)
+
+    # Assert
+    _delta(reply)
+    metrics = compat.recorddict_to_fitres(reply.content, keep_input=False).metrics
+    assert metrics["dp-epsilon_budget"] == 8.0 and metrics["dp-secure_mode"] is True
+    ledger = PrivacyLedger.open_existing(tmp_path / "privacy.ledger", key_file=tmp_path / "ledger.key",
+                                         anchor_path=tmp_path / "ledger.anchor", client_id="site-a")
+    assert len(ledger.rounds) == 2 and metrics["dp-epsilon_spent"] == ledger.spent_epsilon
+
+
+def test_a_node_with_an_exhausted_ledger_declines_a_run_without_dp(tmp_path):
+    """Attack: dp-epsilon 0 sent to a node whose ledger is spent: it declines (error reply), it does not train."""
+    from privacy.ledger import BudgetExhausted, PrivacyLedger
+
+    # Prepare: a ledger charged up to its whole budget
+    context, _ = _make_deployed_node(tmp_path, dp_epsilon=0.0)
+    ledger = PrivacyLedger.open(tmp_path / "privacy.ledger", key_file=tmp_path / "ledger.key",
+                                anchor_path=tmp_path / "ledger.anchor", client_id="site-a", budget_epsilon=2.0,
+                                delta=SETTINGS.dp_delta)
+    ledger.charge(server_round=1, noise_multiplier=1.0, sample_rate=0.5, steps=10, epsilon_after=2.0)
+
+    # Execute / Assert: the node refuses (a SuperNode turns this into an error reply); nothing was trained or charged
+    with pytest.raises(BudgetExhausted, match="privacy budget exhausted"):
+        _train(context, initial_weights(SETTINGS), server_round=2)
+    assert len(PrivacyLedger.open_existing(tmp_path / "privacy.ledger", key_file=tmp_path / "ledger.key",
+                                           anchor_path=tmp_path / "ledger.anchor", client_id="site-a").rounds) == 1
+
+
+def test_a_wiped_state_folder_does_not_restart_the_budget(tmp_path):
+    """Attack: the node's state folder (ledger and anchor) is wiped while its key lives elsewhere; the next DP
+    round is refused instead of opening a fresh, empty ledger."""
+    import shutil
+
+    from privacy.ledger import LedgerError
+
+    # Prepare: one charged DP round, then `rm -r STATE_DIR`
+    state_dir = tmp_path / "state"
+    context, _ = _make_deployed_node(state_dir, dp_epsilon=8.0, key_dir=tmp_path)
+    weights = initial_weights(SETTINGS)
+    _delta(_train(context, weights, server_round=1))
+    shutil.rmtree(state_dir)
+
+    # Execute / Assert: refused (a SuperNode turns this into an error reply), and no new ledger was opened
+    with pytest.raises(LedgerError, match="state folder wiped"):
+        _train(context, [weights[0] + 0.01], server_round=2)
+    assert not (state_dir / "privacy.ledger").exists()

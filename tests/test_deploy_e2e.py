@@ -141,7 +141,7 @@ def _server_args(port: int, *extra: str) -> list[str]:
 def _client_args(port: int, name: str, *extra: str, dataset: str = "synthetic=800") -> list[str]:
     return [str(BIN / "fer-client"), "start", "--server", f"127.0.0.1:{port}", "--ca-cert", "certs/ca.crt",
             "--key", f"keys/{name}.key", "--dataset", dataset, "--client-id", f"site-{name}",
-            "--state-dir", f"node-{name}", *extra]
+            "--state-dir", f"node-{name}", "--new-privacy-ledger", *extra]
 
 
 def _stock_supernode_args(tmp: Path, port: int, name: str, *, with_ca: bool,
@@ -326,6 +326,9 @@ def test_sigkilled_server_leaves_nothing_running_and_resume_finishes_every_round
     assert {"plots/accuracy.png", "plots/loss.png", "plots/privacy.png"} <= set(shown), shown
     for plot in shown:
         assert (run_dir / plot).stat().st_size > 0, plot
+    # The coordinator's ledger record outlived the killed ServerApp: it is in its state folder, not the process.
+    marks = json.loads((tmp_path / "srv" / "node-ledgers.json").read_text())["nodes"]
+    assert set(marks) == set(nodes)
     reported = {c["client_id"]: c for c in json.loads((run_dir / "privacy.json").read_text())["clients"]}
     from privacy.ledger import read_ledger
 
@@ -348,7 +351,7 @@ def _insecure_server_args(port: int, state: str, out: str) -> list[str]:
 
 def _insecure_client_args(port: int, state: str) -> list[str]:
     return [str(BIN / "fer-client"), "start", "--insecure", "--server", f"127.0.0.1:{port}",
-            "--dataset", "synthetic=50", "--client-id", state, "--state-dir", state]
+            "--dataset", "synthetic=50", "--client-id", state, "--state-dir", state, "--new-privacy-ledger"]
 
 
 def _error_lines(output: str) -> list[str]:

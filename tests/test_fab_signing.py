@@ -173,7 +173,8 @@ def test_a_site_refuses_fabs_its_coordinator_did_not_sign(tmp_path):
         with open(tmp_path / "site.log", "wb") as log:
             site = subprocess.Popen(
                 [str(BIN / "fer-client"), "start", "--server", f"127.0.0.1:{port}", "--dataset", "synthetic=20",
-                 "--ca-cert", str(certs / "ca.crt"), "--key", str(node_keys.private_key), "--state-dir", "node"],
+                 "--ca-cert", str(certs / "ca.crt"), "--key", str(node_keys.private_key), "--state-dir", "node",
+                 "--new-privacy-ledger"],
                 cwd=tmp_path, env=flower_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         _wait_until_online(client, timeout=120)

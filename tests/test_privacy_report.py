@@ -33,8 +33,8 @@ def _central(**overrides) -> dict:
     return {"noise_multiplier": 1.0, "clipping_norm": 0.5, "sample_rate": 0.1, "rounds": 100, "delta": 1e-5, **overrides}
 
 
-def _client_status(tmp_path, client_id: str, rounds: int) -> dict:
-    """A real DPClient's status after charging ``rounds`` rounds."""
+def _client_status(tmp_path, client_id: str, rounds: int, *, secure: bool = False) -> dict:
+    """A real DPClient's status after charging ``rounds`` rounds (``secure``: OS-keyed noise, as deployed)."""
     key = tmp_path / "ledger.key"
     if not key.exists():
         generate_key_file(key)
@@ -47,7 +47,7 @@ def _client_status(tmp_path, client_id: str, rounds: int) -> dict:
         delta=1e-5,
     )
     client = DPClient(
-        settings=DPSettings(epsilon=3.0), ledger=ledger, dataset_size=120, batch_size=8, local_epochs=1, planned_rounds=3
+        settings=DPSettings(epsilon=3.0, secure_mode=secure), ledger=ledger, dataset_size=120, batch_size=8, local_epochs=1, planned_rounds=3
     )
     for server_round in range(1, rounds + 1):
         client.begin_round(server_round=server_round)
@@ -197,3 +197,31 @@ def test_secagg_quantisation_cost_is_summarised_by_its_worst_round():
     assert summary["rounds"] == rounds
     assert f"off by at most {2 / 2**24:.3g}" in markdown
     assert privacy_report(clients=[], central=None, secure_aggregation=False)["secure_aggregation_quantization"] is None
+
+
+@pytest.mark.parametrize(
+    ("secure", "noise", "named"),
+    [
+        ({"site-a": False, "site-b": False}, "seeded", "every client"),
+        ({"site-a": True, "site-b": False}, "mixed", "clients site-b"),
+        ({"site-a": True, "site-b": True}, "csprng", None),
+    ],
+)
+def test_seeded_noise_is_stated_as_not_private_against_whoever_knows_the_seed(tmp_path, secure, noise, named):
+    """Clients whose DP noise was seeded (simulations) get a caveat in privacy.json and the markdown; OS-keyed
+    noise (deployed nodes) does not."""
+    # Prepare
+    statuses = [_client_status(tmp_path, cid, rounds=1, secure=flag) for cid, flag in secure.items()]
+
+    # Execute
+    report = privacy_report(clients=statuses, central=None, secure_aggregation=False)
+    markdown = render_privacy_markdown(report)
+
+    # Assert
+    assert report["local_dp_noise"].startswith(noise)
+    if named is None:
+        assert "seeded_noise_caveat" not in report and "Seeded noise" not in markdown
+    else:
+        assert f"noise and Poisson sampling of {named} were drawn" in report["seeded_noise_caveat"]
+        assert "not private against anyone who knows that seed" in report["seeded_noise_caveat"]
+        assert report["seeded_noise_caveat"] in markdown

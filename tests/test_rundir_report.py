@@ -328,6 +328,21 @@ def test_report_has_a_privacy_section_from_privacy_json(tmp_path):
     assert (tmp_path / "run" / "plots" / "privacy.png").read_bytes()[:8] == _PNG_SIGNATURE
 
 
+def test_report_states_that_seeded_dp_noise_is_not_private_against_the_seed(tmp_path):
+    """A simulation's privacy.json (seeded noise) puts its caveat in report.md, in words, not as a bare flag."""
+    from privacy.report import privacy_report
+
+    status = {"client_id": "0", "epsilon_spent": 1.0, "epsilon_budget": 3.0, "delta": 1e-5, "noise_multiplier": 1.1,
+              "max_grad_norm": 1.0, "sample_rate": 0.1, "steps": 10, "accountant": "rdp", "secure_mode": False}
+    _make_run(tmp_path / "run", privacy=privacy_report(clients=[status], central=None, secure_aggregation=False))
+
+    text = write_report(tmp_path / "run").read_text()
+
+    section = text[text.index("## Privacy"):]
+    assert "not private against anyone who knows that seed" in section
+    assert "local_dp_noise: seeded" in section
+
+
 def test_report_skips_what_is_missing(tmp_path):
     """A run with only round 0 and no partition, summary or privacy still reports, with no dangling links."""
     run = RunDirectory(tmp_path / "run")

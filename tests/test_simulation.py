@@ -105,3 +105,16 @@ def test_same_seed_gives_the_same_metrics(tmp_path):
         runs.append([json.loads(line)["server"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
 
     assert runs[0] == runs[1]
+
+
+def test_a_dp_simulation_states_that_its_noise_was_seeded(tmp_path):
+    """A simulation's DP noise is seeded (reproducible), and privacy.json says it is not private against the seed."""
+    settings = _make_settings(tmp_path / "run", dataset="synthetic=300", num_server_rounds=1, num_clients=2,
+                              min_clients=2, local_epochs=1, partition="iid", dp_epsilon=8.0, dp_batch_size=32)
+
+    run_simulation(settings, run_dir=RunDirectory(tmp_path / "run"), num_cpus=2)
+
+    privacy = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert [c["secure_mode"] for c in privacy["clients"]] == [False, False]
+    assert privacy["local_dp_noise"].startswith("seeded")
+    assert "not private against anyone who knows that seed" in privacy["seeded_noise_caveat"]

@@ -38,8 +38,17 @@ def start(
     state_dir: Annotated[Path, typer.Option(help="Privacy ledger, Flower home and log of this node.")] = Path(
         "fer-client-state"
     ),
-    ledger_key: Annotated[Path | None, typer.Option(help="Key file of the privacy ledger (HMAC).")] = None,
+    ledger_key: Annotated[
+        Path | None, typer.Option(help="Key file of the privacy ledger (default STATE_DIR/ledger.key).")
+    ] = None,
     ledger_anchor: Annotated[Path | None, typer.Option(help="Anchor file guarding the ledger against rollback.")] = None,
+    new_privacy_ledger: Annotated[
+        bool,
+        typer.Option("--new-privacy-ledger",
+                     help="First start of a node: make its privacy-ledger key. Refused when the node already has "
+                          "one; after a lost state folder it starts a NEW budget (loud; the coordinator refuses the "
+                          "node until it runs `fer-server forget-ledger`)."),
+    ] = False,
     require_secure_agg: Annotated[bool, typer.Option(help="Refuse to train in rounds without SecAgg+.")] = False,
     dp_epsilon: Annotated[
         float | None,
@@ -92,6 +101,8 @@ def start(
         raise click.ClickException(str(err)) from None
     typer.echo(f"data check: {described}")
     trusted_entities = _trusted_entities(trusted_entities, ca_cert=ca_cert, insecure=insecure)
+    files = _ledger_files(state_dir, ledger_key=ledger_key, ledger_anchor=ledger_anchor,
+                          new=new_privacy_ledger)
     try:
         lock = InstanceLock.acquire(lock_path, command="fer-client start")
     except LockedError as err:  # lost a race with another start on the same folder
@@ -102,19 +113,15 @@ def start(
         node_config["client-id"] = client_id
     if profile:
         node_config["profile"] = profile
-    if ledger_key is None:
-        # The ledger's key must exist before the first DP round; a real node never has the ClientApp create it
-        # (a wiped state folder must not silently restart the budget), so it is made here, once, on first start.
-        ledger_key = state_dir / "ledger.key"
-        if not ledger_key.exists():
-            from privacy.ledger import generate_key_file
+    if new_privacy_ledger:
+        from privacy.ledger import generate_key_file
 
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            generate_key_file(ledger_key)
-            typer.echo(f"created the privacy ledger key {ledger_key} (keep a copy with the node's keys)")
-    elif not ledger_key.is_file():
-        raise click.ClickException(f"--ledger-key file {ledger_key} does not exist")
-    node_config["ledger-key"] = str(ledger_key.resolve())
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        generate_key_file(files.key)
+        print(f"NEW PRIVACY LEDGER: made the ledger key {files.key}; this node's DP budget starts from zero. If it "
+              "ever trained before, its coordinator refuses its updates until it runs `fer-server forget-ledger "
+              f"{client_id or 'CLIENT_ID'}`. Keep a copy of the key with the node's keys.", file=sys.stderr, flush=True)
+    node_config["ledger-key"] = str(files.key.resolve())
     if ledger_anchor:
         node_config["ledger-anchor"] = str(ledger_anchor.resolve())
     if require_secure_agg:
@@ -219,6 +226,40 @@ def _in_use(state_dir: Path, holder) -> str:
     if holder is None:
         return f"state directory {state_dir} is in use by another process: stop it first or use another --state-dir"
     return f"state directory {state_dir} is in use by {holder.describe()}: {holder.advice('use another --state-dir')}"
+
+
+def _ledger_files(state_dir: Path, *, ledger_key: Path | None, ledger_anchor: Path | None, new: bool):
+    """The node's privacy-ledger files, checked before anything starts (client/dp_training.py `LedgerFiles`).
+
+    A node's ledger key is made once, on purpose: without `--new-privacy-ledger` a missing key is refused, so
+    `rm -r STATE_DIR` followed by the usual start command stops here instead of silently starting a new budget;
+    with it, an existing key or ledger is refused, so the option cannot reset a live ledger either.
+    """
+    from client.dp_training import LedgerFiles
+    from privacy.ledger import LedgerError
+
+    files = LedgerFiles.of(state_dir=state_dir, key_file=ledger_key.resolve() if ledger_key else None,
+                           anchor_path=ledger_anchor.resolve() if ledger_anchor else None)
+    if new:
+        present = [str(p) for p in (files.key, files.ledger, files.anchor, files.in_use) if p.exists()]
+        if present:
+            raise click.ClickException(
+                f"--new-privacy-ledger: this node already has a privacy ledger ({', '.join(present)}); start "
+                "without the option (it is for a node's first start, or a reset after moving all of these away)"
+            )
+        return files
+    if not files.key.is_file():
+        where = "--ledger-key file" if ledger_key else "privacy ledger key"
+        raise click.ClickException(
+            f"{where} {files.key} does not exist: a new node's first start is `fer-client start "
+            "--new-privacy-ledger ...`; if this node's state folder was lost, read docs/deployment.md first (a new "
+            "ledger restarts its budget, and its coordinator must accept the reset)"
+        )
+    try:
+        files.check_not_wiped()
+    except LedgerError as err:
+        raise click.ClickException(str(err)) from None
+    return files
 
 
 def _trusted_entities(path: Path | None, *, ca_cert: Path | None, insecure: bool) -> Path | None:

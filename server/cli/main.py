@@ -19,12 +19,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ("certs", "start", "enroll", "nodes", "revoke", "resume", "roster")
+COMMANDS = ("certs", "start", "enroll", "nodes", "revoke", "resume", "roster", "forget-ledger")
 
 
 def _register() -> None:
     # Command modules keep Flower imports inside the commands, so `fer-server --help` stays fast.
-    from server.cli import certs_cmd, enroll_cmd, resume_cmd, roster_cmd, serve_cmd
+    from server.cli import certs_cmd, enroll_cmd, ledger_cmd, resume_cmd, roster_cmd, serve_cmd
 
     app.command("certs")(certs_cmd.certs)
     app.command("start")(serve_cmd.start)
@@ -33,6 +33,7 @@ def _register() -> None:
     app.command("revoke")(enroll_cmd.revoke)
     app.command("resume")(resume_cmd.resume)
     app.command("roster")(roster_cmd.roster)
+    app.command("forget-ledger")(ledger_cmd.forget_ledger)
 
 
 def _terminate(signum, frame) -> None:

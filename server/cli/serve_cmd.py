@@ -152,6 +152,7 @@ def launch(
     dies, and holds the locks until it is gone: a later `resume` can never race a leftover of this one.
     """
     from server.deploy import CoordinatorLocks, DeployError, SuperLink, SuperLinkSettings, TlsFiles
+    from server.ledger_registry import REGISTRY_FILE, LedgerRegistryError, NodeLedgers
     from server.report import write_report
 
     run_dir = Path(settings.out_dir)
@@ -162,6 +163,13 @@ def launch(
     if banner:
         typer.echo(banner)
     _check_server_data(settings)
+    # The coordinator's record of each node's privacy ledger outlives this run: a resume or the next run with the
+    # same state folder still refuses a node whose ledger went back or was replaced (server/ledger_registry.py).
+    settings = settings.replace(ledger_registry=str(Path(state_dir).resolve() / REGISTRY_FILE))
+    try:
+        NodeLedgers(Path(settings.ledger_registry))
+    except LedgerRegistryError as err:
+        raise click.ClickException(str(err)) from None
     for key in enroll:
         if not key.is_file():
             raise click.ClickException(f"public key file {key} does not exist")
