@@ -38,7 +38,7 @@ from server.evaluation import ServerEvaluator
 from server.metrics import client_distribution
 from server.rundir import RunDirectory
 from server.secagg import make_secagg_workflow
-from server.strategy import GuardedStrategy, create_strategy
+from server.strategy import GuardedStrategy, create_strategy, is_finite_number
 
 log = logging.getLogger("fer_fl.server")
 
@@ -62,10 +62,17 @@ def data_meta(settings: RunSettings) -> dict[str, Any]:
 
 
 def weighted_mean_of(key: str) -> Callable[[list[tuple[int, dict[str, Any]]]], dict[str, float]]:
-    """A Flower metrics aggregator: the example-weighted mean of `key` over the replies that carry it."""
+    """A Flower metrics aggregator: the example-weighted mean of `key` over the replies that carry it.
+
+    The guard hands it checked metrics only; it still skips anything that is not a finite number (a metric value
+    of "oops" once raised ValueError here and ended the round)."""
 
     def aggregate(replies: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
-        pairs = [(n, float(m[key])) for n, m in replies if key in m and n > 0]
+        pairs = [
+            (int(n), float(m[key]))
+            for n, m in replies
+            if is_finite_number(n) and n > 0 and isinstance(m, dict) and is_finite_number(m.get(key))
+        ]
         total = sum(n for n, _ in pairs)
         return {key: sum(n * v for n, v in pairs) / total} if total else {}
 
