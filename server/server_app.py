@@ -236,6 +236,9 @@ class FerWorkflow:
             "server": server,
             "federated": federated,
         }
+        if report.eval_withheld or report.eval_rejected:
+            # Sites under DP-SGD or SecAgg+ withhold their local evaluation unless they opted in (client/trainer.py).
+            record["evaluate"] = {"num_withheld": report.eval_withheld, "rejected": report.eval_rejected}
         if self.strategy.privacy:
             record["privacy"] = {
                 cid: {"epsilon_spent": p.get("epsilon_spent"), "epsilon_budget": p.get("epsilon_budget")}

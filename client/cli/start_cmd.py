@@ -40,6 +40,11 @@ def start(
     ledger_key: Annotated[Path | None, typer.Option(help="Key file of the privacy ledger (HMAC).")] = None,
     ledger_anchor: Annotated[Path | None, typer.Option(help="Anchor file guarding the ledger against rollback.")] = None,
     require_secure_agg: Annotated[bool, typer.Option(help="Refuse to train in rounds without SecAgg+.")] = False,
+    share_metrics: Annotated[
+        bool,
+        typer.Option(help="Send per-site loss, accuracy and example counts in the clear under SecAgg+ or DP-SGD "
+                          "(default: withheld; DP runs never send training metrics)."),
+    ] = False,
     dp_epsilon: Annotated[
         float | None,
         typer.Option(help="This node's own DP budget ε for the whole run: it trains under DP-SGD at the smaller "
@@ -100,6 +105,8 @@ def start(
         node_config["ledger-anchor"] = str(ledger_anchor.resolve())
     if require_secure_agg:
         node_config["require-secure-agg"] = "true"
+    if share_metrics:
+        node_config["share-metrics"] = "true"
     if dp_epsilon is not None:
         node_config["dp-epsilon"] = float(dp_epsilon)
     settings = SuperNodeSettings(
