@@ -145,6 +145,7 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
             if settings.central_dp_enabled
             else None
         ),
+        norm_bound=settings.norm_bound,
     )
 
 
@@ -256,6 +257,8 @@ class FerWorkflow:
                 "failures": report.failures,
                 "train_loss": report.train_loss,
                 "central_noise_std": report.central_noise_std,
+                # A count for metrics.csv; the names stay in metrics.jsonl ("clients" blocks are not flattened).
+                "norm_bounded": {"count": len(report.norm_bounded), "clients": report.norm_bounded},
             }
         return record
 

@@ -140,6 +140,29 @@ def validate_update(
     return None
 
 
+def bound_to_median_norm(deltas: list[list[np.ndarray]], *, factor: float) -> tuple[list[list[np.ndarray]], list[int]]:
+    """Scales every update whose L2 norm exceeds `factor` x the median norm of `deltas` down to that bound.
+
+    The server-side norm bounding of Sun et al. 2019 ("Can you really backdoor federated learning?"), with the
+    bound taken from the round itself: as long as most updates are honest the median norm is an honest norm, so a
+    site cannot buy influence by scaling its update, whatever the aggregation rule. It does not help against an
+    update that points the wrong way at an honest norm (sign flips, noise); median, trimmed mean and Krum do.
+
+    Returns:
+        The bounded deltas (unchanged arrays where within the bound) and the indices of those scaled down.
+    """
+    norms = [math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in delta)) for delta in deltas]
+    bound = factor * float(np.median(norms))
+    bounded, scaled = [], []
+    for index, (delta, norm) in enumerate(zip(deltas, norms)):
+        if norm > bound > 0:
+            bounded.append([(a * (bound / norm)).astype(np.float32) for a in delta])
+            scaled.append(index)
+        else:
+            bounded.append(delta)
+    return bounded, scaled
+
+
 _MAX_ID_LENGTH = 128
 
 
@@ -249,6 +272,7 @@ class RoundReport:
     bytes_up: int = 0
     bytes_down: int = 0
     central_noise_std: float | None = None
+    norm_bounded: list[str] = field(default_factory=list)
 
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Any]]]
@@ -265,6 +289,8 @@ class GuardedStrategy(Strategy):
         evaluate_fn: server-side evaluation `(round, weights) -> (loss, metrics)` on the held-out test set.
         central_dp: central (client-level) DP: every accepted update weighs the same and the mean gets Gaussian
             noise of std σC/n (see privacy.central); None for none.
+        norm_bound: server-side norm bounding: each accepted delta is scaled down to at most this multiple of
+            the round's median delta norm before aggregation (see bound_to_median_norm); 0 for none.
     """
 
     def __init__(
@@ -276,8 +302,10 @@ class GuardedStrategy(Strategy):
         max_examples: int,
         evaluate_fn: EvaluateFn | None = None,
         central_dp: CentralDP | None = None,
+        norm_bound: float = 0.0,
     ) -> None:
         super().__init__()
+        self.norm_bound = norm_bound
         self.inner = inner
         self.expected_shapes = expected_shapes
         self.max_update_norm = max_update_norm
@@ -320,6 +348,7 @@ class GuardedStrategy(Strategy):
         for reason in report.failures:
             log.warning("round %d: a client failed: %s", server_round, reason)
         accepted: list[tuple[ClientProxy, FitRes]] = []
+        checked: list[tuple[str, ClientProxy, FitRes, list[np.ndarray], dict[str, Any]]] = []
         losses: list[tuple[float, int]] = []
         for proxy, res in results:
             client_id = _client_label(proxy, res)
@@ -337,15 +366,21 @@ class GuardedStrategy(Strategy):
                 continue
             if privacy:
                 self.privacy[client_id] = privacy
-            weights = [g + d for g, d in zip(self._global, delta)]
-            # Only the checked metrics travel on (to Flower's metrics hook and the report), never the raw ones.
-            accepted.append((proxy, _replaced(res, parameters=ndarrays_to_parameters(weights), metrics=metrics)))
+            checked.append((client_id, proxy, res, delta, metrics))
             loss = _as_float(metrics.get("train-loss"))
             report.clients[client_id] = {"num_examples": int(res.num_examples), "train_loss": loss}
             if loss is not None:
                 losses.append((loss, int(res.num_examples)))
         # Replies arrive in completion order; a fixed order makes float aggregation, and so the run, reproducible.
-        accepted.sort(key=lambda item: _client_label(*item))
+        checked.sort(key=lambda item: item[0])
+        deltas = [delta for _, _, _, delta, _ in checked]
+        if self.norm_bound > 0 and deltas:
+            deltas, bounded = bound_to_median_norm(deltas, factor=self.norm_bound)
+            report.norm_bounded = [checked[i][0] for i in bounded]
+        for (_, proxy, res, _, metrics), delta in zip(checked, deltas):
+            weights = [g + d for g, d in zip(self._global, delta)]
+            # Only the checked metrics travel on (to Flower's metrics hook and the report), never the raw ones.
+            accepted.append((proxy, _replaced(res, parameters=ndarrays_to_parameters(weights), metrics=metrics)))
         report.num_accepted = len(accepted)
         if losses:
             report.train_loss = sum(l * n for l, n in losses) / sum(n for _, n in losses)
