@@ -230,13 +230,16 @@ EVALUATE_METRICS: dict[str, _Rule] = {
 }
 
 
-def validate_metrics(metrics: Any, *, rules: Mapping[str, _Rule]) -> tuple[dict[str, Any], str | None]:
+def validate_metrics(
+    metrics: Any, *, rules: Mapping[str, _Rule], dp_status: bool = False
+) -> tuple[dict[str, Any], str | None]:
     """Checks a reply's metrics against `rules`: returns (the known metrics, None) or ({}, why it is rejected).
 
     A known key with a value of the wrong kind rejects the reply (it is malformed or hostile: a loss of "oops" or
     NaN, a ledger sequence of True); unknown keys are dropped, so nothing the server does not expect reaches an
     aggregator, a log line or the run directory, and a newer client with an extra metric still takes part.
-    `dp-` keys not in `rules` are kept when they are plain scalars (see DP_METRICS).
+    With `dp_status` (fit replies) `dp-` keys are checked against DP_METRICS, and other `dp-` keys are kept when
+    they are plain scalars.
     """
     if not isinstance(metrics, Mapping):
         return {}, f"metrics are a {type(metrics).__name__}, not a mapping"
@@ -244,7 +247,9 @@ def validate_metrics(metrics: Any, *, rules: Mapping[str, _Rule]) -> tuple[dict[
     for key, value in metrics.items():
         if not isinstance(key, str):
             continue
-        rule = rules.get(key) or (DP_METRICS.get(key, _SCALAR) if key.startswith("dp-") and rules is FIT_METRICS else None)
+        rule = rules.get(key)
+        if rule is None and dp_status and key.startswith("dp-"):
+            rule = DP_METRICS.get(key, _SCALAR)
         if rule is None:
             continue
         kind, check = rule
@@ -434,7 +439,7 @@ class GuardedStrategy(Strategy):
             reason = f"malformed reply ({type(err).__name__})"
         if reason is not None:
             return [], {}, reason
-        metrics, reason = validate_metrics(res.metrics, rules=FIT_METRICS)
+        metrics, reason = validate_metrics(res.metrics, rules=FIT_METRICS, dp_status=True)
         if reason is not None:
             return [], {}, reason
         return arrays, metrics, None

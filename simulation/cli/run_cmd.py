@@ -83,7 +83,7 @@ def _make_command(mode: str):
             IntOpt, typer.Option(help="Simulated sites (chosen by the seed) that play --attack; 0 = none.")
         ] = None,
         attack: Annotated[
-            StrOpt, typer.Option(help="scale (x100) | sign-flip (x-10) | lie-count (1e6 examples) | noise | label-flip.")
+            StrOpt, typer.Option(help="scale (x100) | sign-flip (x-10) | lie-count (1e6 examples) | noise | label-flip")
         ] = None,
         norm_bound: Annotated[
             FloatOpt, typer.Option(help="Server-side norm bounding: scale updates to at most this x the round's "
