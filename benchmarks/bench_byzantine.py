@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--quick", action="store_true", help="synthetic faces, 1 round: checks the script runs")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-byz-"))
@@ -113,15 +114,15 @@ def main() -> None:
             results["cells"].setdefault(strategy, {})[attack] = cell
             print(f"{strategy:<14} {attack:<11} final accuracy {cell['final_accuracy']:.4f} "
                   f"(rejected {sum(cell['rejected_per_round'])}, {cell['seconds']:.0f}s)", flush=True)
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(results, indent=2) + "\n")
 
     print(f"\n{results['dataset']}, CNN-AM, 15 clients (3 hostile), {rounds} rounds: final server-side accuracy")
     print(f"{'':<14}" + "".join(f"{a:>11}" for a in attacks))
     for strategy in strategies:
         row = results["cells"][strategy]
         print(f"{strategy:<14}" + "".join(f"{row[a]['final_accuracy']:>11.4f}" for a in attacks))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":
