@@ -18,6 +18,8 @@ ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 PARTITIONS = ("iid", "dirichlet", "pathological", "quantity")
 OPTIMIZERS = ("adam", "sgd")
 ACCOUNTANTS = ("rdp", "prv")
+# Hostile behaviours a simulated site can play (simulation/attacks.py implements them, in this order).
+ATTACKS = ("scale", "sign-flip", "lie-count", "noise", "label-flip")
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,9 @@ class RunSettings:
     krum_malicious: int = 0
     max_update_norm: float = 100.0
     max_examples: int = 1_000_000
+    # Server-side norm bounding: each accepted update is scaled down to at most this multiple of the round's median
+    # update norm (0 = off); it blunts scaled updates whatever the strategy, and needs individual updates.
+    norm_bound: float = 0.0
     seed: int = 42
     out_dir: str = "runs/latest"
     # Privacy (0 disables dp-epsilon and central-dp-noise)
@@ -80,6 +85,9 @@ class RunSettings:
     round_timeout: float = 0.0
     central_dp_noise: float = 0.0
     central_clip: float = 0.0
+    # Simulation only: this many sites (chosen by the seed) play `attack` (simulation/attacks.py); 0 = all honest
+    attackers: int = 0
+    attack: str = "scale"
     # Deployment: a checkpoint (checkpoints/round-XXX.pt of this run's out-dir) to continue from; "" starts fresh
     resume_from: str = ""
     # Deployment: the file of the coordinator's per-node privacy-ledger record (server/ledger_registry.py), kept
@@ -121,6 +129,7 @@ class RunSettings:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("dp-optimizer", self.dp_optimizer, OPTIMIZERS)
         _choice("accountant", self.accountant, ACCOUNTANTS)
+        _choice("attack", self.attack, ATTACKS)
         _positive("num-clients", self.num_clients)
         _positive("num-server-rounds", self.num_server_rounds)
         _positive("local-epochs", self.local_epochs)
@@ -170,6 +179,14 @@ class RunSettings:
                 raise ConfigError(f"central-dp-noise works with fedavg or fedprox, not {self.strategy!r}")
         if self.secagg_max_weight <= 0 or self.secagg_timeout < 0:
             raise ConfigError("secagg-max-weight must be positive and secagg-timeout >= 0")
+        if not 0 <= self.attackers < self.num_clients:
+            raise ConfigError(f"attackers must be in [0, num-clients), got {self.attackers}")
+        if self.norm_bound < 0:
+            raise ConfigError(f"norm-bound must be >= 0 (0 = off), got {self.norm_bound}")
+        if self.secure_agg and (self.attackers or self.norm_bound):
+            # Under SecAgg+ the server sees only the sum (nothing to bound), and the simulated attack would pass
+            # through the honest client's own checks before masking, which a real hostile site would not run.
+            raise ConfigError("attackers and norm-bound need individual updates and cannot run with secure-agg")
         if self.round_timeout < 0:
             raise ConfigError(f"round-timeout must be >= 0 (0 = wait forever), got {self.round_timeout}")
 

@@ -119,17 +119,19 @@ class FerClient(NumPyClient):
         metrics = {
             "client-id": data.client_id,
             "profile": self.setup.profile,
-            "train-loss": result.loss,
-            "train-accuracy": result.accuracy,
             **{f"dp-{key}": value for key, value in privacy.items()},
         }
+        if releases_train_metrics(self.settings, self.node_config):
+            metrics.update({"train-loss": result.loss, "train-accuracy": result.accuracy})
         if not self.settings.secure_agg:
             # Metrics travel in the clear even under SecAgg+; an individual update's norm must not.
             metrics.update({"update-norm": norm, "update-clipped": clipped})
         if self.settings.central_dp_enabled:
             # Central DP calibrates its noise for a uniform mean, so every client weighs 1 in the aggregate
-            # (also under SecAgg+, where the weight is applied here, before masking); the count is reported apart.
-            metrics["train-examples"] = data.num_train
+            # (also under SecAgg+, where the weight is applied here, before masking); the count is reported apart,
+            # unless SecAgg+ hides per-site figures and the site did not opt in.
+            if not self.settings.secure_agg or shares_metrics(self.node_config):
+                metrics["train-examples"] = data.num_train
             return delta, 1, metrics
         return delta, data.num_train, metrics
 
@@ -161,11 +163,41 @@ class FerClient(NumPyClient):
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         data = self.setup.data
+        if not releases_evaluation(self.settings, self.node_config):
+            # Accuracy, loss and size of the local test split are figures of private data that neither DP-SGD
+            # nor SecAgg+ covers: the reply says they are withheld and carries none (not even the count).
+            return 0.0, 0, {"client-id": data.client_id, "metrics-withheld": True}
         model = self._model()
         task.set_weights(model, parameters)
         loader = DataLoader(FERTorchDataset(data.test_images, data.test_labels), batch_size=256)
         result = task.evaluate(model, loader)
         return result.loss, result.num_examples, {"client-id": data.client_id, "accuracy": result.accuracy}
+
+
+def shares_metrics(node_config: dict) -> bool:
+    """Whether the site's operator opted in to sharing per-site figures (`fer-client start --share-metrics`)."""
+    return str(node_config.get("share-metrics", "")).strip().lower() in ("true", "1", "yes")
+
+
+def releases_train_metrics(settings: RunSettings, node_config: dict) -> bool:
+    """Whether the fit reply may carry the training loss and accuracy.
+
+    Both are computed on the private Poisson batches. Under DP-SGD they are outside the accountant, so they never
+    leave (the simplest honest choice: noising and accounting them would cost budget for a progress figure; the
+    server evaluates the global model on its own test set). Under SecAgg+ the site's update is hidden in the sum,
+    and a per-site figure in the clear would undo part of that, so only a site that opted in sends them.
+    """
+    if settings.dp_enabled:
+        return False
+    return not settings.secure_agg or shares_metrics(node_config)
+
+
+def releases_evaluation(settings: RunSettings, node_config: dict) -> bool:
+    """Whether the evaluate reply may carry the local test split's loss, accuracy and size: always in a plain
+    run, and under DP-SGD or SecAgg+ only when the site opted in (these figures are neither noised nor masked)."""
+    if settings.dp_enabled or settings.secure_agg:
+        return shares_metrics(node_config)
+    return True
 
 
 def bound_update(delta: list[np.ndarray], *, max_norm: float) -> tuple[list[np.ndarray], float, bool]:

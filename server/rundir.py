@@ -9,7 +9,9 @@ Layout:
     summary.json               headline numbers; privacy.json (privacy issue); plots/, report.md (server.report)
 
 Every file is written to a temporary name in the same folder and renamed over the target (os.replace is atomic on
-POSIX), so a reader or a crash never sees half a file, and no temporary survives a successful write.
+POSIX), then the folder is fsynced, so a reader or a crash never sees half a file, and no temporary survives a
+successful write. A model and its sidecar are a pair: the sidecar records the model's sha256 and is renamed in first,
+and only a pair whose hashes agree counts as a checkpoint (see save_model, latest_checkpoint).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -39,6 +42,8 @@ PRIVACY_JSON = "privacy.json"
 MODEL_PT = "model.pt"
 CHECKPOINTS = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^round-(\d+)\.pt$")
+
+log = logging.getLogger("fer_fl.server")
 
 
 class RunDirectory:
@@ -151,18 +156,30 @@ class RunDirectory:
         if clash:
             raise ValueError(f"extra model metadata may not override {', '.join(clash)}")
         meta.update(extra or {})
-        atomic_write(target, payload)
+        # The pair is committed by the model file: the sidecar (naming the new payload's sha256) is renamed into
+        # place first, the .pt last, each fsynced with its directory. A crash in between leaves a sidecar whose
+        # sha256 does not match the .pt beside it (or no .pt), which is_complete_pair refuses, so a resume falls
+        # back to the previous complete checkpoint instead of loading half a pair.
         atomic_write(target.with_suffix(".json"), _json_bytes(meta))
+        atomic_write(target, payload)
         return target
 
     def latest_checkpoint(self) -> Path | None:
-        """The checkpoint with the highest round number (what a resume starts from), or None."""
+        """The complete checkpoint (see is_complete_pair) with the highest round number, or None.
+
+        An incomplete pair, left by a crash while a round's checkpoint was being written or rewritten, is skipped
+        (and logged): resuming from it would fail, or load weights that the sidecar does not describe.
+        """
         found = []
         for path in (self.path / CHECKPOINTS).glob("round-*.pt"):
             match = _CHECKPOINT_NAME.match(path.name)
-            if match and path.with_suffix(".json").exists():
+            if match:
                 found.append((int(match.group(1)), path))
-        return max(found)[1] if found else None
+        for _, path in sorted(found, reverse=True):
+            if is_complete_pair(path):
+                return path
+            log.warning("skipping the incomplete checkpoint %s (interrupted while it was written)", path.name)
+        return None
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """summary.json (see server.metrics.summarize)."""
@@ -204,6 +221,17 @@ class RunDirectory:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
         return sorted(records, key=lambda r: r["round"])
+
+
+def is_complete_pair(path: Path | str) -> bool:
+    """Whether `path` (a .pt) and its .json sidecar are both there and the sidecar's sha256 matches the .pt."""
+    model_path = Path(path)
+    try:
+        meta = json.loads(model_path.with_suffix(".json").read_text())
+        digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("sha256") == digest
 
 
 def load_model(path: Path | str) -> tuple[dict, dict]:
@@ -314,7 +342,9 @@ def _toml_text(config: Any) -> str | None:
 
 
 def atomic_write(target: Path, payload: bytes) -> None:
-    """Writes `payload` to a temporary file beside `target`, fsyncs it and renames it over `target`."""
+    """Writes `payload` to a temporary file beside `target`, fsyncs it, renames it over `target` and fsyncs the
+    folder, so that after a power loss the new name is on disk too (a rename lives in the directory, not the file).
+    """
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -322,5 +352,14 @@ def atomic_write(target: Path, payload: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+        _fsync_directory(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

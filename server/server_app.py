@@ -40,7 +40,7 @@ from server.ledger_registry import NodeLedgers
 from server.metrics import client_distribution
 from server.rundir import RunDirectory
 from server.secagg import QuantizationCost, make_secagg_workflow
-from server.strategy import GuardedStrategy, create_strategy
+from server.strategy import GuardedStrategy, create_strategy, is_finite_number
 
 log = logging.getLogger("fer_fl.server")
 
@@ -64,10 +64,17 @@ def data_meta(settings: RunSettings) -> dict[str, Any]:
 
 
 def weighted_mean_of(key: str) -> Callable[[list[tuple[int, dict[str, Any]]]], dict[str, float]]:
-    """A Flower metrics aggregator: the example-weighted mean of `key` over the replies that carry it."""
+    """A Flower metrics aggregator: the example-weighted mean of `key` over the replies that carry it.
+
+    The guard hands it checked metrics only; it still skips anything that is not a finite number (a metric value
+    of "oops" once raised ValueError here and ended the round)."""
 
     def aggregate(replies: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
-        pairs = [(n, float(m[key])) for n, m in replies if key in m and n > 0]
+        pairs = [
+            (int(n), float(m[key]))
+            for n, m in replies
+            if is_finite_number(n) and n > 0 and isinstance(m, dict) and is_finite_number(m.get(key))
+        ]
         total = sum(n for n, _ in pairs)
         return {key: sum(n * v for n, v in pairs) / total} if total else {}
 
@@ -142,6 +149,7 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
             else None
         ),
         secure_aggregation=settings.secure_agg,
+        norm_bound=settings.norm_bound,
     )
 
 
@@ -233,6 +241,9 @@ class FerWorkflow:
             "server": server,
             "federated": federated,
         }
+        if report.eval_withheld or report.eval_rejected:
+            # Sites under DP-SGD or SecAgg+ withhold their local evaluation unless they opted in (client/trainer.py).
+            record["evaluate"] = {"num_withheld": report.eval_withheld, "rejected": report.eval_rejected}
         if self.strategy.privacy:
             record["privacy"] = {
                 cid: {"epsilon_spent": p.get("epsilon_spent"), "epsilon_budget": p.get("epsilon_budget")}
@@ -253,6 +264,8 @@ class FerWorkflow:
                 # Refused under SecAgg+ before unmasking: their vectors are not in the sum (issue 10 item 5).
                 "secagg_excluded": report.excluded_from_sum,
                 "reclipped": report.reclipped,
+                # A count for metrics.csv; the names stay in metrics.jsonl ("clients" blocks are not flattened).
+                "norm_bounded": {"count": len(report.norm_bounded), "clients": report.norm_bounded},
             }
             cost = getattr(self.fit_workflow, "quantization", {}).get(server_round)
             if cost is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +147,126 @@ def validate_count(num_examples: Any, *, max_examples: int) -> str | None:
     return None
 
 
+def bound_to_median_norm(deltas: list[list[np.ndarray]], *, factor: float) -> tuple[list[list[np.ndarray]], list[int]]:
+    """Scales every update whose L2 norm exceeds `factor` x the median norm of `deltas` down to that bound.
+
+    The server-side norm bounding of Sun et al. 2019 ("Can you really backdoor federated learning?"), with the
+    bound taken from the round itself: as long as most updates are honest the median norm is an honest norm, so a
+    site cannot buy influence by scaling its update, whatever the aggregation rule. It does not help against an
+    update that points the wrong way at an honest norm (sign flips, noise); median, trimmed mean and Krum do.
+
+    Returns:
+        The bounded deltas (unchanged arrays where within the bound) and the indices of those scaled down.
+    """
+    norms = [math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in delta)) for delta in deltas]
+    bound = factor * float(np.median(norms))
+    bounded, scaled = [], []
+    for index, (delta, norm) in enumerate(zip(deltas, norms)):
+        if norm > bound > 0:
+            bounded.append([(a * (bound / norm)).astype(np.float32) for a in delta])
+            scaled.append(index)
+        else:
+            bounded.append(delta)
+    return bounded, scaled
+
+
+_MAX_ID_LENGTH = 128
+
+
+def _is_label(value: Any) -> bool:
+    """A short printable string: it ends up in logs and metrics.jsonl, so no control characters (log forging)."""
+    return isinstance(value, str) and 0 < len(value) <= _MAX_ID_LENGTH and value.isprintable()
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float; bool is an int in Python but never a measurement."""
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+    )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 0
+
+
+def _is_flag(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_)) or (_is_count(value) and value in (0, 1))
+
+
+def _is_scalar(value: Any) -> bool:
+    """Any JSON-safe scalar: a label-like string, a flag or a finite number (no bytes, no NaN)."""
+    return _is_flag(value) or is_finite_number(value) or (isinstance(value, str) and len(value) <= 1024)
+
+
+_Rule = tuple[str, Callable[[Any], bool]]
+_LABEL: _Rule = ("a short printable string", _is_label)
+_NON_NEGATIVE: _Rule = ("a finite number >= 0", lambda v: is_finite_number(v) and v >= 0)
+_FRACTION: _Rule = ("a number in [0, 1]", lambda v: is_finite_number(v) and 0 <= v <= 1)
+_COUNT: _Rule = ("a non-negative integer", _is_count)
+_FLAG: _Rule = ("a boolean", _is_flag)
+_SCALAR: _Rule = ("a string, boolean or finite number", _is_scalar)
+
+# What a client's fit reply may carry (client/trainer.py); anything else is dropped unread.
+FIT_METRICS: dict[str, _Rule] = {
+    "client-id": _LABEL,
+    "profile": _LABEL,
+    "train-loss": _NON_NEGATIVE,
+    "train-accuracy": _FRACTION,
+    "train-examples": _COUNT,
+    "update-norm": _NON_NEGATIVE,
+    "update-clipped": _FLAG,
+}
+# The DP status a node reports (privacy.dp.DPClient.status, prefixed "dp-"): these are compared or summed on the
+# server, so their types are pinned; other dp- keys pass through to privacy.json as long as they are plain scalars.
+DP_METRICS: dict[str, _Rule] = {
+    "dp-client_id": _LABEL,
+    "dp-ledger_id": _LABEL,
+    "dp-ledger_seq": _COUNT,
+    "dp-epsilon_spent": _NON_NEGATIVE,
+    "dp-epsilon_budget": _NON_NEGATIVE,
+    "dp-delta": _FRACTION,
+    "dp-steps": _COUNT,
+    "dp-rounds_charged": _COUNT,
+}
+EVALUATE_METRICS: dict[str, _Rule] = {
+    "client-id": _LABEL,
+    "accuracy": _FRACTION,
+    "metrics-withheld": _FLAG,
+}
+
+
+def validate_metrics(
+    metrics: Any, *, rules: Mapping[str, _Rule], dp_status: bool = False
+) -> tuple[dict[str, Any], str | None]:
+    """Checks a reply's metrics against `rules`: returns (the known metrics, None) or ({}, why it is rejected).
+
+    A known key with a value of the wrong kind rejects the reply (it is malformed or hostile: a loss of "oops" or
+    NaN, a ledger sequence of True); unknown keys are dropped, so nothing the server does not expect reaches an
+    aggregator, a log line or the run directory, and a newer client with an extra metric still takes part.
+    With `dp_status` (fit replies) `dp-` keys are checked against DP_METRICS, and other `dp-` keys are kept when
+    they are plain scalars.
+    """
+    if not isinstance(metrics, Mapping):
+        return {}, f"metrics are a {type(metrics).__name__}, not a mapping"
+    known: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            continue
+        rule = rules.get(key)
+        if rule is None and dp_status and key.startswith("dp-"):
+            rule = DP_METRICS.get(key, _SCALAR)
+        if rule is None:
+            continue
+        kind, check = rule
+        if not check(value):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            return {}, f"metric {key[:_MAX_ID_LENGTH]!r} must be {kind}, got {shown}"
+        known[key] = value.item() if isinstance(value, np.generic) else value
+    return known, None
+
+
 @dataclass
 class RoundReport:
     """What the guard saw in one round; the ServerApp turns it into the round's metrics record."""
@@ -159,6 +279,8 @@ class RoundReport:
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval_loss: float | None = None
     eval_clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval_rejected: list[dict[str, str]] = field(default_factory=list)
+    eval_withheld: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     central_noise_std: float | None = None
@@ -166,6 +288,8 @@ class RoundReport:
     excluded_from_sum: list[str] = field(default_factory=list)
     # Clients whose individual update the server scaled down to the central-DP clip (plain rounds only).
     reclipped: list[str] = field(default_factory=list)
+    # Clients whose delta was scaled down to the round's median-norm bound (server-side norm bounding).
+    norm_bounded: list[str] = field(default_factory=list)
 
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Any]]]
@@ -187,6 +311,8 @@ class GuardedStrategy(Strategy):
             refusals happen in `screen_masked_reply`, before the masked vectors are summed.
         ledgers: the record of each node's privacy ledger that rollbacks are checked against (kept on disk by
             deployments, server/ledger_registry.py); None keeps one in memory.
+        norm_bound: server-side norm bounding: each accepted delta is scaled down to at most this multiple of
+            the round's median delta norm before aggregation (see bound_to_median_norm); 0 for none.
     """
 
     def __init__(
@@ -200,9 +326,11 @@ class GuardedStrategy(Strategy):
         central_dp: CentralDP | None = None,
         secure_aggregation: bool = False,
         ledgers: NodeLedgers | None = None,
+        norm_bound: float = 0.0,
     ) -> None:
         super().__init__()
         self.secure_aggregation = secure_aggregation
+        self.norm_bound = norm_bound
         self.inner = inner
         self.expected_shapes = expected_shapes
         self.max_update_norm = max_update_norm
@@ -246,16 +374,17 @@ class GuardedStrategy(Strategy):
         for reason in report.failures:
             log.warning("round %d: a client failed: %s", server_round, reason)
         accepted: list[tuple[ClientProxy, FitRes]] = []
+        checked: list[tuple[str, ClientProxy, FitRes, list[np.ndarray], dict[str, Any]]] = []
         losses: list[tuple[float, int]] = []
         for proxy, res in results:
-            client_id = str(res.metrics.get("client-id", proxy.cid))
-            report.bytes_up += sum(len(t) for t in res.parameters.tensors)
-            reason = self._check(res)
+            client_id = _client_label(proxy, res)
+            report.bytes_up += _payload_size(res)
+            delta, metrics, reason = self._check(res)
             if reason is not None:
                 log.warning("round %d: rejected the update of client %s: %s", server_round, client_id, reason)
                 report.rejected.append({"client": client_id, "reason": reason})
                 continue
-            privacy = {k[3:]: v for k, v in res.metrics.items() if k.startswith("dp-")}
+            privacy = {k[3:]: v for k, v in metrics.items() if k.startswith("dp-")}
             reason = self.ledgers.check(client_id, privacy, server_round=server_round)
             if reason is not None:
                 log.warning("round %d: rejected the update of client %s: %s", server_round, client_id, reason)
@@ -264,7 +393,6 @@ class GuardedStrategy(Strategy):
             if privacy:
                 self.privacy[client_id] = privacy
                 self.ledgers.accept(client_id, privacy, server_round=server_round)
-            delta = parameters_to_ndarrays(res.parameters)
             if self.central_dp is not None and not self.secure_aggregation:
                 # Already validated (shapes, finite), so the guard only clips here.
                 delta, info = guard_update(
@@ -274,18 +402,22 @@ class GuardedStrategy(Strategy):
                     log.warning("round %d: scaled the update of client %s down to the central-DP clip %g",
                                 server_round, client_id, self.central_dp.clipping_norm)
                     report.reclipped.append(client_id)
-            weights = [g + d for g, d in zip(self._global, delta)]
-            accepted.append((proxy, _replaced(res, parameters=ndarrays_to_parameters(weights))))
-            report.clients[client_id] = {
-                "num_examples": int(res.num_examples),
-                "train_loss": _as_float(res.metrics.get("train-loss")),
-            }
-            loss = _as_float(res.metrics.get("train-loss"))
+            checked.append((client_id, proxy, res, delta, metrics))
+            loss = _as_float(metrics.get("train-loss"))
+            report.clients[client_id] = {"num_examples": int(res.num_examples), "train_loss": loss}
             if loss is not None:
                 losses.append((loss, int(res.num_examples)))
         self.ledgers.save()
         # Replies arrive in completion order; a fixed order makes float aggregation, and so the run, reproducible.
-        accepted.sort(key=lambda item: str(item[1].metrics.get("client-id", item[0].cid)))
+        checked.sort(key=lambda item: item[0])
+        deltas = [delta for _, _, _, delta, _ in checked]
+        if self.norm_bound > 0 and deltas:
+            deltas, bounded = bound_to_median_norm(deltas, factor=self.norm_bound)
+            report.norm_bounded = [checked[i][0] for i in bounded]
+        for (_, proxy, res, _, metrics), delta in zip(checked, deltas):
+            weights = [g + d for g, d in zip(self._global, delta)]
+            # Only the checked metrics travel on (to Flower's metrics hook and the report), never the raw ones.
+            accepted.append((proxy, _replaced(res, parameters=ndarrays_to_parameters(weights), metrics=metrics)))
         report.num_accepted = len(accepted)
         if losses:
             report.train_loss = sum(l * n for l, n in losses) / sum(n for _, n in losses)
@@ -316,7 +448,7 @@ class GuardedStrategy(Strategy):
         Returns:
             Why the node is refused (also recorded in the round's report), or None.
         """
-        client_id = str(res.metrics.get("client-id", proxy.cid))
+        client_id = _client_label(proxy, res)
         privacy = {k[3:]: v for k, v in res.metrics.items() if k.startswith("dp-")}
         reason = validate_count(res.num_examples, max_examples=self.max_examples) or self.ledgers.check(
             client_id, privacy, server_round=server_round
@@ -328,18 +460,29 @@ class GuardedStrategy(Strategy):
             report.excluded_from_sum.append(client_id)
         return reason
 
-    def _check(self, res: FitRes) -> str | None:
+    def _check(self, res: FitRes) -> tuple[list[np.ndarray], dict[str, Any], str | None]:
+        """Every field of a fit reply: the arrays (count, shapes, dtype, finiteness, norm), the example count and
+        the metrics. Returns (delta, checked metrics, None) or ([], {}, why it is rejected); never raises."""
         try:
             arrays = parameters_to_ndarrays(res.parameters)
         except Exception as err:  # a peer's bytes are untrusted: any decoding failure is a rejection
-            return f"undecodable arrays ({type(err).__name__})"
-        return validate_update(
-            arrays,
-            expected_shapes=self.expected_shapes,
-            num_examples=res.num_examples,
-            max_norm=self.max_update_norm,
-            max_examples=self.max_examples,
-        )
+            return [], {}, f"undecodable arrays ({type(err).__name__})"
+        try:
+            reason = validate_update(
+                arrays,
+                expected_shapes=self.expected_shapes,
+                num_examples=res.num_examples,
+                max_norm=self.max_update_norm,
+                max_examples=self.max_examples,
+            )
+        except Exception as err:  # e.g. an object array or a count no comparison accepts: malformed, not fatal
+            reason = f"malformed reply ({type(err).__name__})"
+        if reason is not None:
+            return [], {}, reason
+        metrics, reason = validate_metrics(res.metrics, rules=FIT_METRICS, dp_status=True)
+        if reason is not None:
+            return [], {}, reason
+        return arrays, metrics, None
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -353,21 +496,48 @@ class GuardedStrategy(Strategy):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
         report = self.report(server_round)
-        valid = [(p, r) for p, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
-        valid.sort(key=lambda item: str(item[1].metrics.get("client-id", item[0].cid)))
-        for proxy, res in valid:
-            client_id = str(res.metrics.get("client-id", proxy.cid))
+        valid: list[tuple[str, EvaluateRes, dict[str, Any]]] = []
+        for proxy, res in results:
+            client_id = _client_label(proxy, res)
+            metrics, reason = self._check_evaluate(res)
+            if reason is not None:
+                log.warning("round %d: rejected the evaluation of client %s: %s", server_round, client_id, reason)
+                report.eval_rejected.append({"client": client_id, "reason": reason})
+            elif metrics.get("metrics-withheld"):
+                report.eval_withheld += 1
+            else:
+                valid.append((client_id, res, metrics))
+        valid.sort(key=lambda item: item[0])
+        for client_id, res, metrics in valid:
             report.eval_clients[client_id] = {
-                "accuracy": _as_float(res.metrics.get("accuracy")),
+                "accuracy": float(metrics["accuracy"]),
                 "loss": float(res.loss),
                 "num_examples": int(res.num_examples),
             }
         if not valid:
             return None, {}
-        total = sum(r.num_examples for _, r in valid)
-        report.eval_loss = sum(r.loss * r.num_examples for _, r in valid) / total
-        accuracy = sum(float(r.metrics.get("accuracy", 0.0)) * r.num_examples for _, r in valid) / total
+        total = sum(int(r.num_examples) for _, r, _ in valid)
+        report.eval_loss = sum(float(r.loss) * int(r.num_examples) for _, r, _ in valid) / total
+        accuracy = sum(float(m["accuracy"]) * int(r.num_examples) for _, r, m in valid) / total
         return report.eval_loss, {"accuracy": accuracy}
+
+    def _check_evaluate(self, res: EvaluateRes) -> tuple[dict[str, Any], str | None]:
+        """An evaluation reply: a finite loss >= 0, a count in [0, max-examples] and, when the count is positive,
+        an accuracy in [0, 1]. A reply the site marked `metrics-withheld` carries no figures (see
+        client/trainer.py)."""
+        metrics, reason = validate_metrics(getattr(res, "metrics", None), rules=EVALUATE_METRICS)
+        if reason is not None:
+            return {}, reason
+        if metrics.get("metrics-withheld"):
+            return metrics, None
+        num_examples, loss = getattr(res, "num_examples", None), getattr(res, "loss", None)
+        if not _is_count(num_examples) or not 0 < num_examples <= self.max_examples:
+            return {}, f"num-examples {num_examples!r:.40} is not an integer in (0, {self.max_examples}]"
+        if not (is_finite_number(loss) and loss >= 0):
+            return {}, f"loss {loss!r:.40} is not a finite number >= 0"
+        if "accuracy" not in metrics:
+            return {}, "no accuracy"
+        return metrics, None
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         if self.evaluate_fn is None:
@@ -380,6 +550,22 @@ class GuardedStrategy(Strategy):
 def _replaced(res: FitRes, **changes: Any) -> FitRes:
     """A copy of `res` with some fields changed (FitRes is a plain dataclass; the original stays untouched)."""
     return dataclasses.replace(res, **changes)
+
+
+def _client_label(proxy: ClientProxy, res: Any) -> str:
+    """The name a reply's client goes by in logs and metrics: its `client-id` when that is a short printable
+    string, else the node's ID (a hostile name must neither crash the round nor forge log lines)."""
+    metrics = getattr(res, "metrics", None)
+    claimed = metrics.get("client-id") if isinstance(metrics, Mapping) else None
+    return claimed if _is_label(claimed) else str(proxy.cid)
+
+
+def _payload_size(res: Any) -> int:
+    """Bytes of a reply's arrays, 0 when they are not a list of byte strings (the check then rejects them)."""
+    try:
+        return sum(len(t) for t in res.parameters.tensors if isinstance(t, (bytes, bytearray)))
+    except (AttributeError, TypeError):
+        return 0
 
 
 def _failure_reason(failure: Any) -> str:

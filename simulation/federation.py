@@ -6,6 +6,7 @@ so nothing but the run settings has to travel to the Ray workers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from client.client_app import NodeSetup, setup_from_node_config
 from client.config import ConfigError, RunSettings
 from client.node_data import cached_dataset, node_data_from_indices, parse_dataset_list
 from client.profiles import ClientProfile, assign_profiles, parse_profile_mix
+from simulation.attacks import ATTACK_REGISTRY, attacker_partitions, flip_labels
 from simulation.partition import partition_labels, partition_stats
 
 
@@ -75,8 +77,10 @@ def federation_plan(settings: RunSettings) -> tuple[ClientPlan, ...]:
 
 
 def federation_stats(settings: RunSettings) -> dict:
-    """Per-client label counts and skew for partition.json and the report's partition plot."""
+    """Per-client label counts and skew for partition.json and the report's partition plot; hostile sites
+    (simulation.attacks) are marked `attacker`."""
     plans = federation_plan(settings)
+    hostile = {plans[i].client_id for i in attacker_partitions(settings, num_sites=len(plans))}
     stats: dict = {"clients": {}, "datasets": {}}
     for spec, _ in clients_per_dataset(settings):
         members = [p for p in plans if p.dataset_spec == spec]
@@ -89,6 +93,7 @@ def federation_stats(settings: RunSettings) -> dict:
                 "profile": plan.profile.name if plan.profile else None,
                 "per_class": counts,
                 "size": int(len(plan.indices)),
+                "attacker": plan.client_id in hostile,
             }
     return stats
 
@@ -110,6 +115,9 @@ def simulated_setup(context: Context, settings: RunSettings) -> NodeSetup:
         test_fraction=settings.local_test_fraction,
         seed=settings.seed + partition_id,
     )
+    if partition_id in attacker_partitions(settings, num_sites=len(plans)):
+        if ATTACK_REGISTRY[settings.attack].flips_labels:
+            data = dataclasses.replace(data, train_labels=flip_labels(data.train_labels))
     profile = plan.profile
     return NodeSetup(
         data=data,

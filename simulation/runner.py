@@ -24,6 +24,8 @@ from privacy.secagg import secure_aggregation_mod
 from server.report import write_report
 from server.rundir import RunDirectory
 from server.server_app import ResumeState, run_federation
+from simulation.attacks import ByzantineMod, attacker_partitions
+from simulation.attacks import describe as describe_attack
 from simulation.federation import federation_plan, federation_stats, simulated_setup
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -94,7 +96,12 @@ def run_simulation(
             errors.append(err)
             raise
 
-    client_app = make_client_app(provider=simulated_setup, settings=settings, mods=(secure_aggregation_mod,))
+    mods: tuple = (secure_aggregation_mod,)
+    if settings.attackers:
+        # Innermost, so it tampers with what the honest trainer returned, as modified client software would.
+        hostile = attacker_partitions(settings, num_sites=len(plans))
+        mods += (ByzantineMod(partitions=hostile, attack=settings.attack, seed=settings.seed),)
+    client_app = make_client_app(provider=simulated_setup, settings=settings, mods=mods)
     with quiet_flower(verbose):
         _run_simulation(
             num_supernodes=len(plans),
@@ -111,6 +118,7 @@ def run_simulation(
     summary["wall_seconds"] = time.perf_counter() - started
     summary["synthetic"] = any(p.dataset_spec.startswith("synthetic") for p in plans)
     summary["num_clients"] = len(plans)
+    summary.update(describe_attack(settings, client_ids=[p.client_id for p in plans]))
     run_dir.write_summary(summary)
     write_report(run_dir.path)
     return summary

@@ -50,6 +50,11 @@ def start(
                           "node until it runs `fer-server forget-ledger`)."),
     ] = False,
     require_secure_agg: Annotated[bool, typer.Option(help="Refuse to train in rounds without SecAgg+.")] = False,
+    share_metrics: Annotated[
+        bool,
+        typer.Option(help="Send per-site loss, accuracy and example counts in the clear under SecAgg+ or DP-SGD "
+                          "(default: withheld; DP runs never send training metrics)."),
+    ] = False,
     dp_epsilon: Annotated[
         float | None,
         typer.Option(help="This node's own DP budget ε for the whole run: it trains under DP-SGD at the smaller "
@@ -126,6 +131,8 @@ def start(
         node_config["ledger-anchor"] = str(ledger_anchor.resolve())
     if require_secure_agg:
         node_config["require-secure-agg"] = "true"
+    if share_metrics:
+        node_config["share-metrics"] = "true"
     if dp_epsilon is not None:
         node_config["dp-epsilon"] = float(dp_epsilon)
     node_config.update(

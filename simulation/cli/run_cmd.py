@@ -79,6 +79,16 @@ def _make_command(mode: str):
         secagg_threshold: SecaggThresholdOpt = None,
         central_dp_noise: CentralNoiseOpt = None,
         central_clip: CentralClipOpt = None,
+        attackers: Annotated[
+            IntOpt, typer.Option(help="Simulated sites (chosen by the seed) that play --attack; 0 = none.")
+        ] = None,
+        attack: Annotated[
+            StrOpt, typer.Option(help="scale (x100) | sign-flip (x-10) | lie-count (1e6 examples) | noise | label-flip")
+        ] = None,
+        norm_bound: Annotated[
+            FloatOpt, typer.Option(help="Server-side norm bounding: scale updates to at most this x the round's "
+                                        "median update norm (0 = off).")
+        ] = None,
         verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
     ) -> None:
         from simulation.cli.options import resolve_settings
@@ -102,6 +112,9 @@ def _make_command(mode: str):
             "fraction-evaluate": fraction_evaluate,
             "seed": seed,
             "out-dir": str(out),
+            "attackers": attackers,
+            "attack": attack,
+            "norm-bound": norm_bound,
             **privacy_overrides(
                 dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm, accountant=accountant,
                 dp_optimizer=dp_optimizer, dp_lr=dp_lr, dp_batch_size=dp_batch_size,
@@ -142,6 +155,8 @@ def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = F
         raise click.ClickException(
             "fer-sim centralized trains without privacy; drop --dp-epsilon, --secure-agg and --central-dp-noise"
         )
+    if mode == "centralized" and settings.attackers:
+        raise click.ClickException("fer-sim centralized has no sites to make hostile; drop --attackers")
     if settings.model not in list_models():
         raise click.ClickException(f"--model {settings.model!r} is unknown; known: {', '.join(list_models())}")
     fresh = not Path(settings.out_dir).exists()
