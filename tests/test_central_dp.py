@@ -104,6 +104,7 @@ def test_central_dp_noise_on_the_aggregate_matches_its_calibration():
     assert float(noise.std()) == pytest.approx(0.2, rel=0.03)
 
 
+@pytest.mark.usefixtures("superlink_identity")
 def test_client_clips_to_central_clip_and_weighs_one(tmp_path):
     """Under central DP the client's delta norm is at most central-clip and its aggregation weight is 1."""
     settings = RunSettings(dataset="synthetic=280", model="cnn_am", local_epochs=1, batch_size=32,

@@ -7,9 +7,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.compat.common import recorddict_compat as compat
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import make_client_app
 from client.config import RunSettings
@@ -19,14 +17,8 @@ from server.server_app import initial_weights
 SETTINGS = RunSettings(dataset="synthetic=280", model="cnn_am", local_epochs=1, batch_size=32, out_dir="unused")
 
 
-@pytest.fixture(autouse=True)
-def _superlink_identity():
-    """Messages are stamped with the sending process's identity; here the test plays the SuperLink's ServerApp.
-    The identity is process-wide, so it is put back afterwards for every other module's tests."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+# Every test here builds Messages as the SuperLink's ServerApp would (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("superlink_identity")
 
 
 def _make_context(tmp_path) -> Context:

@@ -14,9 +14,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import EvaluateIns, ndarrays_to_parameters
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.compat.common import recorddict_compat as compat
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import make_client_app
 from client.config import RunSettings
@@ -105,11 +103,11 @@ def test_a_plain_run_still_reports_per_site_figures(tmp_path):
 
 
 def _evaluate_message(weights: list[np.ndarray]) -> Message:
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     content = compat.evaluateins_to_recorddict(EvaluateIns(ndarrays_to_parameters(weights), {"server-round": 1}), True)
     return Message(content=content, dst_node_id=7, message_type=MessageType.EVALUATE, group_id="1")
 
 
+@pytest.mark.usefixtures("superlink_identity")
 @pytest.mark.parametrize(("mode", "share", "shared"), [("secagg", "true", True), ("secagg", None, False),
                                                        ("dp", "true", True), ("plain", None, True)])
 def test_a_site_that_opts_in_shares_its_evaluation(tmp_path, mode, share, shared):

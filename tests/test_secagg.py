@@ -635,7 +635,7 @@ def test_node_refused_under_secagg_is_out_of_the_sum(refused, max_examples, metr
     record names it (before the fix every FitRes carried the same sum, so the refusal removed nothing)."""
     # Prepare
     guard = _make_guard(max_examples=max_examples)
-    guard.privacy["site-2"] = {"ledger_id": "ledger-of-site-2", "ledger_seq": 7}
+    guard.ledgers.accept("site-2", {"ledger_id": "ledger-of-site-2", "ledger_seq": 7}, server_round=0)
     others = [p for p in range(NUM_NODES) if p != refused]
 
     # Execute
