@@ -162,3 +162,26 @@ def test_metrics_aggregator_weights_by_examples_and_skips_empty_replies():
         "accuracy": pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
     }
     assert aggregate([(5, {})]) == {}
+
+
+def test_a_node_that_reconnects_while_the_round_waits_is_sampled_with_every_other():
+    """min-available 3, two nodes online, a third joins while the round waits: all three are sampled."""
+    # Prepare
+    import threading
+
+    from flwr.server.client_manager import SimpleClientManager
+
+    guard = _make_guard()
+    guard.inner.min_available_clients = 3
+    manager = SimpleClientManager()
+    for cid in ("a", "b"):
+        manager.register(_Proxy(cid))
+    late = threading.Timer(0.3, manager.register, args=(_Proxy("c"),))
+
+    # Execute
+    late.start()
+    instructions = guard.configure_fit(1, _params(_make_delta(0.0)), manager)
+    late.join()
+
+    # Assert
+    assert sorted(proxy.cid for proxy, _ in instructions) == ["a", "b", "c"]
