@@ -75,7 +75,6 @@ class Federation:
     server_rc: int
     seconds: float
     released: dict[tuple[str, int], tuple[np.ndarray, int]] = field(default_factory=dict)
-    killed_unreleased: dict[str, int] = field(default_factory=dict)
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
