@@ -256,6 +256,9 @@ class FerWorkflow:
                 "failure": str(failed[0]) if failed else None,
                 "num_clients": report.num_results,
                 "num_accepted": report.num_accepted,
+                # Whose update is in this round's aggregate (client IDs, also under SecAgg+, where the survivors'
+                # replies still name their senders): with the sites the coordinator enrolled, it says who dropped.
+                "clients": sorted(report.clients),
                 "num_rejected": len(report.rejected),
                 "rejected": report.rejected,
                 "failures": report.failures,

@@ -242,3 +242,26 @@ def test_krum_selects_the_most_central_update_never_the_outlier():
     assert chosen != len(deltas) - 1
     for k, array in enumerate(aggregated):
         np.testing.assert_allclose(array, 1.0 + deltas[chosen][k], rtol=1e-6)
+
+
+def test_a_node_that_reconnects_while_the_round_waits_is_sampled_with_every_other():
+    """min-available 3, two nodes online, a third joins while the round waits: all three are sampled."""
+    # Prepare
+    import threading
+
+    from flwr.server.client_manager import SimpleClientManager
+
+    guard = _make_guard()
+    guard.inner.min_available_clients = 3
+    manager = SimpleClientManager()
+    for cid in ("a", "b"):
+        manager.register(_Proxy(cid))
+    late = threading.Timer(0.3, manager.register, args=(_Proxy("c"),))
+
+    # Execute
+    late.start()
+    instructions = guard.configure_fit(1, _params(_make_delta(0.0)), manager)
+    late.join()
+
+    # Assert
+    assert sorted(proxy.cid for proxy, _ in instructions) == ["a", "b", "c"]
