@@ -626,7 +626,7 @@ def _rolled_back_ledger(partition: int) -> dict:
 @pytest.mark.parametrize(
     ("refused", "max_examples", "metrics", "reason"),
     [
-        (2, 10_000, _rolled_back_ledger, "went back from sequence 7 to 3"),
+        (2, 10_000, _rolled_back_ledger, "went back from sequence 7 (round 0) to 3 (round 1)"),
         (4, 280, _site_metrics, "num-examples 300 exceeds the plausible maximum 280"),
     ],
 )
