@@ -138,10 +138,13 @@ def _server_args(port: int, *extra: str) -> list[str]:
             "--host", "127.0.0.1", "--config", "run.toml", "--timeout", "400", *extra]
 
 
-def _client_args(port: int, name: str, *extra: str, dataset: str = "synthetic=800") -> list[str]:
+def _client_args(port: int, name: str, *extra: str, dataset: str = "synthetic=800", first_start: bool = True
+                 ) -> list[str]:
+    """A site's `fer-client start`; its first start makes its privacy ledger key (a restart must not ask again)."""
+    new_ledger = ["--new-privacy-ledger"] if first_start else []
     return [str(BIN / "fer-client"), "start", "--server", f"127.0.0.1:{port}", "--ca-cert", "certs/ca.crt",
             "--key", f"keys/{name}.key", "--dataset", dataset, "--client-id", f"site-{name}",
-            "--state-dir", f"node-{name}", "--new-privacy-ledger", *extra]
+            "--state-dir", f"node-{name}", *new_ledger, *extra]
 
 
 def _stock_supernode_args(tmp: Path, port: int, name: str, *, with_ca: bool,

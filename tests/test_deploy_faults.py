@@ -187,10 +187,11 @@ def secagg_federation(tmp_path_factory) -> Federation:
     processes: dict[str, subprocess.Popen] = {}
     watcher = _ReleaseWatcher(tmp, SECAGG_SITES)
 
-    def start_site(name: str, log: str) -> None:
+    def start_site(name: str, log: str, *, first_start: bool = True) -> None:
         data = VICTIM_DATA if name in ("c", "d", "e") else SMALL_DATA
         extra = ["--require-secure-agg"] if name == "a" else []
-        processes[name] = _spawn(_client_args(port, name, "--dataset", data, *extra), tmp / log, cwd=tmp)
+        processes[name] = _spawn(_client_args(port, name, *extra, dataset=data, first_start=first_start),
+                                 tmp / log, cwd=tmp)
 
     try:
         server = _spawn(_server_args(port, "--out", "run", "--rounds", "2", "--min-clients", "5", "--secure-agg",
@@ -214,7 +215,7 @@ def secagg_federation(tmp_path_factory) -> Federation:
         # Restarted only now: a node that is back online before the server gives up on its in-flight message is
         # not reported unavailable, and the stage would wait out secagg-timeout. min-clients 5 holds round 2
         # until c is back.
-        start_site("c", "client-c-restarted.log")
+        start_site("c", "client-c-restarted.log", first_start=False)
         _kill_when_charged(processes, tmp, ("d", "e"), server_round=2, server=server, timeout=600)
         server_rc = server.wait(timeout=900)
     finally:
@@ -243,7 +244,7 @@ def plain_federation(tmp_path_factory) -> Federation:
         _wait_for_text(tmp / "server.log", "waiting for", timeout=120, process=server)
         for name in PLAIN_SITES:
             extra = ["--require-secure-agg"] if name == REFUSING_SITE else []
-            processes.append(_spawn(_client_args(port, name, "--dataset", PLAIN_DATA, *extra),
+            processes.append(_spawn(_client_args(port, name, *extra, dataset=PLAIN_DATA),
                                     tmp / f"client-{name}.log", cwd=tmp))
         server_rc = server.wait(timeout=900)
     finally:
@@ -345,7 +346,8 @@ def test_killed_site_ledger_matches_its_spend_after_restart(secagg_federation):
     ledgers = {name: _open_ledger(fed.tmp / f"node-{name}", f"site-{name}") for name in SECAGG_SITES}
 
     # Assert
-    assert "created the privacy ledger key" not in fed.log("client-c-restarted.log")  # same key, same ledger
+    assert "NEW PRIVACY LEDGER" not in fed.log("client-c-restarted.log")  # same key, same ledger
+    assert "NEW PRIVACY LEDGER" in fed.log("client-c.log")
     records = fed.records()
     assert "site-c" not in records[1]["privacy"]  # the server heard nothing from c in round 1...
     # ...and c's round-2 reply carries its whole spend, the charge of the round it was killed in included.
