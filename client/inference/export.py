@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ def export_onnx(model, card: ModelCard, out: Path, *, int8: bool = False,
             return self.inner(faces)
 
     wrapper = _Logits(prepared).eval()
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        # The tracer warns about every shape-dependent Python branch; at the fixed input size they are constants.
+        warnings.simplefilter("ignore")
         float_path = Path(scratch) / "float.onnx"
         torch.onnx.export(wrapper, (torch.zeros(2, 1, size, size),), str(float_path), input_names=[INPUT_NAME],
                           output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=False,
