@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -101,8 +102,14 @@ def quantize_int8(source: Path, target: Path, calibration_faces: np.ndarray) -> 
         def get_next(self):
             return next(self._batches, None)
 
-    quantize_static(str(source), str(target), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    # The quantiser logs advice ("consider pre-processing") on the root logger at WARNING for every model; a user
+    # running `fer-client export` cannot act on it, so it is muted for this call only.
+    logging.disable(logging.WARNING)
+    try:
+        quantize_static(str(source), str(target), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _exportable(model, size: int):
