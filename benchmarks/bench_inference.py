@@ -3,7 +3,8 @@
 Per model (every registered one) and runtime (PyTorch, ONNX Runtime float32, ONNX Runtime int8), each frame goes
 through the whole `fer-client watch` path: decode (cv2.VideoCapture on an MJPG file), Haar detection, eye alignment,
 standardisation, classification, IoU tracking and EMA smoothing. Reported: FPS, p50/p95 latency, the detector's
-share, and the same with the detector run on every k-th frame only (the last alignment reused in between).
+share, and the same with the detector run on every k-th frame only (the last alignment reused in between) and
+on a copy of the frame shrunk to 320 wide.
 
 int8's accuracy cost: with --model PATH (a trained run's model.pt) and FER2013 present, float and int8 accuracy on
 FER2013's PublicTest; otherwise (no trained weights exist yet) the agreement of int8's top-1 with the float graph's
@@ -45,9 +46,9 @@ RESULT = REPO / "benchmarks" / "results" / "bench_inference.json"
 PLAN_EMOTIONS = ("neutral", "sad", "happy", "surprise")
 
 
-def run_stream(video: Path, classifier, *, detect_every: int, frames: int) -> dict:
+def run_stream(video: Path, classifier, *, detect_every: int, frames: int, detect_width: int = 0) -> dict:
     """Times `frames` frames of the watch loop (decode -> detect/align -> classify -> track + smooth)."""
-    pipeline = FramePipeline(classifier=classifier, detect_every=detect_every)
+    pipeline = FramePipeline(classifier=classifier, detect_every=detect_every, detect_width=detect_width)
     tracker = FaceTracker(half_life=0.5)
     capture = cv2.VideoCapture(str(video))
     fps_declared = capture.get(cv2.CAP_PROP_FPS) or 10.0
@@ -146,11 +147,12 @@ def main() -> None:
             costs[name] = int8_cost(runtimes["onnx"], runtimes["onnx-int8"], model_path=args.model,
                                     fer2013=args.fer2013)
             for runtime, classifier in runtimes.items():
-                for every in sorted({1, args.k}):
-                    row = {"model": name, "runtime": runtime, "detect_every": every,
-                           **run_stream(video, classifier, detect_every=every, frames=args.frames)}
+                for every, width in ((1, 0), (args.k, 0), (1, 320), (args.k, 320)):
+                    row = {"model": name, "runtime": runtime, "detect_every": every, "detect_width": width or 640,
+                           **run_stream(video, classifier, detect_every=every, frames=args.frames,
+                                        detect_width=width)}
                     rows.append(row)
-                    print(f"{name:<13} {runtime:<9} k={every}  {row['fps']:6.1f} FPS  p50 {row['p50_ms']:6.1f} ms  "
+                    print(f"{name:<13} {runtime:<9} k={every} w={width or 640}  {row['fps']:6.1f} FPS  p50 {row['p50_ms']:6.1f} ms  "
                           f"p95 {row['p95_ms']:6.1f} ms  detect {row['detect_ms_per_frame']:6.1f} ms/frame  "
                           f"classify {row['classify_ms']:6.1f} ms  decode {row['decode_ms']:4.1f} ms", flush=True)
             print(f"{name:<13} int8 cost: {json.dumps(costs[name])}", flush=True)

@@ -285,6 +285,27 @@ def test_watch_with_detection_every_third_frame_gives_the_same_emotions(bedside,
         assert {line["emotion"] for line in faces[segment.first:segment.last + 1]} == {segment.emotion}
 
 
+def test_detection_on_a_shrunk_frame_maps_back_to_full_frame_coordinates(bedside):
+    """Detecting at 320 wide gives a box within a few pixels of the full-size detection and a crop the model reads
+    the same way, and a recrop with the mapped-back transform reproduces that crop from the full frame."""
+    # Prepare
+    from client.inference.model import load_classifier as _load
+    from client.inference.pipeline import FramePipeline
+    from tests.inference_builds import paste
+
+    classifier = _load(bedside["model"], runtime="torch")
+    frame = paste(bedside["faces"]["sad"], 0)
+    # Execute
+    (full,) = FramePipeline(classifier=classifier).process(frame)
+    shrunk_pipeline = FramePipeline(classifier=classifier, detect_width=320, detect_every=2)
+    (shrunk,) = shrunk_pipeline.process(frame)
+    (recropped,) = shrunk_pipeline.process(frame)
+    # Assert
+    assert np.abs(np.array(full.box) - np.array(shrunk.box)).max() <= 6
+    assert full.emotion == shrunk.emotion == recropped.emotion == "sad" and not recropped.detected
+    assert np.abs(recropped.face.astype(int) - shrunk.face.astype(int)).mean() < 8
+
+
 def _state(track: int, time: float, probabilities: dict[str, float], box=(0, 0, 10, 10)) -> TrackState:
     vector = np.array([probabilities.get(name, 0.0) for name in EMOTIONS], dtype=np.float32)
     return TrackState(track=track, box=box, time=time, raw=vector, smoothed=vector)

@@ -38,6 +38,7 @@ def watch(
     camera_id: Annotated[str | None, typer.Option(help="Camera id for rules and events (default: the source).")] = None,
     half_life: Annotated[float, typer.Option(help="Smoothing half-life in seconds (0: none).")] = 0.5,
     detect_every: Annotated[int, typer.Option(help="Run the face detector on every k-th frame.")] = 1,
+    detect_width: Annotated[int, typer.Option(help="Detect on a copy shrunk to this width (0: full size).")] = 0,
     every: Annotated[int, typer.Option(help="Print the faces of every N-th frame (alerts always).")] = 1,
     max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.")] = None,
     save_uncertain: Annotated[Path | None, typer.Option(
@@ -58,13 +59,14 @@ def watch(
     sources = [s for s in (camera, video, stream) if s is not None]
     if len(sources) != 1:
         raise click.UsageError("give exactly one of --camera N, --video PATH, --stream URL")
-    if every < 1 or detect_every < 1:
-        raise click.BadParameter("--every and --detect-every must be at least 1")
+    if every < 1 or detect_every < 1 or detect_width < 0:
+        raise click.BadParameter("--every and --detect-every must be at least 1, --detect-width at least 0")
     if video is not None and not video.is_file():
         raise click.ClickException(f"--video {video}: no such file")
     rules = load_rules(alerts) if alerts is not None else []
     classifier = open_classifier(model=model, runtime=runtime, state_dir=state_dir)
     pipeline = FramePipeline(classifier=classifier, detector=detector, detect_every=detect_every,
+                             detect_width=detect_width,
                              yunet_model=None if yunet_model is None else str(yunet_model))
     tracker = FaceTracker(half_life=half_life)
     source = camera if camera is not None else str(video) if video is not None else stream

@@ -64,12 +64,18 @@ class FramePipeline:
         detect_every: run the detector on every k-th frame only and, in between, crop the same place with the last
             alignment: a patient in bed moves little between frames, and the detector is most of a frame's cost
             (benchmarks/bench_inference.py measures both). 1 detects on every frame.
+        detect_width: detect and align on a copy of the frame shrunk to this width (0: full resolution). The Haar
+            cascade's cost grows with the pixel count; a face that fills a bedside frame is still several times the
+            48-pixel crop at 320 wide. Boxes and alignment are mapped back to full-frame coordinates.
     """
 
     def __init__(self, *, classifier: Classifier, detector: str = "haar", yunet_model: str | None = None,
-                 detect_every: int = 1) -> None:
+                 detect_every: int = 1, detect_width: int = 0) -> None:
         if detect_every < 1:
             raise ValueError(f"detect_every must be at least 1, got {detect_every}")
+        if detect_width < 0:
+            raise ValueError(f"detect_width must be 0 (full resolution) or positive, got {detect_width}")
+        self.detect_width = detect_width
         self.classifier = classifier
         self.preprocessor = FacePreprocessor(size=classifier.card.image_size, detector=detector,
                                              yunet_model=yunet_model)
@@ -84,7 +90,7 @@ class FramePipeline:
         self._frames += 1
         if detect_now:
             start = time.perf_counter()
-            found = self.preprocessor.process_detailed(image)
+            found = self._detect(image)
             self.times.detect += time.perf_counter() - start
             self.times.detections += 1
             self._last = found
@@ -108,6 +114,22 @@ class FramePipeline:
         """Forgets the last detection (a new file or stream starts)."""
         self._frames = 0
         self._last = None
+
+    def _detect(self, image: np.ndarray) -> FaceResult | None:
+        width = image.shape[1]
+        if not self.detect_width or width <= self.detect_width:
+            return self.preprocessor.process_detailed(image)
+        scale = self.detect_width / width
+        small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        found = self.preprocessor.process_detailed(small)
+        if found is None:
+            return None
+        # The transform maps small-frame pixels to the crop; composing it with the shrink maps full-frame pixels.
+        transform = found.transform.copy()
+        transform[:, :2] *= scale
+        box = tuple(int(round(v / scale)) for v in found.box)
+        eyes = None if found.eyes is None else tuple((x / scale, y / scale) for x, y in found.eyes)
+        return FaceResult(face=found.face, box=box, eyes=eyes, angle=found.angle, transform=transform)
 
     def _recrop(self, image: np.ndarray, last: FaceResult) -> FaceResult:
         size = self.preprocessor.size
