@@ -140,6 +140,16 @@ def test_predict_video_follows_the_segments_and_annotates(bedside, tmp_path, cap
     capture.release()
 
 
+@pytest.mark.parametrize("make", [lambda root: root / "missing.jpg", lambda root: root])
+def test_predict_refuses_a_missing_path_or_an_empty_folder_before_starting(bedside, tmp_path, make):
+    """A typo or an empty folder is one line naming it, before any file is processed (exit 1 via the runner)."""
+    import click
+
+    with pytest.raises(click.ClickException) as caught:
+        predict(paths=[make(tmp_path)], model=bedside["model"])
+    assert str(make(tmp_path)) in caught.value.format_message()
+
+
 def test_resolve_model_without_any_model_is_one_clear_line(tmp_path):
     """No --model, nothing delivered, no reference weights: one line that says what to pass."""
     with pytest.raises(ModelUnavailable) as caught:

@@ -38,13 +38,17 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
     """Files named directly, plus the images and videos inside named folders (recursively, sorted).
 
     Raises:
-        MediaError: a named path does not exist (checked up front, so a typo is not found after an hour of video).
+        MediaError: a named path does not exist, or a named folder holds no image or video (checked up front, so
+            a typo is not found after an hour of video).
     """
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*")
-                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES))
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+            if not found:
+                raise MediaError(f"{path}: no image or video files in this folder")
+            files.extend(found)
         elif path.exists():
             files.append(path)
         else:
