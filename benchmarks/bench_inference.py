@@ -36,7 +36,7 @@ from client.data.labels import EMOTIONS  # noqa: E402
 from client.data.preprocess import standardize  # noqa: E402
 from client.data.synthetic import make_synthetic  # noqa: E402
 from client.inference.export import export_onnx  # noqa: E402
-from client.inference.model import ModelCard, TorchClassifier, load_classifier, load_torch_model, softmax  # noqa: E402
+from client.inference.model import ModelSpec, TorchClassifier, load_classifier, load_torch_model, softmax  # noqa: E402
 from client.inference.pipeline import FramePipeline  # noqa: E402
 from client.inference.tracking import FaceTracker  # noqa: E402
 from models import create_model, list_models  # noqa: E402
@@ -134,7 +134,7 @@ def main() -> None:
                     continue
             else:
                 model = create_model(name, dp=True).eval()
-                card = ModelCard(name=name, cfg={"dp": True}, image_size=48, classes=EMOTIONS,
+                card = ModelSpec(name=name, cfg={"dp": True}, image_size=48, classes=EMOTIONS,
                                  source=Path("untrained"))
             float_path = export_onnx(model, card, scratch / f"{name}.onnx")
             int8_path = export_onnx(model, card, scratch / f"{name}-int8.onnx", int8=True,

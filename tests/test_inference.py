@@ -4,7 +4,6 @@ real ONNX Runtime, a real photograph (skimage's astronaut) and videos written he
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,9 +24,10 @@ from client.inference.alerts import AlertConfigError, AlertEngine, AlertEvent, A
 from client.inference.export import export_onnx
 from client.inference.model import (ModelUnavailable, load_classifier, load_torch_model, onnx_sidecar,
                                     resolve_model, softmax)
+from client.inference.pipeline import FramePipeline
 from client.inference.tracking import FaceTracker, TrackState, iou
 from models import create_model, list_models
-from tests.inference_builds import FPS, pick_faces, save_run_model, train_controlled_model, write_video
+from tests.inference_builds import FPS, paste, pick_faces, save_run_model, train_controlled_model, write_video
 from tests.model_builds import SMALL_CFG
 
 BIN = Path(sys.executable).parent
@@ -299,11 +299,7 @@ def test_detection_on_a_shrunk_frame_maps_back_to_full_frame_coordinates(bedside
     """Detecting at 320 wide gives a box within a few pixels of the full-size detection and a crop the model reads
     the same way, and a recrop with the mapped-back transform reproduces that crop from the full frame."""
     # Prepare
-    from client.inference.model import load_classifier as _load
-    from client.inference.pipeline import FramePipeline
-    from tests.inference_builds import paste
-
-    classifier = _load(bedside["model"], runtime="torch")
+    classifier = load_classifier(bedside["model"], runtime="torch")
     frame = paste(bedside["faces"]["sad"], 0)
     # Execute
     (full,) = FramePipeline(classifier=classifier).process(frame)

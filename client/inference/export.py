@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.inference.model import ModelCard, onnx_sidecar
+from client.inference.model import ModelSpec, onnx_sidecar
 
 OPSET = 17
 INPUT_NAME = "faces"
@@ -32,7 +32,7 @@ class ExportError(Exception):
     """The model cannot be exported as asked; one line saying why."""
 
 
-def export_onnx(model, card: ModelCard, out: Path, *, int8: bool = False,
+def export_onnx(model, card: ModelSpec, out: Path, *, int8: bool = False,
                 calibration_faces: np.ndarray | None = None) -> Path:
     """Writes `out` (.onnx) and its card `out`.json; returns `out`.
 
@@ -75,7 +75,7 @@ def export_onnx(model, card: ModelCard, out: Path, *, int8: bool = False,
             final = Path(scratch) / "int8.onnx"
             quantize_int8(float_path, final, calibration_faces)
         payload = final.read_bytes()
-    exported = ModelCard(name=card.name, cfg=card.cfg, image_size=size, classes=card.classes, source=card.source,
+    exported = ModelSpec(name=card.name, cfg=card.cfg, image_size=size, classes=card.classes, source=card.source,
                          int8=int8)
     meta = {**exported.to_json(), "format": "onnx", "opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME,
             "sha256": hashlib.sha256(payload).hexdigest()}

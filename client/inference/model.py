@@ -27,8 +27,9 @@ class ModelUnavailable(click.ClickException):
 
 
 @dataclass(frozen=True)
-class ModelCard:
-    """What a runtime needs to know about the weights it runs, read from the JSON sidecar beside them.
+class ModelSpec:
+    """What a runtime needs to know about the weights it runs, read from the JSON sidecar beside them (not the
+    federation's model card of item 1, which will carry provenance and metrics; this is only how to run them).
 
     Attributes:
         name: registered architecture name (models.list_models()).
@@ -51,7 +52,7 @@ class ModelCard:
                 "classes": list(self.classes), "source": str(self.source), "int8": self.int8}
 
     @classmethod
-    def from_json(cls, data: dict, *, source: Path) -> ModelCard:
+    def from_json(cls, data: dict, *, source: Path) -> ModelSpec:
         name = data.get("name") or data.get("model")
         if not name:
             raise KeyError("the sidecar names no model")
@@ -103,7 +104,7 @@ def _reference_weights(runtime: str) -> Path | None:
 class Classifier(Protocol):
     """Standardised faces (N, 1, S, S) float32 in, logits (N, 7) float32 out."""
 
-    card: ModelCard
+    card: ModelSpec
     runtime: str
 
     def logits(self, faces: np.ndarray) -> np.ndarray: ...
@@ -114,7 +115,7 @@ class TorchClassifier:
 
     runtime = "torch"
 
-    def __init__(self, model, card: ModelCard) -> None:
+    def __init__(self, model, card: ModelSpec) -> None:
         import torch
 
         self._torch = torch
@@ -131,7 +132,7 @@ class OnnxClassifier:
 
     runtime = "onnx"
 
-    def __init__(self, path: Path, card: ModelCard, *, threads: int | None = None) -> None:
+    def __init__(self, path: Path, card: ModelSpec, *, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -158,7 +159,7 @@ def onnx_sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def build_torch_model(card: ModelCard):
+def build_torch_model(card: ModelSpec):
     """The registered architecture the card names, with the options it was trained with (no weights)."""
     from models import create_model, model_options
 
@@ -180,7 +181,7 @@ def load_torch_model(path: Path):
 
     try:
         state, meta = load_model(path)
-        card = ModelCard.from_json(meta, source=path)
+        card = ModelSpec.from_json(meta, source=path)
         model = build_torch_model(card)
         model.load_state_dict(state)
     except FileNotFoundError as err:
@@ -201,7 +202,7 @@ def load_classifier(path: Path, *, runtime: str, threads: int | None = None) -> 
         return TorchClassifier(model, card)
     sidecar = onnx_sidecar(path)
     try:
-        card = ModelCard.from_json(json.loads(sidecar.read_text()), source=path)
+        card = ModelSpec.from_json(json.loads(sidecar.read_text()), source=path)
     except FileNotFoundError:
         raise ModelUnavailable(f"{sidecar} (written by `fer-client export` beside the graph) is missing") from None
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
