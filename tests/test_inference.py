@@ -312,6 +312,16 @@ def test_detection_on_a_shrunk_frame_maps_back_to_full_frame_coordinates(bedside
     assert np.abs(recropped.face.astype(int) - shrunk.face.astype(int)).mean() < 8
 
 
+def test_watch_reports_a_truncated_video_after_using_its_frames(bedside, tmp_path, capsys):
+    """watch --video on a video cut in half processes the readable frames, then names the file and exits 1."""
+    cut = _truncate(bedside["video"], tmp_path / "cut.avi", 0.5)
+    code = watch(video=cut, model=bedside["model"], log_every=1e9)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert 5 <= len(_lines(captured.out)) < sum(count for _, count in PLAN)
+    assert f"{cut}: truncated video (decoded" in captured.err
+
+
 def _state(track: int, time: float, probabilities: dict[str, float], box=(0, 0, 10, 10)) -> TrackState:
     vector = np.array([probabilities.get(name, 0.0) for name in EMOTIONS], dtype=np.float32)
     return TrackState(track=track, box=box, time=time, raw=vector, smoothed=vector)

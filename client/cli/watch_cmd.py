@@ -4,7 +4,8 @@ Each frame: detect (every --detect-every frames) -> align -> classify -> track (
 -> care-alert rules. stdout gets one JSON line per tracked face per frame (with --every N, per N-th frame) and one
 per alert; stderr gets FPS and latency every --log-every seconds and a summary at the end. Frames and faces are
 kept in memory only; nothing is written unless asked (--save-uncertain, --alerts-out). Ctrl-C stops the loop
-cleanly: the source is released, files are closed and the summary is printed, with exit code 0.
+cleanly: the source is released, files are closed and the summary is printed, with exit code 0. A --video that
+ends before its header's frame count is reported as truncated after its frames were used, with exit code 1.
 
 Time: for --video it is the video's own clock (frame index / declared FPS), so rule durations mean the same on a
 slow machine; for --camera and --stream it is wall-clock seconds since the start.
@@ -76,6 +77,8 @@ def watch(
         raise click.ClickException(f"cannot open {'camera' if camera is not None else 'video' if video else 'stream'}"
                                    f" {source}")
     video_fps = capture.get(cv2.CAP_PROP_FPS) if video is not None else 0.0
+    declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if video is not None else 0
+    interrupted = False
     events_file = None
     latencies: list[float] = []
     frames = alerts_fired = saved = 0
@@ -122,12 +125,18 @@ def watch(
                 last_log = clock.monotonic()
                 _log_rate(frames, started, latencies)
     except KeyboardInterrupt:
+        interrupted = True
         print("fer-client: stopped (Ctrl-C)", file=sys.stderr)
     finally:
         capture.release()
         if events_file is not None:
             events_file.close()
     _log_rate(frames, started, latencies, final=True, alerts=alerts_fired, saved=saved)
+    if not interrupted and (max_frames is None or frames < max_frames) and frames < declared:
+        # The same check as predict's: a video that ends before its header's frame count was cut short.
+        print(f"fer-client: {video}: truncated video (decoded {frames} of the {declared} frames its header "
+              "declares)", file=sys.stderr)
+        return 1
     return 0
 
 
