@@ -322,6 +322,18 @@ def test_watch_reports_a_truncated_video_after_using_its_frames(bedside, tmp_pat
     assert f"{cut}: truncated video (decoded" in captured.err
 
 
+def test_watch_stream_uses_wall_clock_time_and_a_missing_camera_is_one_line(bedside, capsys):
+    """--stream (here a local file, which OpenCV opens like a URL) is timed by the wall clock; --camera with no such
+    device stops with one line naming it."""
+    import click
+
+    assert watch(stream=str(bedside["video"]), model=bedside["model"], max_frames=3) == 0
+    times = [line["time"] for line in _lines(capsys.readouterr().out)]
+    assert len(times) == 3 and times == sorted(times) and times[-1] > times[0]
+    with pytest.raises(click.ClickException, match="^cannot open camera 97$"):
+        watch(camera=97, model=bedside["model"])
+
+
 def _state(track: int, time: float, probabilities: dict[str, float], box=(0, 0, 10, 10)) -> TrackState:
     vector = np.array([probabilities.get(name, 0.0) for name in EMOTIONS], dtype=np.float32)
     return TrackState(track=track, box=box, time=time, raw=vector, smoothed=vector)

@@ -25,6 +25,7 @@ import numpy as np
 import typer
 
 from client.cli.predict_cmd import ModelOption, RuntimeOption, StateDirOption
+from client.inference.media import Frame
 
 
 def watch(
@@ -53,6 +54,7 @@ def watch(
 ) -> int:
     """Watch a camera, video or stream in real time: tracked, smoothed expressions and care alerts."""
     from client.inference.alerts import AlertEngine, load_rules, run_hook
+    from client.inference.media import MediaError, iter_video
     from client.inference.model import open_classifier
     from client.inference.pipeline import FramePipeline
     from client.inference.tracking import FaceTracker
@@ -72,43 +74,44 @@ def watch(
     tracker = FaceTracker(half_life=half_life)
     source = camera if camera is not None else str(video) if video is not None else stream
     engine = AlertEngine(rules, patient=patient, camera=camera_id or str(source))
-    capture = cv2.VideoCapture(source)
-    if not capture.isOpened():
-        raise click.ClickException(f"cannot open {'camera' if camera is not None else 'video' if video else 'stream'}"
-                                   f" {source}")
-    video_fps = capture.get(cv2.CAP_PROP_FPS) if video is not None else 0.0
-    declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if video is not None else 0
-    interrupted = False
+    if video is not None:
+        frames_in = iter_video(video)  # the video's own clock; raises MediaError at the end if it was cut short
+    else:
+        # OpenCV's own warnings for a missing device ("can't open camera by index") would precede the one line below.
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        capture = cv2.VideoCapture(source)
+        if not capture.isOpened():
+            capture.release()
+            raise click.ClickException(f"cannot open {'camera' if camera is not None else 'stream'} {source}")
+        frames_in = _live_frames(capture)
     events_file = None
     latencies: list[float] = []
     frames = alerts_fired = saved = 0
     started = last_log = clock.monotonic()
     last_saved: dict[int, float] = {}
+    failure = None
     try:
-        if alerts_out is not None:
-            alerts_out.parent.mkdir(parents=True, exist_ok=True)
-            events_file = open(alerts_out, "a")  # noqa: SIM115 - closed in finally, flushed per event
         if save_uncertain is not None:
             save_uncertain.mkdir(parents=True, exist_ok=True)
-        while max_frames is None or frames < max_frames:
-            tick = clock.perf_counter()
-            ok, image = capture.read()
-            if not ok or image is None:
-                break
-            now = frames / video_fps if video_fps > 0 else clock.monotonic() - started
-            observations = pipeline.process(image)
+        tick = clock.perf_counter()
+        for frame in frames_in:
+            now = frame.time
+            observations = pipeline.process(frame.image)
             states = tracker.update([(o.box, o.probabilities) for o in observations], time=now)
             events = engine.update(states, time=now) if rules else []
             latencies.append(clock.perf_counter() - tick)
             if frames % every == 0:
                 for state in states:
-                    _emit({"frame": frames, **state.to_json()})
+                    _emit({"frame": frame.index, **state.to_json()})
             for event in events:
                 alerts_fired += 1
-                line = json.dumps(event.to_json())
-                _emit(event.to_json())
-                if events_file is not None:
-                    events_file.write(line + "\n")
+                record = event.to_json()
+                _emit(record)
+                if alerts_out is not None:
+                    if events_file is None:  # opened at the first alert: a watch without alerts leaves no file
+                        alerts_out.parent.mkdir(parents=True, exist_ok=True)
+                        events_file = open(alerts_out, "a")  # noqa: SIM115 - closed in finally, flushed per event
+                    events_file.write(json.dumps(record) + "\n")
                     events_file.flush()
                 command = engine.command_for(event)
                 if command:
@@ -117,27 +120,44 @@ def watch(
                 for observation, state in zip(observations, states):
                     if state.smoothed.max() < uncertain_below and now - last_saved.get(state.track, -1e9) >= 1.0:
                         last_saved[state.track] = now
-                        name = f"track{state.track:04d}-t{now:010.3f}.png"
-                        cv2.imwrite(str(save_uncertain / name), observation.face)
+                        cv2.imwrite(str(save_uncertain / f"track{state.track:04d}-t{now:010.3f}.png"),
+                                    observation.face)
                         saved += 1
             frames += 1
             if clock.monotonic() - last_log >= log_every:
                 last_log = clock.monotonic()
                 _log_rate(frames, started, latencies)
+            if max_frames is not None and frames >= max_frames:
+                break
+            tick = clock.perf_counter()  # latency counts from the request for the next frame (decode included)
+    except MediaError as err:
+        failure = err  # a cut-short video: its frames were used; say so after the summary
     except KeyboardInterrupt:
-        interrupted = True
         print("fer-client: stopped (Ctrl-C)", file=sys.stderr)
     finally:
-        capture.release()
+        frames_in.close()  # releases the capture
         if events_file is not None:
             events_file.close()
     _log_rate(frames, started, latencies, final=True, alerts=alerts_fired, saved=saved)
-    if not interrupted and (max_frames is None or frames < max_frames) and frames < declared:
-        # The same check as predict's: a video that ends before its header's frame count was cut short.
-        print(f"fer-client: {video}: truncated video (decoded {frames} of the {declared} frames its header "
-              "declares)", file=sys.stderr)
+    if failure is not None:
+        print(f"fer-client: {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def _live_frames(capture):
+    """Frames of an opened camera or stream, timed in wall-clock seconds since the first one was asked for."""
+    try:
+        started = clock.monotonic()
+        index = 0
+        while True:
+            ok, image = capture.read()
+            if not ok or image is None:
+                return
+            yield Frame(image=image, index=index, time=round(clock.monotonic() - started, 4))
+            index += 1
+    finally:
+        capture.release()
 
 
 def _log_rate(frames: int, started: float, latencies: list[float], *, final: bool = False, alerts: int = 0,
