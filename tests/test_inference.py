@@ -371,6 +371,13 @@ def test_alert_episode_breaks_on_a_low_frame_or_a_lost_face_and_cooldown_holds()
     assert fired == [(1.0, 2.0, 2), (2.25, 4.0, 2), (4.25, 6.0, 2)]
 
 
+def test_alert_fires_on_the_frame_that_completes_min_duration_despite_float_error():
+    """At 10 FPS an episode from 0.4 s lasts 1.0 s at 1.4 s, though 1.4 - 0.4 is 0.9999999999999999 in floats."""
+    engine = AlertEngine([_rule(min_duration=1.0)])
+    fired = [e for k in range(4, 20) for e in engine.update([_state(1, k / 10, {"sad": 0.9})], time=k / 10)]
+    assert [(e.start, e.end) for e in fired] == [(0.4, 1.4)]
+
+
 def test_alert_rules_apply_only_to_their_patients_and_cameras():
     """A rule limited to another patient or camera is not evaluated."""
     rules = [_rule(name="mine", patients=("bed-3",)), _rule(name="other", cameras=("cam-9",))]

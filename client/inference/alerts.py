@@ -42,6 +42,7 @@ from client.inference.tracking import TrackState
 
 _RULE_KEYS = {"name", "emotions", "threshold", "min_duration", "cooldown", "patients", "cameras", "command"}
 HOOK_TIMEOUT_S = 10.0
+_EPS = 1e-6
 
 
 class AlertConfigError(click.ClickException):
@@ -222,7 +223,9 @@ class AlertEngine:
                 episode.total += score
                 episode.peak = max(episode.peak, score)
                 episode.frames += 1
-                if time - episode.start >= rule.min_duration and time >= self._quiet_until.get(rule.name, -1e300):
+                # _EPS: frame times are decimal seconds (index / fps), and 1.7 - 0.7 may come out a hair under 1.0.
+                if (time - episode.start >= rule.min_duration - _EPS
+                        and time >= self._quiet_until.get(rule.name, -1e300) - _EPS):
                     events.append(AlertEvent(
                         rule=rule.name, patient=self.patient, camera=self.camera, track=state.track,
                         emotions=rule.emotions, threshold=rule.threshold, start=round(episode.start, 4),
