@@ -18,10 +18,13 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from client.cli import keygen_cmd, start_cmd
+    from client.cli import export_cmd, keygen_cmd, predict_cmd, start_cmd, watch_cmd
 
     app.command("keygen")(keygen_cmd.keygen)
     app.command("start")(start_cmd.start)
+    app.command("predict")(predict_cmd.predict)
+    app.command("watch")(watch_cmd.watch)
+    app.command("export")(export_cmd.export)
 
 
 def main(argv: list[str] | None = None) -> None:
