@@ -234,29 +234,6 @@ def is_complete_pair(path: Path | str) -> bool:
     return isinstance(meta, dict) and meta.get("sha256") == digest
 
 
-def load_model(path: Path | str) -> tuple[dict, dict]:
-    """Reads a model saved by RunDirectory.save_model: (state_dict, metadata from the .json beside it).
-
-    Raises:
-        FileNotFoundError: the .pt file or its .json sidecar is missing.
-        ValueError: the file does not match the sha256 recorded beside it (truncated or replaced).
-    """
-    import torch
-
-    model_path = Path(path)
-    meta_path = model_path.with_suffix(".json")
-    if not model_path.is_file():
-        raise FileNotFoundError(f"model file {model_path} does not exist")
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} (the model's name and config) is missing beside {model_path}")
-    meta = json.loads(meta_path.read_text())
-    payload = model_path.read_bytes()
-    if meta.get("sha256") and hashlib.sha256(payload).hexdigest() != meta["sha256"]:
-        raise ValueError(f"{model_path} does not match the sha256 in {meta_path.name}")
-    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    return dict(state), meta
-
-
 def flatten_round(record: Mapping[str, Any]) -> dict[str, Any]:
     """One round record as a flat CSV row.
 

@@ -438,7 +438,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def load_resume_state(settings: RunSettings) -> ResumeState:
     """The weights and round number of the checkpoint `resume-from` names (loaded weights-only)."""
-    from server.rundir import load_model
+    from models.files import load_model
 
     state, meta = load_model(settings.resume_from)
     if meta.get("name") != settings.model:

@@ -12,7 +12,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from server.rundir import RunDirectory, load_model
+from models.files import load_model
+from server.rundir import RunDirectory
 
 # Saves round 1 (and, when asked, an earlier round 2) completely, then writes round 2 and SIGKILLs itself just before
 # the KILL_AT-th rename of that write: the process dies with the checkpoint's files half in place, as in a power cut.

@@ -258,7 +258,7 @@ def _global_weights(run_dir: Path, server_round: int) -> np.ndarray:
     from client import task
     from client.config import RunSettings
     from models import create_model
-    from server.rundir import load_model
+    from models.files import load_model
     from server.server_app import initial_weights
 
     settings = RunSettings.from_run_config(json.loads((run_dir / "config.json").read_text()))

@@ -16,7 +16,8 @@ import torch
 from server.metrics import classification_metrics, client_distribution, summarize
 from client.data.labels import EMOTIONS
 from server.report import write_report
-from server.rundir import RunDirectory, flatten_round, load_model
+from models.files import load_model
+from server.rundir import RunDirectory, flatten_round
 from simulation.partition import partition_labels, partition_stats
 
 from tests.report_tables import expected_round_row, markdown_table, num, pct

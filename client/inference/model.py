@@ -174,10 +174,10 @@ def load_torch_model(path: Path):
     Raises:
         ModelUnavailable: missing sidecar, sha256 mismatch, unknown architecture or weights that do not fit.
     """
-    # The run directory's reader: weights_only=True and the sha256 beside the file are checked, so a checkpoint is
-    # data, never code, and a truncated or replaced file is refused. It lives in server/ (which writes run
-    # directories); a site holds the whole package, and item 1's delivered models will use the same format.
-    from server.rundir import load_model
+    # The one model-file reader (models/files.py): weights_only=True and the sha256 beside the file are checked, so
+    # a checkpoint is data, never code, and a truncated or replaced file is refused; delivered models (issue 14
+    # item 1) will use the same format.
+    from models.files import load_model
 
     try:
         state, meta = load_model(path)

@@ -88,7 +88,7 @@ def _checkpoint_round(checkpoint: Path, *, model: str) -> int:
     """The round `checkpoint` completed, after checking here, before any SuperLink starts, what the ServerApp would
     only find once the sites have joined: that the file is intact (sha256, weights only) and holds the run's model.
     """
-    from server.rundir import load_model
+    from models.files import load_model
 
     try:
         _, meta = load_model(checkpoint)

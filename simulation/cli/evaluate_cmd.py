@@ -29,7 +29,7 @@ def evaluate_saved_model(
     from models import create_model
     from server.metrics import classification_metrics
 
-    from server.rundir import load_model
+    from models.files import load_model
 
     try:
         # load_model reads with weights_only=True and checks the sha256 recorded beside the file: a checkpoint is

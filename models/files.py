@@ -1,0 +1,38 @@
+"""Reading a saved model: the weights file and the JSON sidecar beside it.
+
+Lives with the models, not with the run directory that writes it (server/rundir.py), because both sides of the
+federation read model files: the coordinator (resume, evaluate) and each site (`fer-client predict`, `watch`,
+`export`), and a site's code must not import the coordinator's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+
+def load_model(path: Path | str) -> tuple[dict, dict]:
+    """Reads a model saved by `server.rundir.RunDirectory.save_model`: (state_dict, metadata from the .json beside it).
+
+    The weights load with `weights_only=True`: a model file is data, never code to unpickle.
+
+    Raises:
+        FileNotFoundError: the .pt file or its .json sidecar is missing.
+        ValueError: the file does not match the sha256 recorded beside it (truncated or replaced).
+    """
+    import torch
+
+    model_path = Path(path)
+    meta_path = model_path.with_suffix(".json")
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model file {model_path} does not exist")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} (the model's name and config) is missing beside {model_path}")
+    meta = json.loads(meta_path.read_text())
+    payload = model_path.read_bytes()
+    if meta.get("sha256") and hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{model_path} does not match the sha256 in {meta_path.name}")
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    return dict(state), meta
