@@ -94,7 +94,8 @@ CASES = {
     "client-bad-profile": ((*CLIENT, *CREDENTIALS, "--profile", "gpu"), _fake_credentials,
                            "--profile must be one of hospital, iot; got 'gpu'", []),
     "client-missing-ledger-key": ((*CLIENT, "--insecure", "--ledger-key", "site.key"), _nothing,
-                                  "--ledger-key file site.key does not exist", []),
+                                  "--ledger-key file {root}/site.key does not exist: a new node's first start is "
+                                  "`fer-client start --new-privacy-ledger ...`", []),
     "client-no-ca": (CLIENT, _nothing, "--ca-cert is required (or --insecure for a local test)", []),
     "client-no-key": ((*CLIENT, "--ca-cert", "ca.crt"), _fake_credentials,
                       "--key is required (or --insecure for a local test)", []),

@@ -177,7 +177,8 @@ def test_refused_requests_change_nothing(coordinator):
 
     # Assert
     assert _registered(coordinator) == []
-    assert _run_status(coordinator) in ("starting", "running")
+    # Not stopped: a stopped run is "finished". On a loaded machine the SuperExec may not have claimed it yet.
+    assert _run_status(coordinator) in ("pending", "starting", "running")
 
 
 @pytest.mark.slow
