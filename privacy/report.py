@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from privacy.atomic import atomic_write
 from privacy.accounting import ACCOUNTANTS, central_epsilon
 
 SCHEMA = "fer-fl/privacy-report/1"
@@ -188,15 +188,7 @@ def write_privacy_report(*, path: str | os.PathLike[str], report: Mapping[str, A
     """
     target = Path(path)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, text)
 
 
 def render_privacy_markdown(report: Mapping[str, Any]) -> str:

@@ -32,6 +32,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from privacy.atomic import atomic_write
+
 SECAGG_ROSTER = "secagg-roster.yaml"
 # Config-record keys the hardened mod and workflow add to Flower's SecAgg+ messages.
 ATTESTATION_KEY = "fer-fl:key-attestation"  # setup reply: this node's attestation
@@ -126,9 +128,7 @@ def write_roster(path: Path, public_keys: Mapping[str, Path]) -> Path:
     if len(set(entries.values())) != len(entries):
         raise ValueError("two sites have the same public key; each site needs its own `fer-client keygen` pair")
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(yaml.safe_dump(entries, sort_keys=True, width=1000))
-    tmp.replace(target)
+    atomic_write(target, yaml.safe_dump(entries, sort_keys=True, width=1000))
     load_roster(target)  # what we write, we can read
     return target
 

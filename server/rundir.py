@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from privacy.atomic import atomic_write
 from client.data.labels import EMOTIONS, NUM_CLASSES
 
 CONFIG_JSON = "config.json"
@@ -341,25 +341,3 @@ def _toml_text(config: Any) -> str | None:
         return None
 
 
-def atomic_write(target: Path, payload: bytes) -> None:
-    """Writes `payload` to a temporary file beside `target`, fsyncs it, renames it over `target` and fsyncs the
-    folder, so that after a power loss the new name is on disk too (a rename lives in the directory, not the file).
-    """
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        _fsync_directory(target.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
