@@ -46,6 +46,25 @@ _CHECKPOINT_NAME = re.compile(r"^round-(\d+)\.pt$")
 log = logging.getLogger("fer_fl.server")
 
 
+def check_new_run_dir(path: Path) -> None:
+    """Refuses a folder a new run cannot use: a new run never mixes its files with an old one's.
+
+    `fer-server` calls it before starting anything (the ServerApp makes the folder later, in the SuperLink's
+    process); RunDirectory calls it for every new run.
+
+    Raises:
+        FileExistsError: `path` is a file, or a folder that is not empty; the message names it in one line.
+    """
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if any(path.iterdir()):
+        raise FileExistsError(
+            f"run directory {path} already exists and is not empty; choose another --out or resume it"
+        )
+
+
 class RunDirectory:
     """One run's output folder.
 
@@ -66,15 +85,9 @@ class RunDirectory:
         if resume or not create:
             if not self.path.is_dir():
                 raise FileNotFoundError(f"run directory {self.path} does not exist")
-        elif self.path.exists():
-            if not self.path.is_dir():
-                raise FileExistsError(f"{self.path} exists and is not a directory")
-            if any(self.path.iterdir()):
-                raise FileExistsError(
-                    f"run directory {self.path} already exists and is not empty; choose another --out or resume it"
-                )
         else:
-            self.path.mkdir(parents=True)
+            check_new_run_dir(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
         self._rounds: list[dict] = self._read_rounds()
 
     def write_config(self, config: Mapping[str, Any]) -> None:
