@@ -20,10 +20,10 @@ from flwr.client import NumPyClient
 from torch.utils.data import DataLoader
 
 from client import replay, task
-from client.client_app import NodeSetup
 from client.config import RunSettings
 from client.data.preprocess import Augment, FERTorchDataset
 from client.dp_training import LedgerFiles, open_dp_client
+from client.node_setup import NodeSetup
 from models import create_model, model_info
 from privacy.guard import UpdateRejected, scale_update, update_norm
 
