@@ -46,7 +46,8 @@ class RunSettings:
     local_epochs: int = 1
     batch_size: int = 32
     # The CNN-AM paper trains with Adam at 1e-3 and BatchNorm; federated models use the GroupNorm build (see
-    # client_app), where 1e-3 kills the 9216-wide classifier's ReLUs within an epoch. 3e-4 learns (measured).
+    # client/trainer.py's FerClient._model), where 1e-3 kills the 9216-wide classifier's ReLUs within an epoch.
+    # 3e-4 learns (measured).
     lr: float = 3e-4
     optimizer: str = "adam"
     # Federation

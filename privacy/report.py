@@ -7,14 +7,10 @@ the threat model the numbers live in, so that no report shows an ε without sayi
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from privacy.atomic import atomic_write
 from privacy.accounting import ACCOUNTANTS, central_epsilon
 
 SCHEMA = "fer-fl/privacy-report/1"
@@ -174,21 +170,6 @@ def _quantization_entry(rounds: Sequence[Mapping[str, Any]] | None) -> dict[str,
         "max_abs_error_per_update": max(per_update, default=None),
         "rounds": [dict(r) for r in rounds],
     }
-
-
-def write_privacy_report(*, path: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
-    """Writes ``report`` as JSON through a temporary file and a rename, never half-written.
-
-    Args:
-        path: Target file, normally ``<run dir>/privacy.json``.
-        report: The dict :func:`privacy_report` returned.
-
-    Returns:
-        The path written.
-    """
-    target = Path(path)
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    return atomic_write(target, text)
 
 
 def render_privacy_markdown(report: Mapping[str, Any]) -> str:

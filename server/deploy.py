@@ -18,8 +18,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -426,16 +425,6 @@ def _port_taken(port: int, pid: int | None) -> str:
     if pid is None:
         return f"port {port} is already in use by another process: stop it or choose another --port"
     return f"port {port} is already in use by pid {pid} ({cmdline(pid)[:100]}): stop it or choose another --port"
-
-
-@contextmanager
-def running_superlink(settings: SuperLinkSettings) -> Iterator[SuperLink]:
-    """A SuperLink for the duration of a `with` block; always stopped, whatever happens inside."""
-    link = SuperLink.start(settings)
-    try:
-        yield link
-    finally:
-        link.stop()
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ Flower's strategies aggregate whatever arrives: wrong shapes, NaN, Inf and absur
 malformed reply then poisons the global model for every site. `GuardedStrategy` wraps any registered strategy,
 rejects such replies with a logged reason, and lets the round go on with the rest.
 
-Clients send deltas (see `client.client_app`); the guard turns each accepted delta back into full weights
+Clients send deltas (see `client.trainer.FerClient.fit`); the guard turns each accepted delta back into full weights
 (`global + delta`) so that every Flower strategy, robust ones included, works on weights exactly as documented.
 Under secure aggregation the guard receives one already-aggregated delta and checks that instead.
 """
