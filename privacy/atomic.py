@@ -69,7 +69,14 @@ def fsync_directory(path: Path) -> None:
 
 
 def _umask() -> int:
-    # os.umask can only be read by setting it; set it back at once (the value is process-wide).
+    # Linux shows the umask in /proc without changing it; elsewhere os.umask can only be read by setting it, which
+    # for an instant changes it for every thread of the process.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     current = os.umask(0o022)
     os.umask(current)
     return current
