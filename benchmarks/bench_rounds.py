@@ -107,7 +107,7 @@ def clientapp_overheads(*, model: str, repeats: int) -> dict:
             f"load_node_data(spec='{DATASET}', client_id='x', image_size=48, seed=42, test_fraction=0.2)"
         ),
         "import_load_and_train_1_epoch": (
-            "import torch\nfrom client.client_app import NodeSetup\nfrom client.trainer import FerClient\n"
+            "import torch\nfrom client.node_setup import NodeSetup\nfrom client.trainer import FerClient\n"
             "from client.config import RunSettings\n"
             "from client.node_data import load_node_data\nfrom client import task\nfrom models import create_model\n"
             f"s = RunSettings(model='{model}', batch_size=16, local_epochs=1)\n"

@@ -10,7 +10,6 @@ client itself (`client.trainer.FerClient`, torch and all) is imported when a mes
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context
@@ -18,27 +17,17 @@ from flwr.client import ClientApp
 
 from client.config import ConfigError, RunSettings
 from client.dp_training import LedgerFiles
-from client.node_data import NodeData, load_node_data
+from client.node_data import load_node_data
+from client.node_setup import NodeSetup
+from client.profiles import PROFILES  # profiles are node settings, shared with simulations
 from privacy.ledger import PrivacyLedger
 from privacy.secagg import secure_aggregation_mod
 
 log = logging.getLogger("fer_fl.client")
 
-@dataclass(frozen=True)
-class NodeSetup:
-    """Everything node-specific a client needs: its data and how it trains (from its profile)."""
-
-    data: NodeData
-    profile: str
-    local_epochs: int
-    batch_size: int
-    state_dir: Path
-
 
 def setup_from_node_config(context: Context, settings: RunSettings) -> NodeSetup:
     """A real node: its dataset and profile come from the SuperNode's `--node-config`."""
-    from client.profiles import PROFILES  # profiles are node settings, shared with simulations
-
     cfg = context.node_config
     if "dataset" not in cfg:
         raise ValueError("node config has no 'dataset' (start the node with fer-client --dataset KIND=PATH)")
@@ -50,16 +39,9 @@ def setup_from_node_config(context: Context, settings: RunSettings) -> NodeSetup
         seed=settings.seed,
         test_fraction=settings.local_test_fraction,
     )
-    profile_name = str(cfg.get("profile", ""))
-    profile = PROFILES.get(profile_name)
-    state_dir = node_state_dir(cfg, client_id)
-    return NodeSetup(
-        data=data,
-        profile=profile_name or "default",
-        local_epochs=profile.local_epochs if profile else settings.local_epochs,
-        batch_size=profile.batch_size if profile else settings.train_batch_size,
-        state_dir=state_dir,
-    )
+    profile = PROFILES.get(str(cfg.get("profile", "")))
+    return NodeSetup.with_profile(data=data, profile=profile, settings=settings,
+                                  state_dir=node_state_dir(cfg, client_id))
 
 
 def node_state_dir(node_config: dict, client_id: str) -> Path:

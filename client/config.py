@@ -10,7 +10,9 @@ It lives in `client/` because both apps need it and `server/` may import `client
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
@@ -44,7 +46,8 @@ class RunSettings:
     local_epochs: int = 1
     batch_size: int = 32
     # The CNN-AM paper trains with Adam at 1e-3 and BatchNorm; federated models use the GroupNorm build (see
-    # client_app), where 1e-3 kills the 9216-wide classifier's ReLUs within an epoch. 3e-4 learns (measured).
+    # client/trainer.py's FerClient._model), where 1e-3 kills the 9216-wide classifier's ReLUs within an epoch.
+    # 3e-4 learns (measured).
     lr: float = 3e-4
     optimizer: str = "adam"
     # Federation
@@ -217,6 +220,28 @@ class RunSettings:
     def update_bound(self) -> float:
         """The L2 norm a client clips its update to: central-clip under central DP, else max-update-norm."""
         return min(self.central_clip, self.max_update_norm) if self.central_dp_enabled else self.max_update_norm
+
+
+def read_run_config_file(path: Path) -> dict[str, Any]:
+    """Reads a run-config TOML file for `fer-server --config` and `fer-sim run/centralized --config`.
+
+    The file holds flat kebab-case keys, or a `[tool.flwr.app.config]` table as in pyproject.toml; a `dataset` given
+    as a list of specs is joined with ';' (the run config's one-string form). The keys are checked later, by
+    `RunSettings.from_run_config`.
+
+    Raises:
+        ConfigError: the file is missing or not valid TOML, in one line naming it.
+    """
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
+    if isinstance(table.get("dataset"), list):
+        table["dataset"] = ";".join(table["dataset"])
+    return table
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from privacy.atomic import atomic_write
 from client.lifetime import descendants, spawn_supervised, stop_tree  # noqa: F401 - re-exported
 
 PRIVATE_KEY = "node.key"
@@ -50,19 +51,9 @@ def generate_node_keys(*, out_dir: Path, name: str = "node", overwrite: bool = F
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write_secret(keys.private_key, private)
-    tmp = keys.public_key.with_name(f".{keys.public_key.name}.tmp")
-    tmp.write_bytes(public + f" {name}\n".encode())
-    os.replace(tmp, keys.public_key)
+    atomic_write(keys.private_key, private, mode=0o600)
+    atomic_write(keys.public_key, public + f" {name}\n".encode())
     return keys
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -156,20 +147,28 @@ class SuperNodeSettings:
 
     def env(self) -> dict[str, str]:
         """`flower_env()` with Flower's home under the node's state dir."""
-        env = flower_env()
-        env["FLWR_HOME"] = str(self.state_dir / "flwr")
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
+        return flower_env(flwr_home=self.state_dir / "flwr")
 
 
-def flower_env() -> dict[str, str]:
-    """The environment for Flower processes we start: our scripts on PATH, telemetry off, one torch thread per
-    ClientApp unless the operator set one (several nodes or messages on one machine would otherwise oversubscribe
-    its cores)."""
+def flower_env(*, flwr_home: Path | None = None, one_thread: bool = True) -> dict[str, str]:
+    """The environment for every Flower process we start (the one implementation; server/deploy.py uses it too).
+
+    Our venv's scripts come first on PATH (the SuperLink and SuperNode spawn `flower-superexec`, `flwr-serverapp`,
+    `flwr-clientapp` by name), telemetry is off, output unbuffered (logs arrive as they happen).
+
+    Args:
+        flwr_home: Flower's home folder (FLWR_HOME), when it must not be the user's ~/.flwr.
+        one_thread: One torch thread per ClientApp unless the operator set OMP_NUM_THREADS: several nodes or messages
+            on one machine would otherwise oversubscribe its cores. The coordinator's processes pass False.
+    """
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    if one_thread:
+        env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 

@@ -7,11 +7,11 @@ this node must train under DP-SGD whatever the coordinator asks (client/client_a
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import RunSettings
+from privacy.atomic import atomic_write
 from privacy.ledger import LedgerError, PrivacyLedger, generate_key_file
 
 LEDGER = "privacy.ledger"
@@ -120,9 +120,7 @@ def _mark_key_in_use(files: LedgerFiles, ledger_id: str) -> None:
                 f"(id {recorded}): replaced ledger"
             )
         return
-    tmp = files.in_use.with_name(files.in_use.name + ".tmp")
-    tmp.write_text(json.dumps({"ledger_id": ledger_id}) + "\n")
-    os.replace(tmp, files.in_use)
+    atomic_write(files.in_use, json.dumps({"ledger_id": ledger_id}) + "\n")
 
 
 def open_dp_client(

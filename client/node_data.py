@@ -8,7 +8,6 @@ partition of a shared dataset (the `simulation` package supplies that provider).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,10 +29,6 @@ class NodeData:
     @property
     def num_train(self) -> int:
         return len(self.train_labels)
-
-
-# Given a node's context values (node config and run settings), returns its data.
-DataProvider = Callable[..., NodeData]
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,17 @@ Two kinds of site take part in a healthcare FER federation: hospitals (many pati
 larger model, longer local training) and home IoT hubs (one household's images, a small device, a small model, short
 training in small batches). A profile mix such as "hospital=0.2,iot=0.8" says which fraction of the clients is which.
 
-It lives in `client/` because a deployed node (`fer-client --profile iot`) applies its own profile, and client/ may
-not import simulation/; `simulation.profiles` re-exports it for the simulator.
+It lives in `client/` because a deployed node (`fer-client --profile iot`) applies its own profile
+(client/node_setup.py), and client/ may not import simulation/; the simulator imports it from here.
+
+Every site trains the run's one model (weight averaging needs one architecture), so a profile sets how a site trains,
+not what: a profile that named its own model would promise something no run does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +29,6 @@ class ClientProfile:
         data_weight: relative share of the data a client of this kind holds (the partitioner's size weight).
         local_epochs: local epochs per round.
         batch_size: local batch size.
-        model: the architecture this kind of device would run on its own (see `federation_model` for what is
-            actually trained when profiles differ).
-        lr: local learning rate; None means the run's learning rate.
         description: one line for reports.
     """
 
@@ -36,24 +36,20 @@ class ClientProfile:
     data_weight: float
     local_epochs: int
     batch_size: int
-    model: str
-    lr: float | None = None
     description: str = ""
 
 
 PROFILES: dict[str, ClientProfile] = {
     "hospital": ClientProfile(
-        name="hospital", data_weight=4.0, local_epochs=2, batch_size=32, model="cnn_am",
-        description="hospital site: 4x the data, 2 local epochs, batches of 32, CNN-AM",
+        name="hospital", data_weight=4.0, local_epochs=2, batch_size=32,
+        description="hospital site: 4x the data, 2 local epochs, batches of 32",
     ),
     "iot": ClientProfile(
-        name="iot", data_weight=1.0, local_epochs=1, batch_size=16, model="dmsnet_iot",
-        description="home IoT hub: few samples, 1 local epoch, batches of 16, DMSNet-IoT",
+        name="iot", data_weight=1.0, local_epochs=1, batch_size=16,
+        description="home IoT hub: few samples, 1 local epoch, batches of 16",
     ),
 }
 
-# Used only when the model registry cannot be imported: smallest first, by the architectures' published sizes.
-_FALLBACK_SIZE_ORDER = ("dmsnet_iot", "cnn_am", "dmsnet_light", "dmsnet_heavy")
 _FRACTION_TOLERANCE = 1e-6
 
 
@@ -125,45 +121,8 @@ def assign_profiles(num_clients: int, mix: Mapping[str, float], *, seed: int) ->
     return [assigned[i] for i in permutation]
 
 
-def federation_model(profiles: Sequence[ClientProfile], requested: str | None) -> str:
-    """The one architecture the federation trains.
-
-    Weight averaging (FedAvg and every strategy here) needs every client to train the same architecture, so
-    profiles cannot each keep their own. The rule:
-
-    1. a model the user asked for wins;
-    2. otherwise the profiles' model, if they all agree;
-    3. otherwise the smallest of the profiles' models (by parameter count from the model registry), because every
-       client must be able to train it: an IoT hub cannot train a hospital's model, a hospital can train a hub's.
-
-    Raises:
-        ValueError: no profiles and no requested model.
-    """
-    if requested:
-        return requested
-    if not profiles:
-        raise ValueError("no profiles and no model requested")
-    models = sorted({profile.model for profile in profiles})
-    if len(models) == 1:
-        return models[0]
-    sizes = _model_sizes(models)
-    return min(models, key=lambda name: (sizes[name], name))
-
-
-def _model_sizes(names: Sequence[str]) -> dict[str, float]:
-    """Parameter counts from the model registry; the published size order where the registry can't say."""
-    try:
-        from models import create_model
-        return {name: float(sum(p.numel() for p in create_model(name).parameters())) for name in names}
-    except (ImportError, KeyError, ValueError):
-        # One measure for all names: mixing parameter counts with ranks would compare unlike things.
-        last = len(_FALLBACK_SIZE_ORDER)
-        return {name: float(_FALLBACK_SIZE_ORDER.index(name) if name in _FALLBACK_SIZE_ORDER else last)
-                for name in names}
-
-
 def _known() -> str:
     return ", ".join(PROFILES)
 
 
-__all__ = ["PROFILES", "ClientProfile", "assign_profiles", "federation_model", "parse_profile_mix"]
+__all__ = ["PROFILES", "ClientProfile", "assign_profiles", "parse_profile_mix"]

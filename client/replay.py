@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from privacy.atomic import atomic_write_with
 
 RELEASED_UPDATE = "released-update.npz"
 
@@ -48,16 +48,8 @@ def save_released(
             "metrics": metrics}
     arrays = {f"a{i}": np.asarray(a) for i, a in enumerate(delta)}
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".released-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, meta=np.array(json.dumps(meta)), **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, state_dir / RELEASED_UPDATE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_with(state_dir / RELEASED_UPDATE, lambda handle: np.savez(handle, meta=np.array(json.dumps(meta)),
+                                                                           **arrays))
 
 
 def load_released(state_dir: Path, *, server_round: int, digest: str) -> tuple[list[np.ndarray], int, dict] | None:

@@ -20,11 +20,12 @@ from flwr.client import NumPyClient
 from torch.utils.data import DataLoader
 
 from client import replay, task
-from client.client_app import NodeSetup
 from client.config import RunSettings
 from client.data.preprocess import Augment, FERTorchDataset
 from client.dp_training import LedgerFiles, open_dp_client
+from client.node_setup import NodeSetup
 from models import create_model, model_info
+from privacy.guard import UpdateRejected, scale_update, update_norm
 
 log = logging.getLogger("fer_fl.client")
 
@@ -205,11 +206,10 @@ def bound_update(delta: list[np.ndarray], *, max_norm: float) -> tuple[list[np.n
 
     Returns the (possibly scaled) arrays, the original norm and whether it was scaled.
     """
-    for array in delta:
-        if not np.all(np.isfinite(array)):
-            raise FloatingPointError("local training produced a non-finite update; refusing to send it")
-    norm = float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in delta)))
+    try:
+        norm = update_norm(delta)
+    except UpdateRejected as err:
+        raise FloatingPointError(f"local training produced a non-finite update ({err}); refusing to send it") from None
     if norm <= max_norm:
         return delta, norm, False
-    scale = max_norm / norm
-    return [(a * scale).astype(np.float32) for a in delta], norm, True
+    return scale_update(delta, max_norm / norm), norm, True

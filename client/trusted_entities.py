@@ -10,29 +10,22 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import yaml
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from privacy.secagg_identity import read_public_key_map
 
 TRUSTED_ENTITIES = "trusted-entities.yaml"
 
 
 def load_trusted_entities(path: Path) -> dict[str, str]:
     """A trusted-entities YAML file as {key id: OpenSSH Ed25519 public key}; ValueError (one line) otherwise."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{path}: cannot read the trusted entities ({err})".replace("\n", " ")) from None
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected a map of key id -> 'ssh-ed25519 ...' public key")
-    for name, value in data.items():
-        try:
-            key = serialization.load_ssh_public_key(str(value).encode())
-        except (ValueError, TypeError):
-            raise ValueError(f"{path}: entry {name!r} is not an OpenSSH public key") from None
+    entries = read_public_key_map(
+        path, what="the trusted entities", expected="a map of key id -> 'ssh-ed25519 ...' public key"
+    )
+    for name, _, key in entries:
         if not isinstance(key, ed25519.Ed25519PublicKey):
             raise ValueError(f"{path}: entry {name!r} is not an Ed25519 key")
-    return {str(name): str(value) for name, value in data.items()}
+    return {name: value for name, value, _ in entries}
 
 
 def verify_fab(content: bytes, verifications: dict[str, str], trusted_entities: dict[str, str]) -> bool:

@@ -32,17 +32,18 @@ One round on a client::
                                 budget_epsilon=3.0, delta=1e-5)
     dp = DPClient(settings=DPSettings(epsilon=3.0, delta=1e-5), ledger=ledger, dataset_size=len(train),
                   batch_size=64, local_epochs=1, planned_rounds=num_rounds)
-    try:
-        plan = dp.begin_round(server_round=server_round)      # charged and fsynced here
-    except BudgetExhausted as declined:
-        return no_update(reason=str(declined), **dp.status())  # the server carries on without this client
+    plan = dp.begin_round(server_round=server_round)  # charged and fsynced here; BudgetExhausted declines the round
     private = dp.make_private(model=model, optimizer=optimizer, dataset=train, plan=plan)
     for _ in range(plan.local_epochs):
         for x, y in private.loader:                             # Poisson batches, possibly empty
             private.optimizer.zero_grad()
             private.criterion(private.model(x), y).backward()
             private.optimizer.step()
-    send(model.state_dict(), metrics=dp.status())              # ledger_seq / ledger_id let the server flag rollbacks
+    metrics = dp.status()  # sent with the update; ledger_seq / ledger_id let the server flag rollbacks
+
+``client/trainer.py`` (``FerClient._fit_private``) is the real caller: it opens the DPClient through
+``client/dp_training.py`` and lets BudgetExhausted reach Flower, which replies with an error naming the reason; the
+server goes on without that site.
 """
 
 from __future__ import annotations

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import stat
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +52,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from privacy.atomic import atomic_write
 
 _FORMAT = 1
 _MAGIC = {"ledger": b"FERFLLDG", "anchor": b"FERFLANC"}
@@ -206,27 +207,6 @@ class _Box:
         return document
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _read_or_none(path: Path) -> bytes | None:
@@ -440,7 +420,7 @@ class PrivacyLedger:
 
     def _write(self, document: dict) -> None:
         blob = self._box.seal(document, purpose="ledger")
-        _atomic_write(self._path, blob)
+        atomic_write(self._path, blob)
         self._document = document
         self._digest = hashlib.sha256(blob).hexdigest()
         self._rounds = _rounds_of(document, self._path)
@@ -455,7 +435,7 @@ class PrivacyLedger:
             "seq": self.seq,
             "ledger_sha256": self._digest,
         }
-        _atomic_write(self._anchor_path, self._box.seal(anchor, purpose="anchor"))
+        atomic_write(self._anchor_path, self._box.seal(anchor, purpose="anchor"))
 
     def charge(
         self,

@@ -7,12 +7,8 @@ the threat model the numbers live in, so that no report shows an ε without sayi
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from privacy.accounting import ACCOUNTANTS, central_epsilon
@@ -174,29 +170,6 @@ def _quantization_entry(rounds: Sequence[Mapping[str, Any]] | None) -> dict[str,
         "max_abs_error_per_update": max(per_update, default=None),
         "rounds": [dict(r) for r in rounds],
     }
-
-
-def write_privacy_report(*, path: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
-    """Writes ``report`` as JSON through a temporary file and a rename, never half-written.
-
-    Args:
-        path: Target file, normally ``<run dir>/privacy.json``.
-        report: The dict :func:`privacy_report` returned.
-
-    Returns:
-        The path written.
-    """
-    target = Path(path)
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def render_privacy_markdown(report: Mapping[str, Any]) -> str:

@@ -37,7 +37,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from logging import DEBUG
 from pathlib import Path
@@ -69,6 +68,7 @@ from flwr.supercore import log
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 from numpy.typing import NDArray
 
+from privacy.atomic import atomic_write
 from privacy.guard import UpdateRejected, guard_update
 from privacy.secagg_identity import (
     ATTESTATION_KEY,
@@ -437,16 +437,7 @@ def _read_contributed(path: Path) -> list[str]:
 def _write_contributed(path: Path, identities: list[str]) -> None:
     """Atomically, and synced before the masked vector can leave: a crash must not forget a contribution."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"identities": identities}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps({"identities": identities}))
 
 
 def _close_round(state: SecAggPlusState) -> None:

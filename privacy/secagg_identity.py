@@ -31,6 +31,9 @@ import yaml
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from privacy.atomic import atomic_write
 
 SECAGG_ROSTER = "secagg-roster.yaml"
 # Config-record keys the hardened mod and workflow add to Flower's SecAgg+ messages.
@@ -126,9 +129,7 @@ def write_roster(path: Path, public_keys: Mapping[str, Path]) -> Path:
     if len(set(entries.values())) != len(entries):
         raise ValueError("two sites have the same public key; each site needs its own `fer-client keygen` pair")
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(yaml.safe_dump(entries, sort_keys=True, width=1000))
-    tmp.replace(target)
+    atomic_write(target, yaml.safe_dump(entries, sort_keys=True, width=1000))
     load_roster(target)  # what we write, we can read
     return target
 
@@ -143,24 +144,42 @@ def _load_private(key_file: Path):
     return private
 
 
+def read_public_key_map(path: Path, *, what: str, expected: str) -> list[tuple[str, str, PublicKeyTypes]]:
+    """A YAML map of name -> OpenSSH public key, as (name, value as written, parsed key) in file order.
+
+    The one reader of both such files: the SecAgg+ roster (below) and the site's trusted-entities.yaml
+    (client/trusted_entities.py).
+
+    Raises:
+        ValueError: one line naming the file: unreadable, not a non-empty map (`expected` says what it should be),
+            or an entry that is not an OpenSSH public key. `what` names the file's role in the message.
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read {what} ({err})".replace("\n", " ")) from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected {expected}")
+    entries = []
+    for name, value in data.items():
+        try:
+            key = serialization.load_ssh_public_key(str(value).strip().encode())
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValueError(f"{path}: entry {name!r} is not an OpenSSH public key") from None
+        entries.append((str(name), str(value), key))
+    return entries
+
+
 def load_roster(path: Path) -> dict[str, str]:
     """The pinned roster as {OpenSSH public key line: name}; ValueError with one line naming the file otherwise.
 
     The file is a YAML map of name -> enrolled public key (the contents of each site's `node.pub`), the same shape
     as `trusted-entities.yaml`.
     """
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{path}: cannot read the SecAgg+ roster ({err})".replace("\n", " ")) from None
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected a map of site name -> enrolled OpenSSH public key")
     roster: dict[str, str] = {}
-    for name, value in data.items():
-        try:
-            key = serialization.load_ssh_public_key(str(value).strip().encode())
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise ValueError(f"{path}: entry {name!r} is not an OpenSSH public key") from None
+    for name, _, key in read_public_key_map(
+        path, what="the SecAgg+ roster", expected="a map of site name -> enrolled OpenSSH public key"
+    ):
         line = _openssh_line(key)
         if line in roster:
             raise ValueError(f"{path}: entries {roster[line]!r} and {name!r} hold the same key")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from privacy.atomic import atomic_write
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -144,18 +145,12 @@ def certificate_hosts(path: Path) -> list[str]:
 
 def write_private(path: Path, data: bytes) -> None:
     """Writes a secret file readable by its owner only, atomically (never world-readable, not even briefly)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Writes a non-secret file atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def _san(host: str) -> x509.GeneralName:

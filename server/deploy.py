@@ -15,17 +15,15 @@ authentication off, because Flower cannot authenticate nodes over plaintext; the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.deploy import free_port, wait_for_port  # noqa: F401
+from client.deploy import flower_env, free_port, wait_for_port  # noqa: F401
 from client.lifetime import (  # noqa: F401 - descendants and stop_tree re-exported for the tests
     InstanceLock,
     LockedError,
@@ -38,6 +36,7 @@ from client.lifetime import (  # noqa: F401 - descendants and stop_tree re-expor
     spawn_supervised,
     stop_tree,
 )
+from privacy.atomic import atomic_write
 from server.control_guard import TOKEN_FILE as CONTROL_TOKEN
 from server.control_guard import issue_control_token
 from server.fab_signing import SIGNING_KEY_ENV
@@ -78,23 +77,6 @@ class TlsFiles:
             if not path.is_file():
                 raise DeployError(f"{path} not found; create certificates with `fer-server certs --out {certs_dir}`")
         return files
-
-
-def flower_env(*, flwr_home: Path | None = None, threads: int | None = None) -> dict[str, str]:
-    """The environment for every Flower process we start: our venv's scripts first on PATH (the SuperLink and
-    SuperNode spawn `flower-superexec`, `flwr-serverapp`, `flwr-clientapp` by name), telemetry off, and Flower's
-    home redirected. `threads` caps torch/BLAS threads, so several ClientApps on one machine do not oversubscribe
-    its cores."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["PYTHONUNBUFFERED"] = "1"
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-    if threads is not None:
-        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[key] = str(threads)
-    return env
 
 
 def flower_script(name: str) -> str:
@@ -159,9 +141,7 @@ def write_flower_config(*, flwr_home: Path, address: str, ca_cert: Path | None, 
     elif ca_cert is not None:
         lines.append(f'root-certificates = "{Path(ca_cert).resolve()}"')
     path = flwr_home / "config.toml"
-    tmp = path.with_name(".config.toml.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -203,7 +183,7 @@ class SuperLink:
         try:
             link.process = spawn_supervised(
                 settings.command(), stdout=log, stderr=subprocess.STDOUT,
-                env=flower_env(flwr_home=link.flwr_home), cwd=state_dir, pass_fds=pass_fds,
+                env=flower_env(flwr_home=link.flwr_home, one_thread=False), cwd=state_dir, pass_fds=pass_fds,
             )
         finally:
             log.close()
@@ -239,7 +219,7 @@ class SuperLink:
         # Flower's `flwr`, signing the FAB `flwr run` builds with the coordinator's key (server/flwr_cli.py); the
         # Control API token comes from the credentials SuperLink.start stored in flwr_home.
         cmd = [sys.executable, "-m", "server.flwr_cli", *args, "--format", "json"]
-        env = flower_env(flwr_home=self.flwr_home)
+        env = flower_env(flwr_home=self.flwr_home, one_thread=False)
         if self.signing_key is not None:
             env[SIGNING_KEY_ENV] = str(self.signing_key)
         try:
@@ -445,16 +425,6 @@ def _port_taken(port: int, pid: int | None) -> str:
     if pid is None:
         return f"port {port} is already in use by another process: stop it or choose another --port"
     return f"port {port} is already in use by pid {pid} ({cmdline(pid)[:100]}): stop it or choose another --port"
-
-
-@contextmanager
-def running_superlink(settings: SuperLinkSettings) -> Iterator[SuperLink]:
-    """A SuperLink for the duration of a `with` block; always stopped, whatever happens inside."""
-    link = SuperLink.start(settings)
-    try:
-        yield link
-    finally:
-        link.stop()
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -26,12 +26,10 @@ class ServerEvaluator:
     def __init__(self, *, model_name: str, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> None:
         self.model = create_model(model_name, dp=True)
         self.loader = DataLoader(FERTorchDataset(images, labels), batch_size=batch_size)
-        self.last_predictions: np.ndarray | None = None
 
     def __call__(self, server_round: int, weights: list[np.ndarray]) -> tuple[float, dict[str, Any]]:
         task.set_weights(self.model, weights)
         with torch.inference_mode():
             result = task.evaluate(self.model, self.loader)
-        self.last_predictions = result.predictions
         metrics = classification_metrics(result.targets, result.predictions)
         return result.loss, metrics

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from server.rundir import atomic_write
+from privacy.atomic import atomic_write
 
 REGISTRY_FILE = "node-ledgers.json"
 _SCHEMA = "fer-fl/node-ledgers/1"

@@ -18,7 +18,8 @@ import numpy as np
 
 from client.data.labels import EMOTIONS
 from server.metrics import summarize
-from server.rundir import CONFIG_JSON, PARTITION_JSON, PRIVACY_JSON, SUMMARY_JSON, RunDirectory, atomic_write
+from privacy.atomic import atomic_write
+from server.rundir import CONFIG_JSON, PARTITION_JSON, PRIVACY_JSON, SUMMARY_JSON, RunDirectory
 
 PLOTS = "plots"
 REPORT_MD = "report.md"

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from privacy.atomic import atomic_write
 from client.data.labels import EMOTIONS, NUM_CLASSES
 
 CONFIG_JSON = "config.json"
@@ -44,6 +44,25 @@ CHECKPOINTS = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^round-(\d+)\.pt$")
 
 log = logging.getLogger("fer_fl.server")
+
+
+def check_new_run_dir(path: Path) -> None:
+    """Refuses a folder a new run cannot use: a new run never mixes its files with an old one's.
+
+    `fer-server` calls it before starting anything (the ServerApp makes the folder later, in the SuperLink's
+    process); RunDirectory calls it for every new run.
+
+    Raises:
+        FileExistsError: `path` is a file, or a folder that is not empty; the message names it in one line.
+    """
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if any(path.iterdir()):
+        raise FileExistsError(
+            f"run directory {path} already exists and is not empty; choose another --out or resume it"
+        )
 
 
 class RunDirectory:
@@ -66,15 +85,9 @@ class RunDirectory:
         if resume or not create:
             if not self.path.is_dir():
                 raise FileNotFoundError(f"run directory {self.path} does not exist")
-        elif self.path.exists():
-            if not self.path.is_dir():
-                raise FileExistsError(f"{self.path} exists and is not a directory")
-            if any(self.path.iterdir()):
-                raise FileExistsError(
-                    f"run directory {self.path} already exists and is not empty; choose another --out or resume it"
-                )
         else:
-            self.path.mkdir(parents=True)
+            check_new_run_dir(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
         self._rounds: list[dict] = self._read_rounds()
 
     def write_config(self, config: Mapping[str, Any]) -> None:
@@ -318,25 +331,3 @@ def _toml_text(config: Any) -> str | None:
         return None
 
 
-def atomic_write(target: Path, payload: bytes) -> None:
-    """Writes `payload` to a temporary file beside `target`, fsyncs it, renames it over `target` and fsyncs the
-    folder, so that after a power loss the new name is on disk too (a rename lives in the directory, not the file).
-    """
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        _fsync_directory(target.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -4,7 +4,7 @@ Flower's strategies aggregate whatever arrives: wrong shapes, NaN, Inf and absur
 malformed reply then poisons the global model for every site. `GuardedStrategy` wraps any registered strategy,
 rejects such replies with a logged reason, and lets the round go on with the rest.
 
-Clients send deltas (see `client.client_app`); the guard turns each accepted delta back into full weights
+Clients send deltas (see `client.trainer.FerClient.fit`); the guard turns each accepted delta back into full weights
 (`global + delta`) so that every Flower strategy, robust ones included, works on weights exactly as documented.
 Under secure aggregation the guard receives one already-aggregated delta and checks that instead.
 """
@@ -34,7 +34,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from privacy.central import CentralDP, add_central_noise
-from privacy.guard import guard_update
+from privacy.guard import UpdateRejected, guard_update, scale_update, update_norm
 from server.ledger_registry import NodeLedgers
 
 log = logging.getLogger("fer_fl.server")
@@ -126,10 +126,10 @@ def validate_update(
             return f"array {index} has shape {tuple(array.shape)}, expected {tuple(shape)}"
         if array.dtype != np.float32:
             return f"array {index} has dtype {array.dtype}, expected float32"
-    for index, array in enumerate(arrays):
-        if not np.all(np.isfinite(array)):
-            return f"array {index} contains NaN or Inf"
-    norm = math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
+    try:
+        norm = update_norm(arrays)
+    except UpdateRejected as err:
+        return str(err)
     # A tolerance of 0.1 % absorbs float32 rounding of a client that clipped exactly to the bound.
     if norm > max_norm * 1.001:
         return f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}"
@@ -158,12 +158,12 @@ def bound_to_median_norm(deltas: list[list[np.ndarray]], *, factor: float) -> tu
     Returns:
         The bounded deltas (unchanged arrays where within the bound) and the indices of those scaled down.
     """
-    norms = [math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in delta)) for delta in deltas]
+    norms = [update_norm(delta) for delta in deltas]
     bound = factor * float(np.median(norms))
     bounded, scaled = [], []
     for index, (delta, norm) in enumerate(zip(deltas, norms)):
         if norm > bound > 0:
-            bounded.append([(a * (bound / norm)).astype(np.float32) for a in delta])
+            bounded.append(scale_update(delta, bound / norm))
             scaled.append(index)
         else:
             bounded.append(delta)

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context
 
-from client.client_app import NodeSetup, setup_from_node_config
+from client.client_app import setup_from_node_config
 from client.config import ConfigError, RunSettings
 from client.node_data import cached_dataset, node_data_from_indices, parse_dataset_list
+from client.node_setup import NodeSetup
 from client.profiles import ClientProfile, assign_profiles, parse_profile_mix
 from simulation.attacks import ATTACK_REGISTRY, attacker_partitions, flip_labels
 from simulation.partition import partition_labels, partition_stats
@@ -118,11 +119,5 @@ def simulated_setup(context: Context, settings: RunSettings) -> NodeSetup:
     if partition_id in attacker_partitions(settings, num_sites=len(plans)):
         if ATTACK_REGISTRY[settings.attack].flips_labels:
             data = dataclasses.replace(data, train_labels=flip_labels(data.train_labels))
-    profile = plan.profile
-    return NodeSetup(
-        data=data,
-        profile=profile.name if profile else "default",
-        local_epochs=profile.local_epochs if profile else settings.local_epochs,
-        batch_size=profile.batch_size if profile else settings.train_batch_size,
-        state_dir=Path(settings.out_dir) / "clients" / plan.client_id,
-    )
+    return NodeSetup.with_profile(data=data, profile=plan.profile, settings=settings,
+                                  state_dir=Path(settings.out_dir) / "clients" / plan.client_id)

@@ -38,7 +38,7 @@ _WRITER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         real_replace(src, dst)
 
-    rundir.os.replace = dying_replace
+    os.replace = dying_replace  # every write of the run directory renames through privacy/atomic.py's os.replace
     save(3.0, 2)
     """
 )

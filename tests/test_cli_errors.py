@@ -133,7 +133,7 @@ CASES = {
     "run-non-empty-out": (("fer-sim", "run", "--dataset", "synthetic=20", "--out", "out"), _non_empty_out,
                           "run directory out already exists and is not empty", []),
     "run-missing-config": (("fer-sim", "run", "--config", "run.toml", "--out", "out"), _nothing,
-                           "run.toml: config file not found", ["out"]),
+                           "config file run.toml does not exist", ["out"]),
     "centralized-private": (("fer-sim", "centralized", "--dataset", "synthetic=20", "--dp-epsilon", "3", "--out",
                              "out"), _nothing, "fer-sim centralized trains without privacy", ["out"]),
     "demo-non-empty-out": (("fer-sim", "demo", "--out", "out"), _non_empty_out,

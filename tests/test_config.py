@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from client.config import ConfigError, RunSettings
+from client.config import ConfigError, RunSettings, read_run_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,3 +74,35 @@ def test_dp_runs_train_with_the_dp_recipe_and_plain_runs_with_their_own():
     # Execute / Assert
     assert (plain.train_optimizer, plain.train_lr, plain.train_batch_size) == ("adam", 3e-4, 32)
     assert (private.train_optimizer, private.train_lr, private.train_batch_size) == ("sgd", 0.05, 128)
+
+
+@pytest.mark.parametrize("text", [
+    'num-server-rounds = 3\ndataset = ["synthetic=20", "synthetic=30"]\n',
+    '[tool.flwr.app.config]\nnum-server-rounds = 3\ndataset = ["synthetic=20", "synthetic=30"]\n',
+])
+def test_run_config_file_flat_or_pyproject_table_reads_the_same(tmp_path, text):
+    """A flat TOML and a pyproject-style table give the same run config; a dataset list joins with ';'."""
+    # Prepare
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    # Execute
+    config = read_run_config_file(path)
+    # Assert
+    assert config == {"num-server-rounds": 3, "dataset": "synthetic=20;synthetic=30"}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "config file {path} does not exist"),
+    ("x = [", "{path}: not valid TOML ("),
+])
+def test_run_config_file_errors_name_the_file(tmp_path, text, message):
+    """A missing or broken config file is one ConfigError naming it."""
+    # Prepare
+    path = tmp_path / "run.toml"
+    if text is not None:
+        path.write_text(text)
+    # Execute
+    with pytest.raises(ConfigError) as caught:
+        read_run_config_file(path)
+    # Assert
+    assert str(caught.value).startswith(message.format(path=path))

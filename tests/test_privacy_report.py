@@ -11,7 +11,7 @@ import pytest
 from privacy.accounting import central_epsilon
 from privacy.dp import DPClient, DPSettings
 from privacy.ledger import PrivacyLedger, generate_key_file
-from privacy.report import THREAT_MODEL, privacy_report, render_privacy_markdown, write_privacy_report
+from privacy.report import THREAT_MODEL, privacy_report, render_privacy_markdown
 
 # (σ, client fraction q, rounds, δ) → ε with Opacus 1.6.0's RDP accountant.
 CENTRAL_GOLDEN = [
@@ -146,17 +146,21 @@ def test_bad_client_entry_is_named(dropped, override, message):
 
 
 def test_written_report_and_markdown_show_the_numbers(tmp_path):
-    """write_privacy_report writes parseable JSON; the markdown shows ε values and the threat model."""
+    """The run directory writes the report as parseable JSON (as the ServerApp does); the markdown shows ε values and
+    the threat model."""
     # Prepare
+    from server.rundir import PRIVACY_JSON, RunDirectory
+
     report = privacy_report(clients=[_client_status(tmp_path, "site-a", rounds=2)], central=_central(), secure_aggregation=True)
 
     # Execute
-    path = write_privacy_report(path=tmp_path / "privacy.json", report=report)
+    RunDirectory(tmp_path / "run").write_json(PRIVACY_JSON, report)
+    path = tmp_path / "run" / PRIVACY_JSON
     markdown = render_privacy_markdown(report)
 
     # Assert
     assert json.loads(path.read_text()) == report
-    assert not list(tmp_path.glob(".privacy.json.*"))
+    assert not list(path.parent.glob(".privacy.json.*"))
     assert f"{report['clients'][0]['epsilon_spent']:.3f}" in markdown
     assert f"epsilon = {report['central']['epsilon']:.3f}" in markdown
     assert "Secure aggregation (SecAgg+): on." in markdown

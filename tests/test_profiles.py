@@ -1,4 +1,4 @@
-"""Client profiles: the registry's intended settings, parsing a mix, exact assignment, the federation's model."""
+"""Client profiles: the registry's intended settings, parsing a mix, exact assignment."""
 
 from __future__ import annotations
 
@@ -6,21 +6,15 @@ from collections import Counter
 
 import pytest
 
-from client.profiles import PROFILES, ClientProfile, assign_profiles, federation_model, parse_profile_mix
-
-
-def _profiles(*names: str) -> list[ClientProfile]:
-    """Registry profiles by name, in order."""
-    return [PROFILES[name] for name in names]
+from client.profiles import PROFILES, assign_profiles, parse_profile_mix
 
 
 def test_hospital_and_iot_profiles_have_their_intended_settings():
-    """Hospital: 4x data, 2 epochs, batch 32, CNN-AM; IoT hub: 1x data, 1 epoch, batch 16, DMSNet-IoT."""
+    """Hospital: 4x data, 2 epochs, batch 32; IoT hub: 1x data, 1 epoch, batch 16."""
     hospital, iot = PROFILES["hospital"], PROFILES["iot"]
 
-    assert (hospital.data_weight, hospital.local_epochs, hospital.batch_size, hospital.model) == (4.0, 2, 32, "cnn_am")
-    assert (iot.data_weight, iot.local_epochs, iot.batch_size, iot.model) == (1.0, 1, 16, "dmsnet_iot")
-    assert hospital.lr is None and iot.lr is None
+    assert (hospital.data_weight, hospital.local_epochs, hospital.batch_size) == (4.0, 2, 32)
+    assert (iot.data_weight, iot.local_epochs, iot.batch_size) == (1.0, 1, 16)
 
 
 @pytest.mark.parametrize(
@@ -112,32 +106,3 @@ def test_assign_profiles_rejects_bad_arguments(num_clients, mix, message):
     """Nonsense arguments raise ValueError naming the problem."""
     with pytest.raises(ValueError, match=message):
         assign_profiles(num_clients, mix, seed=0)
-
-
-@pytest.mark.parametrize(
-    ("names", "requested", "expected"),
-    [
-        (("hospital", "iot", "iot"), "cnn_am", "cnn_am"),  # the user's choice wins
-        (("hospital", "hospital"), None, "cnn_am"),  # all agree
-        (("iot", "iot"), None, "dmsnet_iot"),
-        (("hospital", "iot", "iot"), None, "dmsnet_iot"),  # mixed: the one an IoT hub can train
-        (("hospital", "iot"), "", "dmsnet_iot"),  # an empty request is no request
-    ],
-)
-def test_federation_model_rule(names, requested, expected):
-    """Requested model, else the profiles' common model, else the smallest one."""
-    assert federation_model(_profiles(*names), requested) == expected
-
-
-def test_federation_model_needs_profiles_or_a_request():
-    """With neither there is nothing to train."""
-    with pytest.raises(ValueError, match="no profiles"):
-        federation_model([], None)
-
-
-def test_simulation_reexports_the_client_profiles():
-    """`simulation.profiles` and `client.profiles` are the same objects, so both import paths agree."""
-    import simulation.profiles
-
-    assert simulation.profiles.PROFILES is PROFILES
-    assert simulation.profiles.assign_profiles is assign_profiles

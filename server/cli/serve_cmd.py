@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -96,12 +95,15 @@ def start(
     keep_running: KeepOpt = False,
 ) -> None:
     """Start the SuperLink and run the federation to its last round, writing the run directory."""
-    from client.config import ConfigError, RunSettings
+    from client.config import ConfigError, RunSettings, read_run_config_file
+    from server.rundir import check_new_run_dir
 
     out = (out or Path("runs") / time.strftime("server-%Y%m%d-%H%M%S")).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise click.ClickException(f"run directory {out} already exists and is not empty; choose another --out")
-    run_config: dict[str, Any] = _read_toml(config) if config else {}
+    try:
+        check_new_run_dir(out)
+        run_config: dict[str, Any] = read_run_config_file(config) if config else {}
+    except (FileExistsError, ConfigError) as err:
+        raise click.ClickException(str(err)) from None
     overrides = {
         "dataset": dataset, "model": model, "num-server-rounds": rounds, "min-clients": min_clients,
         "local-epochs": local_epochs, "strategy": strategy, "secagg-timeout": secagg_timeout,
@@ -239,15 +241,6 @@ def _check_server_data(settings) -> None:
             load_dataset(entry.spec, image_size=settings.image_size, seed=settings.seed)
     except DatasetError as err:
         raise click.ClickException(str(err)) from None
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise click.ClickException(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise click.ClickException(f"{path}: not valid TOML ({err})") from None
 
 
 def _progress_line(record: dict[str, Any], settings) -> str:

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import click
 
-from client.config import ConfigError, RunSettings
-
-
-def load_toml(path: Path) -> dict[str, Any]:
-    """Reads a run-config TOML (flat kebab-case keys, or a `[tool.flwr.app.config]` table as in pyproject.toml)."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise click.ClickException(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise click.ClickException(f"{path}: not valid TOML ({err})") from None
-    table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
-    if isinstance(table.get("dataset"), list):
-        table["dataset"] = ";".join(table["dataset"])
-    return table
+from client.config import ConfigError, RunSettings, read_run_config_file
 
 
 def resolve_settings(*, config_file: Path | None, overrides: dict[str, Any]) -> RunSettings:
@@ -33,7 +18,10 @@ def resolve_settings(*, config_file: Path | None, overrides: dict[str, Any]) -> 
     """
     merged: dict[str, Any] = {}
     if config_file is not None:
-        merged.update(load_toml(config_file))
+        try:
+            merged.update(read_run_config_file(config_file))
+        except ConfigError as err:
+            raise click.ClickException(str(err)) from None
         try:
             RunSettings.from_run_config(dict(merged))
         except ConfigError as err:
