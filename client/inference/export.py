@@ -47,7 +47,7 @@ def export_onnx(model, card: ModelSpec, out: Path, *, int8: bool = False,
     import torch
     from torch import nn
 
-    from server.rundir import atomic_write  # the project's one atomic writer
+    from privacy.atomic import atomic_write  # the project's one atomic writer
 
     size = card.image_size
     prepared = _exportable(copy.deepcopy(model).eval(), size)
