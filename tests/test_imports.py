@@ -47,3 +47,40 @@ def test_every_module_imports_alone():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", done.stdout
     assert len(modules) > 50
+
+
+# Who may import whom (docs: ../shared/design.md, "Who owns what"): a site's code (client/) never imports the
+# coordinator's (server/), privacy/ serves both and imports neither, models/ imports no project package.
+ALLOWED = {
+    "models": set(),
+    "privacy": {"models"},
+    "client": {"models", "privacy"},
+    "server": {"models", "privacy", "client"},
+    "simulation": {"models", "privacy", "client", "server"},
+}
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Top-level project packages `path` imports anywhere, function-level imports included."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(PACKAGES)
+
+
+def test_no_module_imports_upward():
+    """Every import between project packages follows the layering (client/ never imports server/, and so on)."""
+    # Execute
+    upward = [
+        f"{path.relative_to(ROOT)} imports {target}"
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for target in _project_imports(path) - ALLOWED[package] - {package}
+    ]
+    # Assert
+    assert upward == []
