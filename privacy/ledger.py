@@ -329,19 +329,15 @@ class PrivacyLedger:
         Raises:
             LedgerError: No ledger at ``path``, or anything :meth:`open` refuses.
         """
-        ledger_path = Path(path)
-        blob = _read_or_none(ledger_path)
-        if blob is None:
-            raise LedgerError(f"privacy ledger {ledger_path} not found")
-        document = _Box(_read_key(Path(key_file))).open(blob, purpose="ledger", where=ledger_path)
+        terms, _ = read_ledger(path, key_file=key_file)
         return cls.open(
-            ledger_path,
+            path,
             key_file=key_file,
             anchor_path=anchor_path,
             client_id=client_id,
-            budget_epsilon=document["budget_epsilon"],
-            delta=document["delta"],
-            accountant=document["accountant"],
+            budget_epsilon=terms["budget_epsilon"],
+            delta=terms["delta"],
+            accountant=terms["accountant"],
         )
 
     @classmethod
