@@ -408,7 +408,8 @@ class GuardedStrategy(Strategy):
                                 server_round, client_id, self.central_dp.clipping_norm)
                     report.reclipped.append(client_id)
             checked.append((client_id, proxy, res, delta, metrics))
-            loss = _as_float(metrics.get("train-loss"))
+            # Checked by validate_metrics: absent, or a finite number >= 0.
+            loss = float(metrics["train-loss"]) if "train-loss" in metrics else None
             report.clients[client_id] = {"num_examples": int(res.num_examples), "train_loss": loss}
             if loss is not None:
                 losses.append((loss, int(res.num_examples)))
@@ -579,9 +580,3 @@ def _failure_reason(failure: Any) -> str:
     _, res = failure
     return getattr(getattr(res, "status", None), "message", "") or "client reported a failure"
 
-
-def _as_float(value: Any) -> float | None:
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
