@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import sys
 
-import typer
+from client.cli.runner import add_commands, cli_app, run_cli
 
-from client.cli.runner import run_cli
-
-app = typer.Typer(
-    name="fer-client",
-    help="Join a federated FER run from this site: make the node's keys, check the data, start the SuperNode.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = cli_app(
+    "fer-client",
+    "Join a federated FER run from this site: make the node's keys, check the data, start the SuperNode.",
 )
 
 
 def _register() -> None:
     from client.cli import export_cmd, keygen_cmd, predict_cmd, start_cmd, watch_cmd
 
-    app.command("keygen")(keygen_cmd.keygen)
-    app.command("start")(start_cmd.start)
-    app.command("predict")(predict_cmd.predict)
-    app.command("watch")(watch_cmd.watch)
-    app.command("export")(export_cmd.export)
+    add_commands(app, {
+        "keygen": keygen_cmd.keygen, "start": start_cmd.start, "predict": predict_cmd.predict,
+        "watch": watch_cmd.watch, "export": export_cmd.export,
+    })
 
 
 def main(argv: list[str] | None = None) -> None:

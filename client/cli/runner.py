@@ -10,9 +10,27 @@ Exit codes shared by `fer-sim`, `fer-server` and `fer-client`:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping
 
 import click
 import typer
+
+
+def cli_app(name: str, help: str, *, no_args_is_help: bool = True) -> typer.Typer:
+    """The Typer app of one `fer-*` command, with the settings all three share.
+
+    No shell-completion options (`--install-completion` would clutter every `--help`), and Typer's rich
+    traceback handler off: `run_cli` reports the expected errors in one line itself.
+    """
+    return typer.Typer(
+        name=name, help=help, no_args_is_help=no_args_is_help, add_completion=False, pretty_exceptions_enable=False
+    )
+
+
+def add_commands(app: typer.Typer, commands: Mapping[str, Callable[..., object]]) -> None:
+    """Adds `commands` (sub-command name -> function) to `app`, in order: `--help` lists them in this order."""
+    for name, command in commands.items():
+        app.command(name)(command)
 
 
 def run_cli(app: typer.Typer, prog_name: str, argv: list[str] | None = None) -> int:

@@ -8,32 +8,24 @@ from __future__ import annotations
 import signal
 import sys
 
-import typer
+from client.cli.runner import add_commands, cli_app, run_cli
 
-from client.cli.runner import run_cli
-
-app = typer.Typer(
-    name="fer-server",
-    help="Coordinate a federated FER run across sites: certificates, node enrolment, SuperLink, resume.",
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = cli_app(
+    "fer-server",
+    "Coordinate a federated FER run across sites: certificates, node enrolment, SuperLink, resume.",
+    no_args_is_help=False,  # no arguments means `start` (see main)
 )
-
-COMMANDS = ("certs", "start", "enroll", "nodes", "revoke", "resume", "roster", "forget-ledger")
 
 
 def _register() -> None:
     # Command modules keep Flower imports inside the commands, so `fer-server --help` stays fast.
     from server.cli import certs_cmd, enroll_cmd, ledger_cmd, resume_cmd, roster_cmd, serve_cmd
 
-    app.command("certs")(certs_cmd.certs)
-    app.command("start")(serve_cmd.start)
-    app.command("enroll")(enroll_cmd.enroll)
-    app.command("nodes")(enroll_cmd.nodes)
-    app.command("revoke")(enroll_cmd.revoke)
-    app.command("resume")(resume_cmd.resume)
-    app.command("roster")(roster_cmd.roster)
-    app.command("forget-ledger")(ledger_cmd.forget_ledger)
+    add_commands(app, {
+        "certs": certs_cmd.certs, "start": serve_cmd.start, "enroll": enroll_cmd.enroll, "nodes": enroll_cmd.nodes,
+        "revoke": enroll_cmd.revoke, "resume": resume_cmd.resume, "roster": roster_cmd.roster,
+        "forget-ledger": ledger_cmd.forget_ledger,
+    })
 
 
 def _terminate(signum, frame) -> None:
@@ -47,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _terminate)
     _register()
+    commands = {info.name for info in app.registered_commands}
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or (args[0] not in COMMANDS and args[0] not in ("--help", "-h")):
+    if not args or (args[0] not in commands and args[0] not in ("--help", "-h")):
         args.insert(0, "start")
     sys.exit(run_cli(app, "fer-server", args))

@@ -4,30 +4,21 @@ from __future__ import annotations
 
 import sys
 
-import typer
+from client.cli.runner import add_commands, cli_app, run_cli
 
-from client.cli.runner import run_cli
-
-app = typer.Typer(
-    name="fer-sim",
-    help="Study federated facial-expression recognition: inspect datasets, list models, run simulations.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = cli_app(
+    "fer-sim", "Study federated facial-expression recognition: inspect datasets, list models, run simulations."
 )
 
 
 def _register() -> None:
     # Command modules keep torch, Flower and Ray imports inside the commands, so `fer-sim --help` stays fast.
-    from simulation.cli import demo_cmd, evaluate_cmd, inspect_cmd, run_cmd
-    from simulation.cli import models_cmd
+    from simulation.cli import demo_cmd, evaluate_cmd, inspect_cmd, models_cmd, run_cmd
 
-    app.command("demo")(demo_cmd.demo)
-    app.command("inspect")(inspect_cmd.inspect)
-    app.command("run")(run_cmd.run)
-    app.command("centralized")(run_cmd.centralized)
-    app.command("evaluate")(evaluate_cmd.evaluate)
-    app.command("models")(models_cmd.models)
+    add_commands(app, {
+        "demo": demo_cmd.demo, "inspect": inspect_cmd.inspect, "run": run_cmd.run, "centralized": run_cmd.centralized,
+        "evaluate": evaluate_cmd.evaluate, "models": models_cmd.models,
+    })
 
 
 def main() -> None:
