@@ -18,34 +18,14 @@ from typing import Annotated
 import click
 import typer
 
-from server.cli.enroll_cmd import DEFAULT_STATE
-from server.cli.serve_cmd import (
-    DEFAULT_ROUND_TIMEOUT,
-    DEFAULT_SECAGG_TIMEOUT,
-    CertsOpt,
-    ConnectOpt,
-    EnrollOpt,
-    HostOpt,
-    InsecureOpt,
-    KeepOpt,
-    PortOpt,
-    StateOpt,
-    TimeoutOpt,
-    launch,
-)
+from client.cli.runner import option_group
+from server.cli.serve_cmd import ListenOptions, launch, with_default_timeouts
 
 
+@option_group(ListenOptions, into="listen")
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="The interrupted run's directory.")],
-    certs: CertsOpt = Path("certs"),
-    state_dir: StateOpt = DEFAULT_STATE,
-    host: HostOpt = "0.0.0.0",
-    port: PortOpt = 9092,
-    connect_host: ConnectOpt = "127.0.0.1",
-    insecure: InsecureOpt = False,
-    enroll: EnrollOpt = None,
-    timeout: TimeoutOpt = None,
-    keep_running: KeepOpt = False,
+    listen: ListenOptions = ListenOptions(),
 ) -> None:
     """Resume RUN_DIR from its latest checkpoint and run it to its last round."""
     from client.config import ConfigError, RunSettings
@@ -67,20 +47,15 @@ def resume(
         raise click.ClickException(f"{config_path}: expected a JSON object of run-config keys")
     try:
         settings = RunSettings.from_run_config(run_config)
-        settings = settings.replace(out_dir=str(run_dir), resume_from=str(checkpoint))
-        if settings.secure_agg and settings.secagg_timeout == 0:
-            settings = settings.replace(secagg_timeout=DEFAULT_SECAGG_TIMEOUT)
-        if settings.round_timeout == 0:
-            settings = settings.replace(round_timeout=DEFAULT_ROUND_TIMEOUT)
+        settings = with_default_timeouts(settings.replace(out_dir=str(run_dir), resume_from=str(checkpoint)))
     except ConfigError as err:
         raise click.ClickException(f"{config_path}: {err}") from None
     done = _checkpoint_round(checkpoint, model=settings.model)
     if done >= settings.num_server_rounds:
         raise click.ClickException(f"{run_dir} already completed all {settings.num_server_rounds} rounds")
     launch(
-        settings=settings, certs=certs, state_dir=state_dir, host=host, port=port, connect_host=connect_host,
-        insecure=insecure, enroll=enroll or [], timeout=timeout, keep_running=keep_running,
-        command="fer-server resume", banner=f"resuming {run_dir} after round {done} of {settings.num_server_rounds}",
+        settings=settings, listen=listen, command="fer-server resume",
+        banner=f"resuming {run_dir} after round {done} of {settings.num_server_rounds}",
     )
 
 

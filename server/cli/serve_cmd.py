@@ -8,28 +8,19 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
 
-from privacy.cli_options import (
-    AccountantOpt,
-    CentralClipOpt,
-    CentralNoiseOpt,
-    DpBatchSizeOpt,
-    DpDeltaOpt,
-    DpEpsilonOpt,
-    DpLrOpt,
-    DpOptimizerOpt,
-    MaxGradNormOpt,
-    SecaggSharesOpt,
-    SecaggThresholdOpt,
-    SecureAggOpt,
-    privacy_overrides,
-)
+from client.cli.runner import option_group
+from privacy.cli_options import PrivacyOptions
 from server.cli.enroll_cmd import DEFAULT_STATE
+
+if TYPE_CHECKING:
+    from client.config import RunSettings
 
 # A SecAgg+ stage waits this long for slow nodes before treating them as dropped (0 would wait forever).
 DEFAULT_SECAGG_TIMEOUT = 120.0
@@ -41,21 +32,42 @@ INSECURE_WARNING = (
     "federation and read every model update in transit. Use only for a throw-away local test."
 )
 
-CertsOpt = Annotated[Path, typer.Option("--certs", help="Folder from `fer-server certs`.")]
-StateOpt = Annotated[Path, typer.Option("--state-dir", help="SuperLink state (SQLite), Flower home and log.")]
-HostOpt = Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")]
-PortOpt = Annotated[int, typer.Option(help="The one HTTPS port SuperNodes and the CLI use.")]
-ConnectOpt = Annotated[
-    str, typer.Option(help="Name this machine's own CLI dials; must be in the certificate's hosts.")
-]
-InsecureOpt = Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (loud warning).")]
-EnrollOpt = Annotated[
-    list[Path] | None, typer.Option("--enroll", help="A site's node.pub to enrol before the run; repeat.")
-]
-TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help="Give up after this many seconds.")]
-KeepOpt = Annotated[bool, typer.Option(help="Keep the SuperLink running after the run (Ctrl-C to stop).")]
 
 
+@dataclass(frozen=True)
+class ListenOptions:
+    """How `fer-server start` and `resume` run the SuperLink (see `client.cli.runner.option_group`)."""
+
+    certs: Annotated[Path, typer.Option("--certs", help="Folder from `fer-server certs`.")] = Path("certs")
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="SuperLink state (SQLite), Flower home and log.")
+    ] = DEFAULT_STATE
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "0.0.0.0"
+    port: Annotated[int, typer.Option(help="The one HTTPS port SuperNodes and the CLI use.")] = 9092
+    connect_host: Annotated[
+        str, typer.Option(help="Name this machine's own CLI dials; must be in the certificate's hosts.")
+    ] = "127.0.0.1"
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (loud warning).")] = False
+    enroll: Annotated[
+        list[Path] | None, typer.Option("--enroll", help="A site's node.pub to enrol before the run; repeat.")
+    ] = None
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Give up after this many seconds.")] = None
+    keep_running: Annotated[
+        bool, typer.Option(help="Keep the SuperLink running after the run (Ctrl-C to stop).")
+    ] = False
+
+
+def with_default_timeouts(settings: RunSettings) -> RunSettings:
+    """`settings` with the coordinator's stage and round timeouts where the run config leaves them at 0 (never)."""
+    if settings.secure_agg and settings.secagg_timeout == 0:
+        settings = settings.replace(secagg_timeout=DEFAULT_SECAGG_TIMEOUT)
+    if settings.round_timeout == 0:
+        settings = settings.replace(round_timeout=DEFAULT_ROUND_TIMEOUT)
+    return settings
+
+
+@option_group(ListenOptions, into="listen")
+@option_group(PrivacyOptions, into="privacy")
 def start(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (new or empty).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file of run-config keys.")] = None,
@@ -67,32 +79,13 @@ def start(
     min_clients: Annotated[int | None, typer.Option(help="Wait for this many nodes before round 1.")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
     strategy: Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam | fedmedian | ...")] = None,
-    dp_epsilon: DpEpsilonOpt = None,
-    dp_delta: DpDeltaOpt = None,
-    max_grad_norm: MaxGradNormOpt = None,
-    accountant: AccountantOpt = None,
-    dp_optimizer: DpOptimizerOpt = None,
-    dp_lr: DpLrOpt = None,
-    dp_batch_size: DpBatchSizeOpt = None,
-    secure_agg: SecureAggOpt = None,
-    secagg_shares: SecaggSharesOpt = None,
-    secagg_threshold: SecaggThresholdOpt = None,
-    central_dp_noise: CentralNoiseOpt = None,
-    central_clip: CentralClipOpt = None,
+    privacy: PrivacyOptions = PrivacyOptions(),
     secagg_timeout: Annotated[float | None, typer.Option(help="Seconds per SecAgg+ stage (default 120).")] = None,
     round_timeout: Annotated[
         float | None, typer.Option(help="Seconds a round waits for replies before going on without them (default 900).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the initial model.")] = None,
-    certs: CertsOpt = Path("certs"),
-    state_dir: StateOpt = DEFAULT_STATE,
-    host: HostOpt = "0.0.0.0",
-    port: PortOpt = 9092,
-    connect_host: ConnectOpt = "127.0.0.1",
-    insecure: InsecureOpt = False,
-    enroll: EnrollOpt = None,
-    timeout: TimeoutOpt = None,
-    keep_running: KeepOpt = False,
+    listen: ListenOptions = ListenOptions(),
 ) -> None:
     """Start the SuperLink and run the federation to its last round, writing the run directory."""
     from client.config import ConfigError, RunSettings, read_run_config_file
@@ -107,43 +100,22 @@ def start(
     overrides = {
         "dataset": dataset, "model": model, "num-server-rounds": rounds, "min-clients": min_clients,
         "local-epochs": local_epochs, "strategy": strategy, "secagg-timeout": secagg_timeout,
-        "round-timeout": round_timeout, "seed": seed,
-        **privacy_overrides(
-            dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm, accountant=accountant,
-            dp_optimizer=dp_optimizer, dp_lr=dp_lr, dp_batch_size=dp_batch_size,
-            secure_agg=secure_agg, secagg_shares=secagg_shares, secagg_threshold=secagg_threshold,
-            central_dp_noise=central_dp_noise, central_clip=central_clip,
-        ),
+        "round-timeout": round_timeout, "seed": seed, **privacy.overrides(),
     }
     run_config.update({k: v for k, v in overrides.items() if v is not None})
     run_config["out-dir"] = str(out)
     run_config["resume-from"] = ""
     try:
-        settings = RunSettings.from_run_config(run_config)
-        if settings.secure_agg and settings.secagg_timeout == 0:
-            settings = settings.replace(secagg_timeout=DEFAULT_SECAGG_TIMEOUT)
-        if settings.round_timeout == 0:
-            settings = settings.replace(round_timeout=DEFAULT_ROUND_TIMEOUT)
+        settings = with_default_timeouts(RunSettings.from_run_config(run_config))
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
-    launch(
-        settings=settings, certs=certs, state_dir=state_dir, host=host, port=port, connect_host=connect_host,
-        insecure=insecure, enroll=enroll or [], timeout=timeout, keep_running=keep_running,
-    )
+    launch(settings=settings, listen=listen)
 
 
 def launch(
     *,
-    settings,
-    certs: Path,
-    state_dir: Path,
-    host: str,
-    port: int,
-    connect_host: str,
-    insecure: bool,
-    enroll: list[Path],
-    timeout: float | None,
-    keep_running: bool,
+    settings: RunSettings,
+    listen: ListenOptions,
     command: str = "fer-server start",
     banner: str | None = None,
 ) -> None:
@@ -158,8 +130,9 @@ def launch(
     from server.report import write_report
 
     run_dir = Path(settings.out_dir)
+    enroll = listen.enroll or []
     try:
-        CoordinatorLocks.probe(state_dir=state_dir, run_dir=run_dir, host=host, port=port)
+        CoordinatorLocks.probe(state_dir=listen.state_dir, run_dir=run_dir, host=listen.host, port=listen.port)
     except DeployError as err:
         raise click.ClickException(str(err)) from None
     if banner:
@@ -167,7 +140,7 @@ def launch(
     _check_server_data(settings)
     # The coordinator's record of each node's privacy ledger outlives this run: a resume or the next run with the
     # same state folder still refuses a node whose ledger went back or was replaced (server/ledger_registry.py).
-    settings = settings.replace(ledger_registry=str(Path(state_dir).resolve() / REGISTRY_FILE))
+    settings = settings.replace(ledger_registry=str(Path(listen.state_dir).resolve() / REGISTRY_FILE))
     try:
         NodeLedgers(Path(settings.ledger_registry))
     except LedgerRegistryError as err:
@@ -176,16 +149,19 @@ def launch(
         if not key.is_file():
             raise click.ClickException(f"public key file {key} does not exist")
     try:
-        tls = None if insecure else TlsFiles.from_dir(certs)
+        tls = None if listen.insecure else TlsFiles.from_dir(listen.certs)
     except DeployError as err:
         raise click.ClickException(str(err)) from None
-    if insecure:
+    if listen.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     link_settings = SuperLinkSettings(
-        state_dir=state_dir, host=host, port=port, tls=tls, insecure=insecure, connect_host=connect_host
+        state_dir=listen.state_dir, host=listen.host, port=listen.port, tls=tls, insecure=listen.insecure,
+        connect_host=listen.connect_host,
     )
     try:
-        locks = CoordinatorLocks.claim(state_dir=state_dir, run_dir=run_dir, host=host, port=port, command=command)
+        locks = CoordinatorLocks.claim(
+            state_dir=listen.state_dir, run_dir=run_dir, host=listen.host, port=listen.port, command=command
+        )
         try:
             link = SuperLink.start(link_settings, pass_fds=locks.fds)
         except BaseException:
@@ -195,16 +171,16 @@ def launch(
         raise click.ClickException(str(err)) from None
     locks.add_helper(link.process.pid)
     try:
-        scheme = "http" if insecure else "https"
-        typer.echo(f"SuperLink listening on {scheme}://{host}:{port} (state: {link.state_dir})")
+        scheme = "http" if listen.insecure else "https"
+        typer.echo(f"SuperLink listening on {scheme}://{listen.host}:{listen.port} (state: {link.state_dir})")
         for key in enroll:
             typer.echo(f"enrolled node {link.enroll(key)} ({key.name})")
         typer.echo(f"waiting for {settings.min_clients} nodes to come online", nl=True)
-        link.wait_for_nodes(settings.min_clients, timeout=timeout)
+        link.wait_for_nodes(settings.min_clients, timeout=listen.timeout)
         run_id = link.submit(app_dir=app_dir(), run_config=settings.to_run_config())
         typer.echo(f"run {run_id} submitted: {settings.num_server_rounds} rounds of {settings.model}")
         link.follow(run_id, run_dir=run_dir, on_round=lambda r: typer.echo(_progress_line(r, settings)),
-                    timeout=timeout)
+                    timeout=listen.timeout)
         report = write_report(run_dir)
         summary = (run_dir / "summary.json")
         typer.echo(f"run directory: {run_dir} (report: {report.name})")
@@ -214,7 +190,7 @@ def launch(
             final = json.loads(summary.read_text()).get("final_accuracy")
             if final is not None:
                 typer.echo(f"final accuracy {final:.4f}")
-        if keep_running:
+        if listen.keep_running:
             typer.echo("SuperLink keeps running; Ctrl-C stops it")
             while link.process is not None and link.process.poll() is None:
                 time.sleep(1.0)

@@ -15,21 +15,8 @@ import typer
 
 from client.config import ConfigError, RunSettings
 from client.data.formats import DatasetError
-from privacy.cli_options import (
-    AccountantOpt,
-    CentralClipOpt,
-    CentralNoiseOpt,
-    DpBatchSizeOpt,
-    DpDeltaOpt,
-    DpEpsilonOpt,
-    DpLrOpt,
-    DpOptimizerOpt,
-    MaxGradNormOpt,
-    SecaggSharesOpt,
-    SecaggThresholdOpt,
-    SecureAggOpt,
-    privacy_overrides,
-)
+from client.cli.runner import option_group
+from privacy.cli_options import PrivacyOptions
 
 DatasetOpt = Annotated[
     list[str] | None,
@@ -46,6 +33,7 @@ StrOpt = str | None
 
 
 def _make_command(mode: str):
+    @option_group(PrivacyOptions, into="privacy")
     def command(
         dataset: DatasetOpt = None,
         config: ConfigOpt = None,
@@ -67,18 +55,7 @@ def _make_command(mode: str):
         fraction_evaluate: Annotated[FloatOpt, typer.Option(help="Fraction of clients evaluating per round.")] = None,
         seed: Annotated[IntOpt, typer.Option(help="The same seed gives the same metrics on CPU.")] = None,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (new or empty).")] = None,
-        dp_epsilon: DpEpsilonOpt = None,
-        dp_delta: DpDeltaOpt = None,
-        max_grad_norm: MaxGradNormOpt = None,
-        accountant: AccountantOpt = None,
-        dp_optimizer: DpOptimizerOpt = None,
-        dp_lr: DpLrOpt = None,
-        dp_batch_size: DpBatchSizeOpt = None,
-        secure_agg: SecureAggOpt = None,
-        secagg_shares: SecaggSharesOpt = None,
-        secagg_threshold: SecaggThresholdOpt = None,
-        central_dp_noise: CentralNoiseOpt = None,
-        central_clip: CentralClipOpt = None,
+        privacy: PrivacyOptions = PrivacyOptions(),
         attackers: Annotated[
             IntOpt, typer.Option(help="Simulated sites (chosen by the seed) that play --attack; 0 = none.")
         ] = None,
@@ -115,12 +92,7 @@ def _make_command(mode: str):
             "attackers": attackers,
             "attack": attack,
             "norm-bound": norm_bound,
-            **privacy_overrides(
-                dp_epsilon=dp_epsilon, dp_delta=dp_delta, max_grad_norm=max_grad_norm, accountant=accountant,
-                dp_optimizer=dp_optimizer, dp_lr=dp_lr, dp_batch_size=dp_batch_size,
-                secure_agg=secure_agg, secagg_shares=secagg_shares, secagg_threshold=secagg_threshold,
-                central_dp_noise=central_dp_noise, central_clip=central_clip,
-            ),
+            **privacy.overrides(),
         }
         settings = resolve_settings(config_file=config, overrides=overrides)
         summary = execute(settings, mode=mode, verbose=verbose)
