@@ -102,25 +102,25 @@ def is_local_peer(scope: dict[str, Any]) -> bool:
     address the connection was accepted on (a process on this host dialling the host's own interface address).
     A connection without a peer address (not TCP) is not local."""
     client, server = scope.get("client"), scope.get("server")
-    if not client:
+    peer = _ip(client[0]) if client else None
+    if peer is None:
         return False
-    try:
-        peer = ipaddress.ip_address(client[0])
-    except ValueError:
-        return False
-    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-        peer = peer.ipv4_mapped
     if peer.is_loopback:
         return True
-    if server:
-        try:
-            own = ipaddress.ip_address(server[0])
-        except ValueError:
-            return False
-        if isinstance(own, ipaddress.IPv6Address) and own.ipv4_mapped is not None:
-            own = own.ipv4_mapped
-        return peer == own and not own.is_unspecified
-    return False
+    own = _ip(server[0]) if server else None
+    return own is not None and peer == own and not own.is_unspecified
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`host` as an IP address, an IPv4-mapped IPv6 one (a dual-stack socket's view of an IPv4 peer) as the IPv4
+    address it carries; None when `host` is not an IP address (a Unix socket's path, a name)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def bearer_matches(scope: dict[str, Any], token: bytes) -> bool:
