@@ -23,6 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# The sibling script by its own name: Python puts this folder on sys.path when a script in it runs (an unrelated
+# `benchmarks` package in the venv shadows `benchmarks.bench_federated`).
+from bench_federated import federation  # noqa: E402
 from client.config import RunSettings  # noqa: E402
 from server.rundir import RunDirectory  # noqa: E402
 
@@ -74,8 +77,7 @@ def main() -> None:
     dataset = "synthetic=1400" if args.quick else f"fer2013={args.data}"
     rounds = 1 if args.quick else args.rounds
     work = Path(tempfile.mkdtemp(prefix="bench-dp-acc-"))
-    base = RunSettings(dataset=dataset, num_clients=10, min_clients=10, partition="dirichlet", alpha=0.5,
-                       model="cnn_am", num_server_rounds=rounds, local_epochs=1, batch_size=32)
+    base = federation(dataset, rounds=rounds, model="cnn_am")
     results: dict = {"dataset": dataset, "model": base.model, "rounds": rounds, "alpha": base.alpha, "lr": base.lr,
                      "delta": base.dp_delta, "accountant": base.accountant, "runs": {}}
 

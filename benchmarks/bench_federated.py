@@ -25,6 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_federated.json"
 
 
+def federation(dataset: str, *, rounds: int, model: str) -> RunSettings:
+    """The benchmarked federation: 10 clients, Dirichlet α=0.5, one local epoch of batch 32 a round.
+
+    bench_dp_accuracy.py runs its DP federations on it too, so its non-private figure can be this script's.
+    """
+    return RunSettings(dataset=dataset, num_clients=10, min_clients=10, partition="dirichlet", alpha=0.5,
+                       model=model, num_server_rounds=rounds, local_epochs=1, batch_size=32)
+
+
 def _tree_rss_bytes(root: int) -> int:
     """Summed VmRSS of `root` and all its descendants, read from /proc (Linux; no psutil needed)."""
     parents: dict[int, int] = {}
@@ -98,9 +107,8 @@ def main() -> None:
     dataset = "synthetic=2800" if args.quick else f"fer2013={args.data}"
     rounds = 2 if args.quick else args.rounds
     work = Path(tempfile.mkdtemp(prefix="bench-fed-"))
-    base = RunSettings(dataset=dataset, num_clients=10, min_clients=10, partition="dirichlet", alpha=0.5,
-                       model=args.model, num_server_rounds=rounds, local_epochs=1, batch_size=32)
-    results: dict = {"dataset": dataset, "model": args.model, "rounds": rounds, "alpha": 0.5, "lr": base.lr,
+    base = federation(dataset, rounds=rounds, model=args.model)
+    results: dict = {"dataset": dataset, "model": args.model, "rounds": rounds, "alpha": base.alpha, "lr": base.lr,
                      "local_epochs": base.local_epochs, "batch_size": base.batch_size, "seed": base.seed}
 
     fed, fed_rounds, fed_mem = _run(base.replace(out_dir=str(work / "fed10")), "federated")
