@@ -253,15 +253,23 @@ def test_flipped_anchor_fails_closed(tmp_path):
         _open(tmp_path)
 
 
-def test_restored_older_ledger_is_detected_as_rollback(tmp_path):
-    """Restoring a copy of the ledger taken before the last charge raises LedgerError (rolled back)."""
-    # Prepare
+def _restore_backup(tmp_path: Path, *files: str) -> PrivacyLedger:
+    """Charges rounds 1 and 2, then puts back the copies of `files` ("ledger", "anchor") taken between them."""
     paths = _paths(tmp_path)
     ledger = _open(tmp_path)
     _charge(ledger, 1, 1.0)
-    shutil.copy2(paths["ledger"], tmp_path / "old.bin")
+    for name in files:
+        shutil.copy2(paths[name], tmp_path / f"old-{name}")
     _charge(ledger, 2, 2.0)
-    shutil.copy2(tmp_path / "old.bin", paths["ledger"])
+    for name in files:
+        shutil.copy2(tmp_path / f"old-{name}", paths[name])
+    return ledger
+
+
+def test_restored_older_ledger_is_detected_as_rollback(tmp_path):
+    """Restoring a copy of the ledger taken before the last charge raises LedgerError (rolled back)."""
+    # Prepare
+    _restore_backup(tmp_path, "ledger")
 
     # Execute / Assert
     with pytest.raises(LedgerError, match="rolled-back ledger"):
@@ -271,15 +279,8 @@ def test_restored_older_ledger_is_detected_as_rollback(tmp_path):
 def test_restoring_both_files_is_invisible_locally_but_lowers_the_reported_sequence(tmp_path):
     """The documented limit: restoring ledger AND anchor opens, with a lower seq the server can flag."""
     # Prepare
-    paths = _paths(tmp_path)
-    ledger = _open(tmp_path)
-    _charge(ledger, 1, 1.0)
-    shutil.copy2(paths["ledger"], tmp_path / "old.bin")
-    shutil.copy2(paths["anchor"], tmp_path / "old.anchor")
-    _charge(ledger, 2, 2.0)
+    ledger = _restore_backup(tmp_path, "ledger", "anchor")
     latest_seq = ledger.seq
-    shutil.copy2(tmp_path / "old.bin", paths["ledger"])
-    shutil.copy2(tmp_path / "old.anchor", paths["anchor"])
 
     # Execute
     restored = _open(tmp_path)
