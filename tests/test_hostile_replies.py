@@ -33,6 +33,13 @@ MAX_EXAMPLES = 1000
 GLOBAL = [np.ones(s, np.float32) for s in SHAPES]
 # Values no metric rule accepts (bytes, non-finite, None, negative, a string with a control character).
 ALWAYS_BAD = [b"oops", float("nan"), float("inf"), float("-inf"), None, -1.5, "oops\n"]
+# A reply's example count that is no count: none, over the cap, or not an int.
+BAD_COUNTS = st.one_of(
+    st.integers(max_value=0), st.integers(min_value=MAX_EXAMPLES + 1), st.booleans(), st.floats(),
+    st.text(max_size=5), st.none(),
+)
+# A reply's metrics that are not a dict.
+BAD_METRICS = st.sampled_from([None, [1, 2], "oops", 3.0])
 # Any value a Flower metric can hold, for keys the server does not know (they must be ignored, whatever they are).
 ANY_SCALAR = st.one_of(
     st.text(max_size=20), st.binary(max_size=20), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
@@ -113,25 +120,35 @@ def hostile_fit(draw) -> dict:
         tensors = draw(st.one_of(st.lists(st.binary(max_size=40), max_size=3), st.just([None]), st.just(None)))
         reply["parameters"] = Parameters(tensors=tensors, tensor_type="numpy.ndarray")
     elif flaw == "count":
-        reply["num_examples"] = draw(st.one_of(
-            st.integers(max_value=0), st.integers(min_value=MAX_EXAMPLES + 1), st.booleans(), st.floats(),
-            st.text(max_size=5), st.none(),
-        ))
+        reply["num_examples"] = draw(BAD_COUNTS)
     elif flaw == "metric":
         key = draw(st.sampled_from(LABEL_KEYS + NUMBER_KEYS))
         bad = ALWAYS_BAD + ([] if key in LABEL_KEYS else ["oops"])
         reply["metrics"] = {**reply["metrics"], key: draw(st.sampled_from(bad))}
     else:
-        reply["metrics"] = draw(st.sampled_from([None, [1, 2], "oops", 3.0]))
+        reply["metrics"] = draw(BAD_METRICS)
     return reply
 
 
-def _fitres(reply: dict, client: str) -> FitRes:
-    metrics = reply["metrics"]
+def _named(metrics, client: str):
+    """A reply's metrics with `client` as its client-id unless it names one (or is no dict)."""
     if isinstance(metrics, dict) and "client-id" not in metrics:
-        metrics = {**metrics, "client-id": client}
+        return {**metrics, "client-id": client}
+    return metrics
+
+
+def _fitres(reply: dict, client: str) -> FitRes:
     parameters = reply.get("parameters") or ndarrays_to_parameters(reply["delta"])
-    return FitRes(status=_status(), parameters=parameters, num_examples=reply["num_examples"], metrics=metrics)
+    return FitRes(status=_status(), parameters=parameters, num_examples=reply["num_examples"],
+                  metrics=_named(reply["metrics"], client))
+
+
+def _draw_replies(plan, *, good, hostile, to_result) -> tuple[list, list[dict]]:
+    """A good or a hostile reply from site i for each (is_good, data) of `plan`: the (proxy, result) pairs the
+    strategy receives, and the good replies."""
+    drawn = [(is_good, data.draw(good() if is_good else hostile())) for is_good, data in plan]
+    results = [(_Proxy(str(i)), to_result(reply, f"site-{i}")) for i, (_, reply) in enumerate(drawn)]
+    return results, [reply for is_good, reply in drawn if is_good]
 
 
 def _expected_fedavg(replies: list[dict]) -> list[np.ndarray]:
@@ -149,9 +166,7 @@ def test_aggregate_fit_never_raises_and_equals_fedavg_over_the_valid_replies(pla
     """Any mix of good and hostile fit replies: no exception; the aggregate is FedAvg over the good ones only."""
     # Prepare
     guard = _make_guard()
-    drawn = [(good, data.draw(valid_fit() if good else hostile_fit())) for good, data in plan]
-    results = [(_Proxy(str(i)), _fitres(reply, f"site-{i}")) for i, (_, reply) in enumerate(drawn)]
-    valid = [reply for good, reply in drawn if good]
+    results, valid = _draw_replies(plan, good=valid_fit, hostile=hostile_fit, to_result=_fitres)
 
     # Execute
     parameters, _ = guard.aggregate_fit(1, results, [])
@@ -160,8 +175,8 @@ def test_aggregate_fit_never_raises_and_equals_fedavg_over_the_valid_replies(pla
     # Assert
     report = guard.report(1)
     assert report.num_accepted == len(valid)
-    assert len(report.rejected) == len(drawn) - len(valid)
-    assert record["fit"]["num_rejected"] == len(drawn) - len(valid)
+    assert len(report.rejected) == len(results) - len(valid)
+    assert record["fit"]["num_rejected"] == len(results) - len(valid)
     if not valid:
         assert parameters is None
         return
@@ -186,10 +201,7 @@ def hostile_evaluate(draw) -> dict:
     if flaw == "loss":
         reply["loss"] = draw(st.sampled_from(ALWAYS_BAD + ["oops", True]))
     elif flaw == "count":
-        reply["num_examples"] = draw(st.one_of(
-            st.integers(max_value=0), st.integers(min_value=MAX_EXAMPLES + 1), st.booleans(), st.floats(),
-            st.text(max_size=5), st.none(),
-        ))
+        reply["num_examples"] = draw(BAD_COUNTS)
     elif flaw == "accuracy":
         reply["metrics"]["accuracy"] = draw(st.sampled_from(ALWAYS_BAD + ["oops", 1.5, True]))
     elif flaw == "missing":
@@ -197,15 +209,13 @@ def hostile_evaluate(draw) -> dict:
     elif flaw == "client":
         reply["metrics"]["client-id"] = draw(st.sampled_from(ALWAYS_BAD + [7, "x" * 500]))
     else:
-        reply["metrics"] = draw(st.sampled_from([None, [1, 2], "oops", 3.0]))
+        reply["metrics"] = draw(BAD_METRICS)
     return reply
 
 
 def _evaluateres(reply: dict, client: str) -> EvaluateRes:
-    metrics = reply["metrics"]
-    if isinstance(metrics, dict) and "client-id" not in metrics:
-        metrics = {**metrics, "client-id": client}
-    return EvaluateRes(status=_status(), loss=reply["loss"], num_examples=reply["num_examples"], metrics=metrics)
+    return EvaluateRes(status=_status(), loss=reply["loss"], num_examples=reply["num_examples"],
+                       metrics=_named(reply["metrics"], client))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -215,16 +225,14 @@ def test_aggregate_evaluate_never_raises_and_averages_the_valid_replies(plan):
     per-client spread rejects non-finite accuracies); loss and accuracy are the weighted means of the good ones."""
     # Prepare
     guard = _make_guard()
-    drawn = [(good, data.draw(valid_evaluate() if good else hostile_evaluate())) for good, data in plan]
-    results = [(_Proxy(str(i)), _evaluateres(reply, f"site-{i}")) for i, (_, reply) in enumerate(drawn)]
-    valid = [reply for good, reply in drawn if good]
+    results, valid = _draw_replies(plan, good=valid_evaluate, hostile=hostile_evaluate, to_result=_evaluateres)
 
     # Execute
     loss, metrics = guard.aggregate_evaluate(1, results, [])
     record = FerWorkflow(strategy=guard, num_rounds=1, start_weights=GLOBAL)._record(1, 0.0)
 
     # Assert
-    assert len(guard.report(1).eval_rejected) == len(drawn) - len(valid)
+    assert len(guard.report(1).eval_rejected) == len(results) - len(valid)
     if not valid:
         assert loss is None and metrics == {} and record["federated"] is None
         return
