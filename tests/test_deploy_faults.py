@@ -76,8 +76,16 @@ class Federation:
     seconds: float
     released: dict[tuple[str, int], tuple[np.ndarray, int]] = field(default_factory=dict)
 
+    def finished(self) -> Federation:
+        """This federation, after checking that fer-server exited 0 (the failure shows its log's tail)."""
+        assert self.server_rc == 0, self.log("server.log")[-3000:]
+        return self
+
     def records(self) -> list[dict]:
         return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
 
     def log(self, name: str) -> str:
         return (self.tmp / name).read_text(errors="replace")
@@ -176,13 +184,18 @@ def _wait_for_round(run_dir: Path, server_round: int, *, server: subprocess.Pope
     raise AssertionError(f"round {server_round} not logged within {timeout} s")
 
 
+def _federation_dir(tmp_path_factory, name: str, sites: tuple[str, ...], config: str) -> tuple[Path, int]:
+    """A new folder holding the sites' keys and node configs, and a free port for the SuperLink."""
+    tmp = tmp_path_factory.mktemp(name)
+    _make_keys(tmp, sites, config)
+    return tmp, free_port()
+
+
 @pytest.fixture(scope="module")
 def secagg_federation(tmp_path_factory) -> Federation:
     """5 SecAgg+ sites under DP: c killed in round 1 and restarted, d and e killed in round 2."""
-    tmp = tmp_path_factory.mktemp("secagg")
     started = time.monotonic()
-    _make_keys(tmp, SECAGG_SITES, SECAGG_CONFIG)
-    port = free_port()
+    tmp, port = _federation_dir(tmp_path_factory, "secagg", SECAGG_SITES, SECAGG_CONFIG)
     run_dir = tmp / "run"
     processes: dict[str, subprocess.Popen] = {}
     watcher = _ReleaseWatcher(tmp, SECAGG_SITES)
@@ -231,10 +244,8 @@ def secagg_federation(tmp_path_factory) -> Federation:
 @pytest.fixture(scope="module")
 def plain_federation(tmp_path_factory) -> Federation:
     """10 plain sites for 2 rounds; one of them requires SecAgg+."""
-    tmp = tmp_path_factory.mktemp("plain")
     started = time.monotonic()
-    _make_keys(tmp, PLAIN_SITES, _COMMON_CONFIG)
-    port = free_port()
+    tmp, port = _federation_dir(tmp_path_factory, "plain", PLAIN_SITES, _COMMON_CONFIG)
     processes: list[subprocess.Popen] = []
     try:
         server = _spawn(_server_args(port, "--out", "run", "--rounds", "2", "--min-clients", str(len(PLAIN_SITES)),
@@ -292,8 +303,7 @@ def _assert_secagg_aggregate(fed: Federation, server_round: int, survivors: tupl
 def test_secagg_round_completes_without_the_site_killed_mid_round(secagg_federation):
     """Round 1 of 5 SecAgg+ sites: c is SIGKILLed while training; the round aggregates exactly the other four."""
     # Prepare
-    fed = secagg_federation
-    assert fed.server_rc == 0, fed.log("server.log")[-3000:]
+    fed = secagg_federation.finished()
 
     # Execute
     record = fed.records()[1]
@@ -312,12 +322,11 @@ def test_secagg_round_completes_without_the_site_killed_mid_round(secagg_federat
 def test_secagg_round_completes_without_two_sites_killed_mid_round(secagg_federation):
     """Round 2: d and e are SIGKILLed while training; threshold 3 of 5 still unmasks the sum of a, b and c."""
     # Prepare
-    fed = secagg_federation
-    assert fed.server_rc == 0, fed.log("server.log")[-3000:]
+    fed = secagg_federation.finished()
 
     # Execute
     records = fed.records()
-    summary = json.loads((fed.run_dir / "summary.json").read_text())
+    summary = fed.summary()
 
     # Assert
     assert [r["round"] for r in records] == [0, 1, 2]
@@ -337,8 +346,7 @@ def test_killed_site_ledger_matches_its_spend_after_restart(secagg_federation):
     and the ε the server reports for it is exactly its ledger's; sites killed for good are under-reported by the
     server (it never heard of their last charge), and their ledgers still hold it."""
     # Prepare
-    fed = secagg_federation
-    assert fed.server_rc == 0, fed.log("server.log")[-3000:]
+    fed = secagg_federation.finished()
     privacy = json.loads((fed.run_dir / "privacy.json").read_text())
     reported = {c["client_id"]: c["epsilon_spent"] for c in privacy["clients"]}
 
@@ -379,12 +387,11 @@ def test_site_requiring_secure_agg_trains_under_secagg(secagg_federation):
 def test_ten_sites_train_two_rounds(plain_federation):
     """10 real fer-client processes: both rounds get a reply from every site, nine updates aggregated each round."""
     # Prepare
-    fed = plain_federation
-    assert fed.server_rc == 0, fed.log("server.log")[-3000:]
+    fed = plain_federation.finished()
 
     # Execute
     records = fed.records()
-    summary = json.loads((fed.run_dir / "summary.json").read_text())
+    summary = fed.summary()
 
     # Assert
     assert [r["round"] for r in records] == [0, 1, 2]
@@ -402,8 +409,7 @@ def test_ten_sites_train_two_rounds(plain_federation):
 def test_site_requiring_secure_agg_refuses_plain_rounds(plain_federation):
     """The --require-secure-agg site refuses both plain rounds: the server records its reason, its log says so."""
     # Prepare
-    fed = plain_federation
-    assert fed.server_rc == 0, fed.log("server.log")[-3000:]
+    fed = plain_federation.finished()
 
     # Execute
     failures = [r["fit"]["failures"] for r in fed.records()[1:]]
