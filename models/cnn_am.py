@@ -70,20 +70,24 @@ class SpatialAttention(nn.Module):
 
 
 class CNNAM(nn.Module):
-    """CNN-AM (see the module docstring for the paper and the choices made)."""
+    """CNN-AM (see the module docstring for the paper and the choices made).
+
+    The options have no defaults here: the registered factory `cnn_am` holds them, once, where the registry reads
+    them (`model_options("cnn_am")`), so a default cannot differ between `CNNAM` and `create_model("cnn_am")`.
+    """
 
     def __init__(
         self,
         *,
-        num_classes: int = 7,
-        in_chans: int = 1,
+        num_classes: int,
+        in_chans: int,
         norm_layer: NormLayer,
-        width: float = 1.0,
-        depth: int = 2,
-        attn_dim: int = 8,
-        hidden_dim: int = 128,
-        drop_rate: float = 0.5,
-        img_size: int = 48,
+        width: float,
+        depth: int,
+        attn_dim: int,
+        hidden_dim: int,
+        drop_rate: float,
+        img_size: int,
     ) -> None:
         super().__init__()
         if depth < 2:
