@@ -33,7 +33,6 @@ INSECURE_WARNING = (
 )
 
 
-
 @dataclass(frozen=True)
 class ListenOptions:
     """How `fer-server start` and `resume` run the SuperLink (see `client.cli.runner.option_group`)."""
