@@ -183,6 +183,30 @@ def bench_secure_pairs(name: str, *, batch: int, pairs: int) -> dict[str, float]
     }
 
 
+def bench_cpu_time(name: str, modes: list[str], *, batch: int, turns: int) -> dict[str, float]:
+    """DP/plain from the CPU time each step's thread used, engines interleaved step by step.
+
+    Wall-clock turns swing with every other process on a shared 2-core machine (plain CNN-AM read 1141-1633
+    images/s in three quiet runs); the CPU time a thread spends on its own step barely moves with the scheduler.
+    Meaningful with one torch thread (`--threads 1`, how a deployed ClientApp trains): with more, the other
+    threads' work is not in this thread's clock. Cache and memory-bandwidth contention still show.
+    """
+    steps = {mode: make_train_step(name, None if mode == "plain" else mode, batch=batch)
+             for mode in ["plain", *modes]}
+    for step in steps.values():
+        step()
+        step()
+    times: dict[str, list[float]] = {mode: [] for mode in steps}
+    for _ in range(turns):
+        for mode, step in steps.items():
+            tick = time.thread_time()
+            step()
+            times[mode].append(time.thread_time() - tick)
+    ms = {mode: 1000 * statistics.median(values) for mode, values in times.items()}
+    return {"threads": torch.get_num_threads(), "turns": turns, "step_ms": ms,
+            "dp_over_plain": {mode: ms["plain"] / ms[mode] for mode in modes}}
+
+
 def bench_noise(count: int, *, timing: dict) -> dict[str, float]:
     """Milliseconds to draw one step's noise for `count` parameters, back to back: torch's seeded generator (one
     Gaussian per value, Opacus without secure_mode) and the OS-keyed CSPRNG a deployed node uses (privacy.dp)."""
@@ -216,6 +240,9 @@ def run(models: list[str], modes: list[str], *, quick: bool) -> dict:
             row["best_dp_mode"] = max(row["dp_over_plain"], key=row["dp_over_plain"].get)
         if "bk" in per_turn and "bk-secure" in per_turn:
             row["secure_vs_seeded"] = bench_secure_pairs(name, batch=batch, pairs=4 if quick else 20)
+        cpu_modes = [m for m in ("bk", "bk-secure") if m in per_turn]
+        if cpu_modes and torch.get_num_threads() == 1:
+            row["cpu_time"] = bench_cpu_time(name, cpu_modes, batch=batch, turns=5 if quick else 30)
         row["noise_ms_per_step"] = bench_noise(row["params"], timing=timing)
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
@@ -264,6 +291,12 @@ def _print_row(row: dict, modes: list[str]) -> None:
               f"bk-secure/bk {pair['secure_over_seeded']:.2f}") if pair else ""
     print(f"{'':>13}  noise per step: seeded {noise['seeded']:.1f} ms, csprng {noise['csprng']:.1f} ms{secure}",
           flush=True)
+    cpu = row.get("cpu_time")
+    if cpu:
+        ratios = ", ".join(f"{m} {v:.2f}" for m, v in cpu["dp_over_plain"].items())
+        steps = ", ".join(f"{m} {v:.0f} ms" for m, v in cpu["step_ms"].items())
+        print(f"{'':>13}  thread CPU time per step ({cpu['turns']} interleaved): {steps}; DP/plain {ratios}",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,39 @@ def test_clipped_sum_equals_the_per_sample_loop(name):
         torch.testing.assert_close(param.grad, want, rtol=1e-8, atol=1e-12)
 
 
+def _make_conv_net(conv: nn.Conv2d) -> nn.Module:
+    """A conv under test, then pooling and a classifier, in float64."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), conv, nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(conv.out_channels * 4, NUM_CLASSES)).double().train()
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 6, 3, padding=1),
+    nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
+    nn.Conv2d(4, 6, (3, 5), padding=(2, 1), dilation=2),
+    nn.Conv2d(4, 8, 3, padding=1, groups=2),
+    nn.Conv2d(4, 4, 3, padding=1, groups=4),
+    nn.Conv2d(4, 6, 1),
+], ids=["3x3", "stride2-nobias", "rect-dilated", "groups2", "depthwise", "1x1"])
+def test_conv_rule_equals_the_per_sample_loop(conv):
+    """The grouped-convolution rule for Conv2d gives each sample's gradient for strides, dilation and groups."""
+    # Prepare
+    model = _make_conv_net(conv)
+    images, labels = _make_batch()
+    _, norms = _per_sample_reference(model, images, labels, max_grad_norm=1.0)
+    max_grad_norm = float(norms.median())
+    expected, expected_norms = _per_sample_reference(model, images, labels, max_grad_norm=max_grad_norm)
+
+    # Execute
+    wrapped = _bookkeeping_step(model, images, labels, max_grad_norm=max_grad_norm)
+
+    # Assert
+    torch.testing.assert_close(wrapped.per_sample_gradient_norms, expected_norms, rtol=1e-9, atol=1e-12)
+    for param, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(param.grad, want, rtol=1e-8, atol=1e-12)
+
+
 def test_clipped_sum_equals_opacus_ghost_clipping():
     """CNN-AM: the same clipped sum Opacus's ghost clipping hands its optimizer (an independent implementation)."""
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
