@@ -19,7 +19,6 @@ from client.config import RunSettings
 from client.node_config import NodeSettings, secagg_options
 from client.node_data import load_node_data
 from client.node_setup import NodeSetup
-from client.profiles import PROFILES  # profiles are node settings, shared with simulations
 from privacy.ledger import PrivacyLedger
 from privacy.secagg import make_secagg_mod
 
@@ -39,8 +38,7 @@ def setup_from_node_config(node: NodeSettings, settings: RunSettings) -> NodeSet
         seed=settings.seed,
         test_fraction=settings.local_test_fraction,
     )
-    profile = PROFILES[node.profile] if node.profile else None
-    return NodeSetup.with_profile(data=data, profile=profile, settings=settings, state_dir=node.state_dir)
+    return NodeSetup.with_profile(data=data, profile=node.client_profile, settings=settings, state_dir=node.state_dir)
 
 
 def node_settings(settings: RunSettings, node: NodeSettings) -> RunSettings:

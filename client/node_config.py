@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
-from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+from flwr.common.constant import PARTITION_ID_KEY
 
 from client.config import ConfigError
 from client.dp_training import LedgerFiles
-from client.profiles import PROFILES
+from client.profiles import PROFILES, ClientProfile
 from privacy.secagg import DEFAULT_MIN_THRESHOLD, SecAggNodeOptions
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -126,6 +126,11 @@ class NodeSettings:
                 continue
             config[_key(f.name)] = str(value) if isinstance(value, Path) else value
         return config
+
+    @property
+    def client_profile(self) -> ClientProfile | None:
+        """The node's client profile (`NodeSetup.with_profile` applies it); None trains as the run says."""
+        return PROFILES[self.profile] if self.profile else None
 
     def ledger_files(self, *, state_dir: Path) -> LedgerFiles:
         """The node's privacy-ledger files in `state_dir` (its own folder, or a simulated node's in the run

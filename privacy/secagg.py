@@ -313,11 +313,11 @@ def make_secagg_mod(
     """Builds the hardened SecAgg+ client mod for `ClientApp(client_fn=..., mods=[mod])`.
 
     Args:
-        node_options: reads the site's options from a message's Context (`client.node_config.secagg_options`);
-            a picklable, module-level function.
         max_norm: When set, every update is scaled to an L2 norm of at most this value before masking (and setup
             is refused if it exceeds the server's `clipping_range`). When None the update is validated only, and a
             value the quantiser would clip makes the client refuse to send.
+        node_options: reads the site's options from a message's Context (`client.node_config.secagg_options`);
+            a picklable, module-level function.
 
     Returns:
         A picklable mod. The wrapped app's `fit` must return a model delta of the global model's shapes.
