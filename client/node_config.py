@@ -169,22 +169,15 @@ def _parse(key: str, value: Any, annotation: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
         raise NodeConfigError(f"node-config key {key!r} expects true or false, got {value!r}")
-    if kind == "int":
+    if kind in ("int", "float"):
         try:
-            number = float(value) if not isinstance(value, bool) else math.nan
+            number = math.nan if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
             number = math.nan
-        if not number.is_integer():
-            raise NodeConfigError(f"node-config key {key!r} expects an integer, got {value!r}")
-        return int(number)
-    if kind == "float":
-        try:
-            number = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError):
-            number = math.nan
-        if not math.isfinite(number):
-            raise NodeConfigError(f"node-config key {key!r} expects a number, got {value!r}")
-        return number
+        if not (number.is_integer() if kind == "int" else math.isfinite(number)):
+            raise NodeConfigError(f"node-config key {key!r} expects {'an integer' if kind == 'int' else 'a number'}, "
+                                  f"got {value!r}")
+        return int(number) if kind == "int" else number
     text = str(value).strip()
     if not isinstance(value, str) or not text:
         raise NodeConfigError(f"node-config key {key!r} expects a non-empty string, got {value!r}")
