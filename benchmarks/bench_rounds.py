@@ -109,13 +109,14 @@ def clientapp_overheads(*, model: str, repeats: int) -> dict:
         "import_load_and_train_1_epoch": (
             "import torch\nfrom client.node_setup import NodeSetup\nfrom client.trainer import FerClient\n"
             "from client.config import RunSettings\n"
-            "from client.node_data import load_node_data\nfrom client import task\nfrom models import create_model\n"
+            "from client.node_data import load_node_data\nfrom client import wire\nfrom models import create_model\n"
             f"s = RunSettings(model='{model}', batch_size=16, local_epochs=1)\n"
             f"d = load_node_data(spec='{DATASET}', client_id='x', image_size=48, seed=42, test_fraction=0.2)\n"
             "from pathlib import Path\n"
+            "from client.node_config import NodeSettings\n"
             "c = FerClient(setup=NodeSetup(data=d, profile='default', local_epochs=1, batch_size=16, "
-            "state_dir=Path('.')), settings=s, node_index=0)\n"
-            "c.fit(task.get_weights(create_model(s.model, dp=True)), {'server-round': 1})"
+            f"state_dir=Path('.')), settings=s, node=NodeSettings(dataset='{DATASET}'))\n"
+            "c.fit(wire.get_weights(create_model(s.model, dp=True)), {'server-round': 1})"
         ),
     }
     out = {}

@@ -53,6 +53,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD  # noqa: E402
 from flwr.server.workflow.default_workflows import default_fit_workflow  # noqa: E402
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes  # noqa: E402
 
+from client.node_config import secagg_options  # noqa: E402
 from privacy.secagg import apply_mask, make_secagg_mod, quantize_weighted  # noqa: E402
 from server.secagg import make_secagg_workflow  # noqa: E402
 from tests.secagg_runtime import run_in_process  # noqa: E402
@@ -177,7 +178,8 @@ def _run(mode: str, setting: _Setting, rounds: int, deltas: dict[int, list[np.nd
             num_shares=num_shares, reconstruction_threshold=threshold, clipping_range=CLIPPING_RANGE,
             quantization_range=QUANTIZATION_RANGE, max_weight=MAX_WEIGHT,
         )
-        fit_workflow, mods = workflow, [timer.client_mod(make_secagg_mod(max_norm=CLIPPING_RANGE))]
+        mod = make_secagg_mod(max_norm=CLIPPING_RANGE, node_options=secagg_options)
+        fit_workflow, mods = workflow, [timer.client_mod(mod)]
     if mode != "plain":
         for stage in ("setup", "share_keys", "collect_masked_vectors", "unmask"):
             setattr(workflow, f"{stage}_stage", timer.server_stage(stage, getattr(workflow, f"{stage}_stage")))

@@ -2,7 +2,8 @@
 
 Flower hands apps a flat `run_config` of kebab-case keys (`[tool.flwr.app.config]` in pyproject.toml, overridden by
 `flwr run --run-config` or by `fer-sim`). `RunSettings.from_run_config` turns it into one typed, validated object that
-is passed down as plain arguments, so nothing below the entry points reads a Context.
+is passed down as plain arguments, so nothing below the entry points reads a Context. A node's own settings (its
+`--node-config`) are read the same way, into `client.node_config.NodeSettings`.
 
 It lives in `client/` because both apps need it and `server/` may import `client/` but not the reverse.
 """
@@ -22,6 +23,9 @@ OPTIMIZERS = ("adam", "sgd")
 ACCOUNTANTS = ("rdp", "prv")
 # Hostile behaviours a simulated site can play (simulation/attacks.py implements them, in this order).
 ATTACKS = ("scale", "sign-flip", "lie-count", "noise", "label-flip")
+# Run-config keys whose values must be positive.
+_POSITIVE = ("num-clients", "num-server-rounds", "local-epochs", "batch-size", "lr", "dp-lr", "dp-batch-size", "alpha",
+             "image-size", "max-update-norm", "max-examples", "min-clients")
 
 
 class ConfigError(ValueError):
@@ -133,18 +137,10 @@ class RunSettings:
         _choice("dp-optimizer", self.dp_optimizer, OPTIMIZERS)
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("attack", self.attack, ATTACKS)
-        _positive("num-clients", self.num_clients)
-        _positive("num-server-rounds", self.num_server_rounds)
-        _positive("local-epochs", self.local_epochs)
-        _positive("batch-size", self.batch_size)
-        _positive("lr", self.lr)
-        _positive("dp-lr", self.dp_lr)
-        _positive("dp-batch-size", self.dp_batch_size)
-        _positive("alpha", self.alpha)
-        _positive("image-size", self.image_size)
-        _positive("max-update-norm", self.max_update_norm)
-        _positive("max-examples", self.max_examples)
-        _positive("min-clients", self.min_clients)
+        for key in _POSITIVE:
+            value = getattr(self, key.replace("-", "_"))
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
         if not 0 < self.fraction_fit <= 1:
             raise ConfigError(f"fraction-fit must be in (0, 1], got {self.fraction_fit}")
         if not 0 <= self.fraction_evaluate <= 1:
@@ -266,8 +262,3 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         raise ConfigError(f"{key} must be one of {', '.join(options)}; got {value!r}")
-
-
-def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be positive, got {value}")

@@ -1,7 +1,8 @@
 """Where a node's privacy state lives, and how its DP-SGD client is opened each round.
 
 Kept light (no torch at import): the ClientApp asks `LedgerFiles.has_ledger` on every message to decide whether
-this node must train under DP-SGD whatever the coordinator asks (client/client_app.py `node_settings`).
+this node must train under DP-SGD whatever the coordinator asks (client/client_app.py `node_settings`). Which files
+they are comes from the node's config (client/node_config.py `NodeSettings.ledger_files`).
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ class LedgerFiles:
             key=key_file or state_dir / LEDGER_KEY,
         )
 
-    @classmethod
-    def from_node_config(cls, *, state_dir: Path, node_config: dict) -> LedgerFiles:
-        """The files a SuperNode's node config names (`ledger-key`, `ledger-anchor`; `fer-client start` sets them)."""
-        return cls.of(
-            state_dir=state_dir,
-            key_file=Path(str(node_config["ledger-key"])) if "ledger-key" in node_config else None,
-            anchor_path=Path(str(node_config["ledger-anchor"])) if "ledger-anchor" in node_config else None,
-        )
+    def create_key(self) -> Path:
+        """Makes the ledger's key: the one place a ledger key is created (a deployed node's first start,
+        `fer-client start --new-privacy-ledger`; a simulated node's first DP round).
+
+        Raises:
+            LedgerError: the key already exists (replacing it would orphan its ledger).
+        """
+        self.key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return generate_key_file(self.key)
 
     @property
     def in_use(self) -> Path:
@@ -86,7 +88,7 @@ def open_ledger(
     files.ledger.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if simulated:
         if not files.key.exists():
-            generate_key_file(files.key)
+            files.create_key()
     else:
         if not files.key.exists():
             raise LedgerError(
@@ -138,7 +140,7 @@ def open_dp_client(
     Args:
         settings: run settings (ε, δ, clip norm, accountant, planned rounds).
         client_id: the node's identity, bound into its ledger.
-        files: the node's ledger files (`LedgerFiles.from_node_config`).
+        files: the node's ledger files (`NodeSettings.ledger_files`, client/node_config.py).
         dataset_size: local training-set size (sets the Poisson sample rate).
         batch_size: expected batch size.
         local_epochs: local epochs per round.

@@ -1,4 +1,5 @@
-"""Local training and evaluation loops. Plain PyTorch: nothing here knows about Flower, Messages or Contexts.
+"""Local training and evaluation loops. Plain PyTorch: nothing here knows about Flower, Messages or Contexts, nor
+how weights travel (that is `client.wire`, the Flower adapter's): the loops work on models and their state_dicts.
 
 The same loops serve centralised baselines, simulated clients and real hospital nodes, so a difference between a
 federated and a centralised result can only come from federation itself.
@@ -32,37 +33,6 @@ class EvalResult:
     num_examples: int
     predictions: np.ndarray
     targets: np.ndarray
-
-
-def get_weights(model: nn.Module) -> list[np.ndarray]:
-    """Returns the model's state as ONE flat float32 vector (a one-element list), in `state_dict` order.
-
-    Why one vector: Flower 1.41 ships every array of a message as separate objects, one HTTP request per object on
-    each hop (SuperLink -> SuperNode -> ClientApp and back). DMSNet-IoT's 242 tensors made 236 objects per message,
-    and those requests were most of a deployed round's time and what contended for the SuperLink's SQLite lock;
-    one vector is 4 objects. Every aggregation rule here is element-wise (Krum flattens anyway), and SecAgg+
-    masks a vector, so nothing else needs the per-tensor split.
-    """
-    state = model.state_dict()
-    return [np.concatenate([value.detach().cpu().reshape(-1).numpy().astype(np.float32) for value in state.values()])]
-
-
-def set_weights(model: nn.Module, weights: Sequence[np.ndarray]) -> None:
-    """Loads the flat vector `get_weights` produces into `model`; a wrong count or size raises ValueError."""
-    state = model.state_dict()
-    if len(weights) != 1:
-        raise ValueError(f"expected one flat parameter vector, got {len(weights)} arrays")
-    flat = np.asarray(weights[0])
-    sizes = [value.numel() for value in state.values()]
-    if flat.shape != (sum(sizes),):
-        raise ValueError(f"parameter vector has shape {flat.shape}, this model needs ({sum(sizes)},)")
-    new_state = {}
-    offset = 0
-    for (name, current), size in zip(state.items(), sizes):
-        piece = flat[offset : offset + size].reshape(tuple(current.shape))
-        new_state[name] = torch.as_tensor(piece.copy(), dtype=current.dtype)
-        offset += size
-    model.load_state_dict(new_state, strict=True)
 
 
 def make_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

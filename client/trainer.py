@@ -19,10 +19,11 @@ import torch
 from flwr.client import NumPyClient
 from torch.utils.data import DataLoader
 
-from client import replay, task
+from client import replay, task, wire
 from client.config import RunSettings
 from client.data.preprocess import Augment, FERTorchDataset
-from client.dp_training import LedgerFiles, open_dp_client
+from client.dp_training import open_dp_client
+from client.node_config import NodeSettings
 from client.node_setup import NodeSetup
 from models import create_model, model_info
 from privacy.guard import UpdateRejected, scale_update, update_norm
@@ -33,24 +34,15 @@ log = logging.getLogger("fer_fl.client")
 class FerClient(NumPyClient):
     """One node's training and evaluation for one message. Built fresh per message; state lives on disk."""
 
-    def __init__(
-        self, *, setup: NodeSetup, settings: RunSettings, node_index: int, node_config: dict | None = None
-    ) -> None:
+    def __init__(self, *, setup: NodeSetup, settings: RunSettings, node: NodeSettings) -> None:
         self.setup = setup
         self.settings = settings
-        self.node_index = node_index
-        self.node_config = dict(node_config or {})
+        self.node = node
 
     def _model(self) -> torch.nn.Module:
         # Federated models always use the GroupNorm build: BatchNorm's running statistics are per-site data
         # statistics (a leak of their own) and average badly across non-IID sites.
         return create_model(self.settings.model, dp=True)
-
-    @property
-    def simulated(self) -> bool:
-        """A node of a simulation (Flower's simulation engine gives it a partition-id; a SuperNode's node config,
-        which its site's operator writes, never has one)."""
-        return "partition-id" in self.node_config
 
     def _seed(self, server_round: int) -> int:
         """The seed of this round's torch generator (augmentation, shuffling, dropout; DP noise in simulations).
@@ -60,16 +52,16 @@ class FerClient(NumPyClient):
         from the OS: the coordinator knows the run's seed, and every real node used to share index 0, so it
         could regenerate a node's batches and noise (its DP noise is drawn from a CSPRNG anyway, privacy.dp).
         """
-        if not self.simulated:
+        if not self.node.simulated:
             return secrets.randbits(63)
-        return self.settings.seed * 1_000_003 + self.node_index * 1_009 + server_round
+        return self.settings.seed * 1_000_003 + self.node.partition_id * 1_009 + server_round
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
-        return task.get_weights(self._model())
+        return wire.get_weights(self._model())
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         server_round = int(config.get("server-round", 0))
-        if not self.settings.dp_enabled or self.simulated:
+        if not self.settings.dp_enabled or self.node.simulated:
             # Simulated nodes keep their state inside the run directory, which must never hold individual
             # updates; and a simulation is never resumed mid-round.
             return self._fit(parameters, config)
@@ -90,7 +82,7 @@ class FerClient(NumPyClient):
         seed = self._seed(server_round)
         torch.manual_seed(seed)
         model = self._model()
-        task.set_weights(model, parameters)
+        wire.set_weights(model, parameters)
         data = self.setup.data
         dataset = FERTorchDataset(data.train_images, data.train_labels, augment=Augment(), seed=seed)
         loader = DataLoader(
@@ -114,7 +106,7 @@ class FerClient(NumPyClient):
                 proximal_mu=proximal_mu,
                 reference=reference,
             )
-        new_weights = task.get_weights(model)
+        new_weights = wire.get_weights(model)
         delta = [new - np.asarray(old, dtype=np.float32) for new, old in zip(new_weights, parameters)]
         delta, norm, clipped = bound_update(delta, max_norm=self.settings.update_bound)
         metrics = {
@@ -122,7 +114,7 @@ class FerClient(NumPyClient):
             "profile": self.setup.profile,
             **{f"dp-{key}": value for key, value in privacy.items()},
         }
-        if releases_train_metrics(self.settings, self.node_config):
+        if releases_train_metrics(self.settings, share_metrics=self.node.share_metrics):
             metrics.update({"train-loss": result.loss, "train-accuracy": result.accuracy})
         if not self.settings.secure_agg:
             # Metrics travel in the clear even under SecAgg+; an individual update's norm must not.
@@ -131,7 +123,7 @@ class FerClient(NumPyClient):
             # Central DP calibrates its noise for a uniform mean, so every client weighs 1 in the aggregate
             # (also under SecAgg+, where the weight is applied here, before masking); the count is reported apart,
             # unless SecAgg+ hides per-site figures and the site did not opt in.
-            if not self.settings.secure_agg or shares_metrics(self.node_config):
+            if not self.settings.secure_agg or self.node.share_metrics:
                 metrics["train-examples"] = data.num_train
             return delta, 1, metrics
         return delta, data.num_train, metrics
@@ -145,11 +137,11 @@ class FerClient(NumPyClient):
         dp = open_dp_client(
             settings=self.settings,
             client_id=self.setup.data.client_id,
-            files=LedgerFiles.from_node_config(state_dir=self.setup.state_dir, node_config=self.node_config),
+            files=self.node.ledger_files(state_dir=self.setup.state_dir),
             dataset_size=len(dataset),
             batch_size=self.setup.batch_size,
             local_epochs=self.setup.local_epochs,
-            simulated=self.simulated,
+            simulated=self.node.simulated,
         )
         plan = dp.begin_round(server_round=server_round)
         private = dp.make_private(
@@ -164,24 +156,20 @@ class FerClient(NumPyClient):
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         data = self.setup.data
-        if not releases_evaluation(self.settings, self.node_config):
+        if not releases_evaluation(self.settings, share_metrics=self.node.share_metrics):
             # Accuracy, loss and size of the local test split are figures of private data that neither DP-SGD
             # nor SecAgg+ covers: the reply says they are withheld and carries none (not even the count).
             return 0.0, 0, {"client-id": data.client_id, "metrics-withheld": True}
         model = self._model()
-        task.set_weights(model, parameters)
+        wire.set_weights(model, parameters)
         loader = DataLoader(FERTorchDataset(data.test_images, data.test_labels), batch_size=256)
         result = task.evaluate(model, loader)
         return result.loss, result.num_examples, {"client-id": data.client_id, "accuracy": result.accuracy}
 
 
-def shares_metrics(node_config: dict) -> bool:
-    """Whether the site's operator opted in to sharing per-site figures (`fer-client start --share-metrics`)."""
-    return str(node_config.get("share-metrics", "")).strip().lower() in ("true", "1", "yes")
-
-
-def releases_train_metrics(settings: RunSettings, node_config: dict) -> bool:
-    """Whether the fit reply may carry the training loss and accuracy.
+def releases_train_metrics(settings: RunSettings, *, share_metrics: bool) -> bool:
+    """Whether the fit reply may carry the training loss and accuracy (`share_metrics`: the site's operator opted in
+    to sharing per-site figures, `fer-client start --share-metrics`).
 
     Both are computed on the private Poisson batches. Under DP-SGD they are outside the accountant, so they never
     leave (the simplest honest choice: noising and accounting them would cost budget for a progress figure; the
@@ -190,14 +178,14 @@ def releases_train_metrics(settings: RunSettings, node_config: dict) -> bool:
     """
     if settings.dp_enabled:
         return False
-    return not settings.secure_agg or shares_metrics(node_config)
+    return not settings.secure_agg or share_metrics
 
 
-def releases_evaluation(settings: RunSettings, node_config: dict) -> bool:
+def releases_evaluation(settings: RunSettings, *, share_metrics: bool) -> bool:
     """Whether the evaluate reply may carry the local test split's loss, accuracy and size: always in a plain
     run, and under DP-SGD or SecAgg+ only when the site opted in (these figures are neither noised nor masked)."""
     if settings.dp_enabled or settings.secure_agg:
-        return shares_metrics(node_config)
+        return share_metrics
     return True
 
 

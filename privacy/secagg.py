@@ -37,7 +37,8 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from logging import DEBUG
 from pathlib import Path
 from typing import cast
@@ -93,10 +94,6 @@ _SCALAR_BYTES = 48
 _ZERO_CHUNK = bytes(4 * _CHUNK)
 # The smallest threshold Flower's protocol allows; a site raises its own floor with `secagg-min-threshold`.
 DEFAULT_MIN_THRESHOLD = 2
-# Node-config keys the mod reads (set by `fer-client start`).
-MIN_THRESHOLD_KEY = "secagg-min-threshold"
-ROSTER_KEY = "secagg-roster"
-NODE_KEY = "node-key"
 # Round identities this node has masked an update for: in its Context (one run) and in its state directory (across
 # runs and restarts, e.g. after `fer-server resume`). They hold digests only, never an update.
 CONTRIBUTED_RECORD = "fer-fl:secagg-contributed"
@@ -178,8 +175,24 @@ class SecureAggregationRequired(PermissionError):
     """The node requires SecAgg+ and was asked for an update outside it."""
 
 
-def _is_true(value: object) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+@dataclass(frozen=True)
+class SecAggNodeOptions:
+    """What a site's operator set for this mod, parsed from its node config by the client layer
+    (client/node_config.py `NodeSettings.secagg_options`; privacy/ does not read node-config keys).
+
+    Attributes:
+        require_secure_agg: refuse any train message outside SecAgg+.
+        min_threshold: the site's threshold floor (at least the protocol's 2).
+        node_key: the node's enrolled private key; it signs the node's SecAgg+ keys.
+        roster: the pinned roster; neighbours' keys must be signed by distinct members.
+        state_dir: where the round identities this node masked for are kept across runs (None: this run only).
+    """
+
+    require_secure_agg: bool = False
+    min_threshold: int = DEFAULT_MIN_THRESHOLD
+    node_key: Path | None = None
+    roster: Path | None = None
+    state_dir: Path | None = None
 
 
 class SecAggPlusMod:
@@ -188,10 +201,11 @@ class SecAggPlusMod:
     A class rather than a closure so that Ray (simulation) and SuperNodes (deployment) can pickle it.
     """
 
-    def __init__(self, *, max_norm: float | None) -> None:
+    def __init__(self, *, max_norm: float | None, node_options: Callable[[Context], SecAggNodeOptions]) -> None:
         if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
             raise ValueError(f"max_norm must be a finite positive number, got {max_norm!r}")
         self.max_norm = max_norm
+        self.node_options = node_options
 
     def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         """Answers one SecAgg+ stage; non-train messages pass through untouched.
@@ -204,8 +218,9 @@ class SecAggPlusMod:
         # cannot be reused): same stage checks and state handling; masking, unmasking and setup checks replaced.
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, ctxt)
+        options = self.node_options(ctxt)
         if RECORD_KEY_CONFIGS not in msg.content.config_records:
-            if _is_true(ctxt.node_config.get("require-secure-agg", False)):
+            if options.require_secure_agg:
                 raise SecureAggregationRequired(
                     "this node requires secure aggregation (require-secure-agg) and the server asked for a plain "
                     "update; refusing to train"
@@ -226,21 +241,20 @@ class SecAggPlusMod:
         if state.current_stage == Stage.SETUP:
             state.nid = msg.metadata.dst_node_id
             res = _setup(state, configs)
-            self._check_setup(state, min_threshold=_min_threshold(ctxt.node_config))
-            if NODE_KEY in ctxt.node_config:
+            self._check_setup(state, min_threshold=options.min_threshold)
+            if options.node_key is not None:
                 attestation = sign_keys(
-                    Path(str(ctxt.node_config[NODE_KEY])), run_id=msg.metadata.run_id,
+                    options.node_key, run_id=msg.metadata.run_id,
                     group_id=msg.metadata.group_id, node_id=state.nid, pk1=state.pk1, pk2=state.pk2,
                 )
                 res[ATTESTATION_KEY] = attestation.to_json()
         elif state.current_stage == Stage.SHARE_KEYS:
-            if ROSTER_KEY in ctxt.node_config:
-                _check_neighbour_keys(msg, configs, attestations, roster_file=Path(str(ctxt.node_config[ROSTER_KEY])),
-                                      own_node_id=state.nid)
+            if options.roster is not None:
+                _check_neighbour_keys(msg, configs, attestations, roster_file=options.roster, own_node_id=state.nid)
             res = _share_keys_compact(state, configs)
         elif state.current_stage == Stage.COLLECT_MASKED_VECTORS:
             # Before training: a declined repeat costs this node nothing (no training, no privacy spend).
-            _record_contribution(ctxt, round_identity(msg))
+            _record_contribution(ctxt, round_identity(msg), state_dir=options.state_dir)
             global_shapes = _global_shapes(msg)
             out_content = call_next(msg, ctxt).content
             fitres = compat.recorddict_to_fitres(out_content, keep_input=True)
@@ -278,7 +292,7 @@ class SecAggPlusMod:
         if state.threshold < min_threshold:
             raise UnsafeSecAggSetup(
                 f"SecAgg+ setup refused: threshold {state.threshold} is below this site's floor {min_threshold} "
-                f"({MIN_THRESHOLD_KEY})"
+                "(secagg-min-threshold)"
             )
         if state.sample_num * state.target_range >= state.mod_range:
             # The sum of `sample_num` quantised vectors would wrap around the modulus and decode to garbage.
@@ -293,22 +307,22 @@ class SecAggPlusMod:
             )
 
 
-def make_secagg_mod(*, max_norm: float | None = None) -> SecAggPlusMod:
+def make_secagg_mod(
+    *, max_norm: float | None = None, node_options: Callable[[Context], SecAggNodeOptions]
+) -> SecAggPlusMod:
     """Builds the hardened SecAgg+ client mod for `ClientApp(client_fn=..., mods=[mod])`.
 
     Args:
         max_norm: When set, every update is scaled to an L2 norm of at most this value before masking (and setup
             is refused if it exceeds the server's `clipping_range`). When None the update is validated only, and a
             value the quantiser would clip makes the client refuse to send.
+        node_options: reads the site's options from a message's Context (`client.node_config.secagg_options`);
+            a picklable, module-level function.
 
     Returns:
         A picklable mod. The wrapped app's `fit` must return a model delta of the global model's shapes.
     """
-    return SecAggPlusMod(max_norm=max_norm)
-
-
-# Validation only: for apps that clip in their own `fit` (e.g. through `guard_update` or DP-SGD).
-secure_aggregation_mod = make_secagg_mod()
+    return SecAggPlusMod(max_norm=max_norm, node_options=node_options)
 
 
 def check_unmask_request(state: SecAggPlusState, configs: ConfigRecord) -> None:
@@ -354,16 +368,6 @@ def decode_secret_key(scalar: bytes) -> ec.EllipticCurvePrivateKey:
     return ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP384R1())
 
 
-def _min_threshold(node_config: dict) -> int:
-    """The site's threshold floor (`secagg-min-threshold`), never below the protocol's minimum of 2."""
-    raw = node_config.get(MIN_THRESHOLD_KEY, DEFAULT_MIN_THRESHOLD)
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"node config {MIN_THRESHOLD_KEY} must be an integer, got {raw!r}") from None
-    return max(value, DEFAULT_MIN_THRESHOLD)
-
-
 def _check_neighbour_keys(
     msg: Message, configs: ConfigRecord, attestations: object, *, roster_file: Path, own_node_id: int
 ) -> None:
@@ -397,7 +401,7 @@ def round_identity(msg: Message) -> str:
     return f"{server_round}:{digest.hexdigest()}"
 
 
-def _record_contribution(ctxt: Context, identity: str) -> None:
+def _record_contribution(ctxt: Context, identity: str, *, state_dir: Path | None) -> None:
     """Records that this node masks an update for `identity`, or refuses if it already did.
 
     Raises:
@@ -406,8 +410,7 @@ def _record_contribution(ctxt: Context, identity: str) -> None:
     """
     record = ctxt.state.config_records.get(CONTRIBUTED_RECORD)
     in_context = cast(list[str], record["identities"]) if record is not None else []
-    state_dir = ctxt.node_config.get("state-dir")
-    path = Path(str(state_dir)) / CONTRIBUTED_FILE if state_dir else None
+    path = state_dir / CONTRIBUTED_FILE if state_dir is not None else None
     on_disk = _read_contributed(path) if path is not None else []
     seen = list(dict.fromkeys([*on_disk, *in_context]))  # oldest first, so trimming forgets the oldest
     if identity in seen:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from client import task
+from client import task, wire
 from client.data.preprocess import FERTorchDataset
 from models import create_model
 from server.metrics import classification_metrics
@@ -28,7 +28,7 @@ class ServerEvaluator:
         self.loader = DataLoader(FERTorchDataset(images, labels), batch_size=batch_size)
 
     def __call__(self, server_round: int, weights: list[np.ndarray]) -> tuple[float, dict[str, Any]]:
-        task.set_weights(self.model, weights)
+        wire.set_weights(self.model, weights)
         with torch.inference_mode():
             result = task.evaluate(self.model, self.loader)
         metrics = classification_metrics(result.targets, result.predictions)

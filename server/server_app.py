@@ -28,7 +28,7 @@ from flwr.server.workflow.default_workflows import (
 )
 from flwr.serverapp import Grid, ServerApp
 
-from client import task
+from client import wire
 from client.config import RunSettings
 from client.data.labels import EMOTIONS
 from client.node_data import cached_dataset, parse_dataset_list
@@ -84,7 +84,7 @@ def weighted_mean_of(key: str) -> Callable[[list[tuple[int, dict[str, Any]]]], d
 def initial_weights(settings: RunSettings) -> list[np.ndarray]:
     """The seeded initial global model, so the same seed gives the same run."""
     torch.manual_seed(settings.seed)
-    return task.get_weights(create_model(settings.model, dp=True))
+    return wire.get_weights(create_model(settings.model, dp=True))
 
 
 def load_server_test_set(settings: RunSettings) -> tuple[np.ndarray, np.ndarray, bool] | None:
@@ -399,7 +399,7 @@ def summarize(rounds: list[dict[str, Any]], *, seconds: float, settings: RunSett
 
 def _state_dict(settings: RunSettings, weights: list[np.ndarray]) -> dict[str, torch.Tensor]:
     model = create_model(settings.model, dp=True)
-    task.set_weights(model, weights)
+    wire.set_weights(model, weights)
     return model.state_dict()
 
 
@@ -445,4 +445,4 @@ def load_resume_state(settings: RunSettings) -> ResumeState:
         raise ValueError(f"checkpoint {settings.resume_from} holds model {meta.get('name')!r}, not {settings.model!r}")
     model = create_model(settings.model, dp=True)
     model.load_state_dict(state)
-    return ResumeState(weights=task.get_weights(model), completed_round=int(meta["round"]))
+    return ResumeState(weights=wire.get_weights(model), completed_round=int(meta["round"]))

@@ -7,8 +7,7 @@ The ServerApp is `server.server_app:app`; it is not imported here, so a ClientAp
 
 from __future__ import annotations
 
-from client.client_app import make_client_app
-from privacy.secagg import secure_aggregation_mod
+from client.client_app import make_client_app, secure_aggregation_mod
 from simulation.federation import simulated_setup
 
 client_app = make_client_app(provider=simulated_setup, mods=(secure_aggregation_mod,))

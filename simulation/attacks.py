@@ -24,6 +24,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.config import ATTACKS, RunSettings
 from client.data.labels import NUM_CLASSES
+from client.node_config import NodeSettings
 
 SCALE_FACTOR = 100.0
 SIGN_FLIP_FACTOR = -10.0
@@ -108,7 +109,8 @@ class ByzantineMod:
 
     def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, ctxt)
-        partition = int(ctxt.node_config.get("partition-id", -1))
+        node = NodeSettings.from_node_config(ctxt.node_config, node_id=ctxt.node_id)
+        partition = node.partition_id if node.simulated else -1
         if msg.metadata.message_type != MessageType.TRAIN or partition not in self.partitions or reply.has_error():
             return reply
         fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)

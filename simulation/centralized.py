@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from client import task
+from client import task, wire
 from client.config import RunSettings
 from client.data.preprocess import Augment, FERTorchDataset
 from client.node_data import cached_dataset, node_data_from_indices
@@ -54,7 +54,7 @@ def run_centralized(
     evaluator = ServerEvaluator(model_name=settings.model, images=test_set[0], labels=test_set[1]) if test_set else None
 
     model = create_model(settings.model, dp=True)
-    task.set_weights(model, initial_weights(settings))
+    wire.set_weights(model, initial_weights(settings))
     optimizer = task.make_optimizer(model, name=settings.optimizer, lr=settings.lr)
     dataset = FERTorchDataset(images, labels, augment=Augment(), seed=settings.seed)
     loader = DataLoader(
@@ -65,7 +65,7 @@ def run_centralized(
     def record(server_round: int, seconds: float, train_loss: float | None) -> None:
         server = None
         if evaluator is not None:
-            loss, metrics = evaluator(server_round, task.get_weights(model))
+            loss, metrics = evaluator(server_round, wire.get_weights(model))
             server = {"loss": loss, **metrics}
         entry = {"round": server_round, "seconds": seconds, "bytes_up": 0, "bytes_down": 0, "server": server,
                  "federated": None}

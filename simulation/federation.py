@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context
 
 from client.client_app import setup_from_node_config
 from client.config import ConfigError, RunSettings
+from client.node_config import NodeSettings
 from client.node_data import cached_dataset, node_data_from_indices, parse_dataset_list
 from client.node_setup import NodeSetup
 from client.profiles import ClientProfile, assign_profiles, parse_profile_mix
@@ -99,11 +99,12 @@ def federation_stats(settings: RunSettings) -> dict:
     return stats
 
 
-def simulated_setup(context: Context, settings: RunSettings) -> NodeSetup:
-    """The data provider of simulated nodes (a node with a real `dataset` in its node config uses that)."""
-    if "dataset" in context.node_config:
-        return setup_from_node_config(context, settings)
-    partition_id = int(context.node_config["partition-id"])
+def simulated_setup(node: NodeSettings, settings: RunSettings) -> NodeSetup:
+    """The data provider of simulated nodes: its partition of the plan, with the plan's profile (a node with a real
+    `dataset` in its node config uses that, as a deployed node does)."""
+    if node.dataset is not None:
+        return setup_from_node_config(node, settings)
+    partition_id = node.partition_id
     plans = federation_plan(settings)
     if partition_id >= len(plans):
         raise ConfigError(f"simulated node {partition_id} has no partition: the plan has {len(plans)} clients")

@@ -18,9 +18,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.client_app import make_client_app
+from client.client_app import make_client_app, secure_aggregation_mod
 from client.config import RunSettings
-from privacy.secagg import secure_aggregation_mod
 from server.report import write_report
 from server.rundir import RunDirectory
 from server.server_app import ResumeState, run_federation

@@ -65,7 +65,7 @@ def _independent_accuracy(weights: list[np.ndarray]) -> float:
     per-image standardisation written out here, one forward pass, argmax against the labels."""
     import torch
 
-    from client import task
+    from client import wire
     from client.data.formats import load_dataset
     from models import create_model
 
@@ -74,7 +74,7 @@ def _independent_accuracy(weights: list[np.ndarray]) -> float:
     mean = images.mean(axis=(1, 2), keepdims=True)
     std = np.maximum(images.std(axis=(1, 2), keepdims=True), 1.0 / 255.0)
     model = create_model(SETTINGS.model, dp=True)
-    task.set_weights(model, weights)
+    wire.set_weights(model, weights)
     model.eval()
     with torch.no_grad():
         logits = model(torch.from_numpy(((images - mean) / std)[:, None].astype(np.float32)))
@@ -156,10 +156,12 @@ def test_private_training_spends_budget_cumulatively_across_train_messages(tmp_p
 def test_a_nodes_own_budget_caps_the_runs(run_epsilon, node_epsilon, expected):
     """A node's dp-epsilon lowers the run's budget, or imposes DP-SGD on a run without it; it never raises it."""
     from client.client_app import node_settings
+    from client.node_config import NodeSettings
 
-    node_config = {} if node_epsilon is None else {"dp-epsilon": node_epsilon}
+    node_config = {"dataset": "synthetic=280"} if node_epsilon is None else {"dataset": "synthetic=280",
+                                                                            "dp-epsilon": str(node_epsilon)}
 
-    settings = node_settings(SETTINGS.replace(dp_epsilon=run_epsilon), node_config)
+    settings = node_settings(SETTINGS.replace(dp_epsilon=run_epsilon), NodeSettings.from_node_config(node_config))
 
     assert settings.dp_epsilon == expected
 
@@ -169,21 +171,21 @@ def test_weights_travel_as_one_vector_and_load_back_exactly(name):
     """get_weights gives one float32 vector of every state entry; set_weights restores the state bit for bit."""
     import torch
 
-    from client import task
+    from client import wire
     from models import create_model
 
     torch.manual_seed(0)
     source, target = create_model(name, dp=True), create_model(name, dp=True)
 
-    weights = task.get_weights(source)
-    task.set_weights(target, weights)
+    weights = wire.get_weights(source)
+    wire.set_weights(target, weights)
 
     assert len(weights) == 1 and weights[0].dtype == np.float32
     assert weights[0].size == sum(v.numel() for v in source.state_dict().values())
     for (key, a), b in zip(source.state_dict().items(), target.state_dict().values()):
         assert torch.equal(a, b), key
     with pytest.raises(ValueError, match="needs"):
-        task.set_weights(target, [weights[0][:-1]])
+        wire.set_weights(target, [weights[0][:-1]])
 
 
 def test_a_repeated_round_gets_the_released_update_without_a_second_charge(tmp_path):

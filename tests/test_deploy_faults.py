@@ -266,7 +266,7 @@ def plain_federation(tmp_path_factory) -> Federation:
 
 def _global_weights(run_dir: Path, server_round: int) -> np.ndarray:
     """The global model after `server_round` as the flat vector that travels (round 0: the seeded initial model)."""
-    from client import task
+    from client import wire
     from client.config import RunSettings
     from models import create_model
     from models.files import load_model
@@ -278,7 +278,7 @@ def _global_weights(run_dir: Path, server_round: int) -> np.ndarray:
     state, _ = load_model(run_dir / "checkpoints" / f"round-{server_round:03d}.pt")
     model = create_model(settings.model, dp=True)
     model.load_state_dict(state)
-    return task.get_weights(model)[0].astype(np.float64)
+    return wire.get_weights(model)[0].astype(np.float64)
 
 
 def _assert_secagg_aggregate(fed: Federation, server_round: int, survivors: tuple[str, ...]) -> None:

@@ -16,9 +16,8 @@ from flwr.app.message_type import MessageType
 from flwr.common import EvaluateIns, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
-from client.client_app import make_client_app
+from client.client_app import make_client_app, secure_aggregation_mod
 from client.config import RunSettings
-from privacy.secagg import secure_aggregation_mod
 from server.rundir import RunDirectory
 from server.server_app import initial_weights, run_federation
 from simulation.federation import simulated_setup

@@ -34,6 +34,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key
 
+from client.node_config import secagg_options
 from privacy.secagg import (
     UnmaskRequestRefused,
     apply_mask,
@@ -122,7 +123,7 @@ def _make_client_app(
     metrics=_site_metrics,
 ) -> ClientApp:
     """NUM_NODES-ready app of `_DeltaClient`s behind `mod` ("plain" for none); `drop_at` loses nodes at a stage."""
-    mod = make_secagg_mod(max_norm=CLIPPING_RANGE) if mod is None else mod
+    mod = make_secagg_mod(max_norm=CLIPPING_RANGE, node_options=secagg_options) if mod is None else mod
 
     def client_fn(context: Context):
         partition = int(context.node_config["partition-id"])
@@ -492,7 +493,7 @@ def _poisoned(kind: str):
 def test_bad_update_is_refused_before_masking(kind, message):
     """A NaN/Inf/mis-shaped/oversized update never gets masked; the round goes on with the other four."""
     # Prepare: validation only, so an oversized update is refused rather than clipped.
-    client_app = _make_client_app(updates=_poisoned(kind), mod=make_secagg_mod(max_norm=None))
+    client_app = _make_client_app(updates=_poisoned(kind), mod=make_secagg_mod(max_norm=None, node_options=secagg_options))
     survivors = [0, 1, 2, 4]
 
     # Execute
@@ -536,7 +537,7 @@ def test_unsafe_configuration_fails_at_setup(client_max_norm, overrides, reason)
     """A clip the quantiser could still cut, or a sum that would wrap the modulus, stops the round at setup."""
     # Execute
     outcome = _run_round(
-        client_app=_make_client_app(mod=make_secagg_mod(max_norm=client_max_norm)),
+        client_app=_make_client_app(mod=make_secagg_mod(max_norm=client_max_norm, node_options=secagg_options)),
         workflow=_make_workflow(**overrides),
     )
 

@@ -9,6 +9,7 @@ import pytest
 from client.cli.runner import run_cli
 from client.cli.start_cmd import _secagg_node_config
 from client.deploy import generate_node_keys
+from client.node_config import NodeSettings
 from privacy.secagg_identity import SECAGG_ROSTER, identity_of, load_roster
 
 
@@ -36,8 +37,10 @@ def test_roster_command_writes_every_sites_key_and_the_site_pins_it(tmp_path):
 
     # Execute
     code, roster = _write_roster(tmp_path, sites)
-    config = _secagg_node_config(None, ca_cert=roster.parent / "ca.crt", key=sites["site-a"].private_key,
+    fields = _secagg_node_config(None, ca_cert=roster.parent / "ca.crt", key=sites["site-a"].private_key,
                                  min_threshold=3)
+    written = NodeSettings(dataset="synthetic=8", **fields).to_node_config()  # as fer-client start writes it
+    config = {key: written[key] for key in ("secagg-min-threshold", "node-key", "secagg-roster")}
 
     # Assert
     assert code == 0

@@ -79,6 +79,8 @@ def start(
     from client.data.formats import DatasetError
     from client.deploy import SuperNodeSettings, check_data, free_port, start_supernode
     from client.lifetime import InstanceLock, LockedError
+    from client.config import ConfigError
+    from client.node_config import NodeSettings
     from client.profiles import PROFILES
 
     if dp_epsilon is not None and not dp_epsilon > 0:
@@ -109,38 +111,34 @@ def start(
     files = _ledger_files(state_dir, ledger_key=ledger_key, ledger_anchor=ledger_anchor,
                           new=new_privacy_ledger)
     try:
+        node = NodeSettings(
+            dataset=_absolute_spec(dataset),
+            client_id=client_id or None,
+            profile=profile,
+            state_dir=state_dir,
+            ledger_key=files.key.resolve(),
+            ledger_anchor=ledger_anchor.resolve() if ledger_anchor else None,
+            dp_epsilon=float(dp_epsilon) if dp_epsilon is not None else None,
+            require_secure_agg=require_secure_agg,
+            share_metrics=share_metrics,
+            **_secagg_node_config(secagg_roster, ca_cert=ca_cert, key=key, min_threshold=secagg_min_threshold),
+        )
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+    try:
         lock = InstanceLock.acquire(lock_path, command="fer-client start")
     except LockedError as err:  # lost a race with another start on the same folder
         raise click.ClickException(_in_use(state_dir, err.holder)) from None
 
-    node_config = {"dataset": _absolute_spec(dataset), "state-dir": str(state_dir)}
-    if client_id:
-        node_config["client-id"] = client_id
-    if profile:
-        node_config["profile"] = profile
     if new_privacy_ledger:
-        from privacy.ledger import generate_key_file
-
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        generate_key_file(files.key)
+        files.create_key()
         print(f"NEW PRIVACY LEDGER: made the ledger key {files.key}; this node's DP budget starts from zero. If it "
               "ever trained before, its coordinator refuses its updates until it runs `fer-server forget-ledger "
               f"{client_id or 'CLIENT_ID'}`. Keep a copy of the key with the node's keys.", file=sys.stderr, flush=True)
-    node_config["ledger-key"] = str(files.key.resolve())
-    if ledger_anchor:
-        node_config["ledger-anchor"] = str(ledger_anchor.resolve())
-    if require_secure_agg:
-        node_config["require-secure-agg"] = "true"
-    if share_metrics:
-        node_config["share-metrics"] = "true"
-    if dp_epsilon is not None:
-        node_config["dp-epsilon"] = float(dp_epsilon)
-    node_config.update(
-        _secagg_node_config(secagg_roster, ca_cert=ca_cert, key=key, min_threshold=secagg_min_threshold)
-    )
     settings = SuperNodeSettings(
         superlink=server,
-        node_config=node_config,
+        node_config=node.to_node_config(),
         state_dir=state_dir,
         ca_cert=None if insecure else ca_cert.resolve(),
         private_key=None if insecure else key.resolve(),
@@ -214,12 +212,14 @@ def _ledger_status(settings) -> str:
     """One clause on what this node's privacy ledger holds (no ledger: no DP round was ever charged)."""
     from privacy.ledger import LedgerError, read_ledger
 
-    config = settings.node_config
-    path = Path(config["state-dir"]) / "privacy.ledger"
-    if not path.exists():
+    from client.node_config import NodeSettings
+
+    node = NodeSettings.from_node_config(settings.node_config)
+    files = node.ledger_files(state_dir=node.state_dir)
+    if not files.ledger.exists():
         return "privacy ledger: no DP round charged"
     try:
-        terms, rounds = read_ledger(path, key_file=config["ledger-key"])
+        terms, rounds = read_ledger(files.ledger, key_file=files.key)
     except LedgerError as err:
         return f"privacy ledger unreadable ({err})"
     if not rounds:
@@ -299,16 +299,15 @@ def _absolute_spec(spec: str) -> str:
 
 
 def _secagg_node_config(roster: Path | None, *, ca_cert: Path | None, key: Path | None, min_threshold: int) -> dict:
-    """Node-config entries of the hardened SecAgg+ mod (privacy/secagg.py, issue 10 item 6): the node's key, with
-    which it signs its SecAgg+ keys; the roster it pins to check its neighbours'; its threshold floor."""
-    from privacy.secagg import MIN_THRESHOLD_KEY, NODE_KEY, ROSTER_KEY
+    """The `NodeSettings` fields of the hardened SecAgg+ mod (privacy/secagg.py, issue 10 item 6): the node's key,
+    with which it signs its SecAgg+ keys; the roster it pins to check its neighbours'; its threshold floor."""
     from privacy.secagg_identity import SECAGG_ROSTER, identity_of, load_roster
 
     if min_threshold < 2:
         raise click.ClickException(f"--secagg-min-threshold must be at least 2, got {min_threshold}")
-    config: dict = {MIN_THRESHOLD_KEY: min_threshold}
+    config: dict = {"secagg_min_threshold": min_threshold}
     if key is not None:
-        config[NODE_KEY] = str(key.resolve())
+        config["node_key"] = key.resolve()
     if roster is None and ca_cert is not None and (ca_cert.parent / SECAGG_ROSTER).is_file():
         roster = ca_cert.parent / SECAGG_ROSTER
     if roster is None:
@@ -323,6 +322,6 @@ def _secagg_node_config(roster: Path | None, *, ca_cert: Path | None, key: Path 
     if own not in members:
         raise click.ClickException(f"--secagg-roster {roster}: this node's key {key} is not in it; ask the "
                                    "coordinator for the current roster")
-    config[ROSTER_KEY] = str(roster.resolve())
+    config["secagg_roster"] = roster.resolve()
     typer.echo(f"SecAgg+ roster pinned: {roster} ({len(members)} sites)")
     return config
