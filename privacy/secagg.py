@@ -6,7 +6,7 @@ What changes, and why:
 - Masks come from the full shared secret through HKDF-SHA256 and an AES-256-CTR keystream (`apply_masks`).
   Flower 1.41 XOR-folds every seed to 32 bits and feeds numpy's RandomState (flwr issue #7522), so a mask has at
   most 2**32 possibilities and a curious server can brute-force it. The server side (`server/secagg.py`) uses the
-  same `apply_masks` when it removes masks, so both ends must run this module.
+  same `apply_masks` when it removes masks, so both ends must run the same `privacy.secagg_masks`.
 - An unmask request that names a node both as active and as dropped, names this node as dropped, repeats a node or
   names a node this client holds no share of, is refused: answering it would hand the server both the private-mask
   seed and the pairwise-mask key of one node, i.e. that node's update in the clear. A refused round is closed for
