@@ -28,7 +28,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from client.data.formats import _worker_count, load_dataset  # noqa: E402
+from client.data.formats import load_dataset  # noqa: E402
+from client.data.formats.images import _worker_count  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fer2013"
 RESULT = REPO / "benchmarks" / "results" / "bench_load.json"

@@ -9,7 +9,7 @@ Per model (default size, DP build = GroupNorm, random 48×48 grayscale input):
   and "ew" (torch's ExpandedWeights); and "bk", our book-keeping clipping (privacy/bookkeeping.py: one backward
   pass, clipped sum formed from the recorded activations and output gradients) with Opacus's ghost-clipping
   optimizer adding the noise from torch's (seedable) generator, and "bk-secure", the same with the noise drawn
-  from the OS-keyed CSPRNG a deployed node uses (privacy.dp `_SecureRandom`). DP/plain is the throughput ratio,
+  from the OS-keyed CSPRNG a deployed node uses (privacy.noise `_SecureRandom`). DP/plain is the throughput ratio,
   1.0 meaning DP is free; secure_vs_seeded times single bk and bk-secure steps back to back (the CSPRNG's cost under
   the same load; see bench_secure_pairs); noise_ms_per_step times the two generators alone, back to back.
 Training engines are timed in turns (each engine once per turn, 3 turns, median), so a slow spell of the shared
@@ -96,7 +96,7 @@ def make_train_step(name: str, mode: str | None, *, batch: int):
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
         from privacy.bookkeeping import BookKeepingLoss, BookKeepingModule
-        from privacy.dp import _secure_optimizer_class, _SecureRandom
+        from privacy.noise import _secure_optimizer_class, _SecureRandom
 
         model = BookKeepingModule(model, max_grad_norm=1.0)
         criterion = BookKeepingLoss(model, criterion)
@@ -209,8 +209,8 @@ def bench_cpu_time(name: str, modes: list[str], *, batch: int, turns: int) -> di
 
 def bench_noise(count: int, *, timing: dict) -> dict[str, float]:
     """Milliseconds to draw one step's noise for `count` parameters, back to back: torch's seeded generator (one
-    Gaussian per value, Opacus without secure_mode) and the OS-keyed CSPRNG a deployed node uses (privacy.dp)."""
-    from privacy.dp import _SecureRandom
+    Gaussian per value, Opacus without secure_mode) and the OS-keyed CSPRNG a deployed node uses (privacy.noise)."""
+    from privacy.noise import _SecureRandom
 
     reference, secure = torch.zeros(count), _SecureRandom()
     return {

@@ -54,7 +54,8 @@ from flwr.server.workflow.default_workflows import default_fit_workflow  # noqa:
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes  # noqa: E402
 
 from client.node_config import secagg_options  # noqa: E402
-from privacy.secagg import apply_mask, make_secagg_mod, quantize_weighted  # noqa: E402
+from privacy.secagg import make_secagg_mod  # noqa: E402
+from privacy.secagg_masks import apply_mask, quantize_weighted  # noqa: E402
 from server.secagg import make_secagg_workflow  # noqa: E402
 from tests.secagg_runtime import run_in_process  # noqa: E402
 

@@ -146,7 +146,7 @@ def open_dp_client(
         local_epochs: local epochs per round.
         simulated: a node of a simulation: its key is made on first use, and its noise and Poisson sampling come
             from torch's generator, seeded from the run's seed (reproducible, and stated so in privacy.json).
-            A deployed node draws both from a CSPRNG keyed from the OS (privacy.dp `_SecureRandom`): the
+            A deployed node draws both from a CSPRNG keyed from the OS (privacy.noise `_SecureRandom`): the
             coordinator knows the run's seed, and could otherwise regenerate the noise and subtract it.
 
     Returns:

@@ -8,8 +8,8 @@ round and by a digest of the global weights it started from, and answers a repea
 
 Under SecAgg+ a re-sent update would be dangerous: a server that repeats the round with one site fewer gets that
 site's update as the difference of the two sums. The SecAgg+ mod therefore declines a second masked vector for the
-same (round, global weights) before this client is even asked (`privacy.secagg.round_identity`), so a re-send
-happens only in plain rounds, where the server saw the update itself the first time.
+same (round, global weights) before this client is even asked (`privacy.secagg_contributions.round_identity`), so
+a re-send happens only in plain rounds, where the server saw the update itself the first time.
 
 The file sits in the node's own state directory, beside its privacy ledger: it holds nothing the node's disk does
 not already hold in a stronger form (the faces). It is read with `allow_pickle=False`, and anything unreadable or

@@ -30,6 +30,17 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must lie strictly between 0 and 1, got {delta!r}")
 
 
+def _check_sample_rate(rate: float, *, name: str = "sample_rate") -> None:
+    if not (0.0 < rate <= 1.0):
+        raise ValueError(f"{name} must lie in (0, 1], got {rate!r}")
+
+
+def _check_count(value: object, *, name: str, positive: bool) -> None:
+    """A bool is no count, and steps or rounds come in whole numbers (a float such as 3.0 passes)."""
+    if isinstance(value, bool) or int(value) != value or value < int(positive):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} integer, got {value!r}")
+
+
 def merge_history(history: Sequence[Sequence[float]]) -> list[HistoryEntry]:
     """Validates a history and merges adjacent entries with the same (σ, q).
 
@@ -54,10 +65,8 @@ def merge_history(history: Sequence[Sequence[float]]) -> list[HistoryEntry]:
         sigma, rate, steps = float(entry[0]), float(entry[1]), entry[2]
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"history[{index}] noise_multiplier must be positive, got {sigma!r}")
-        if not (0.0 < rate <= 1.0):
-            raise ValueError(f"history[{index}] sample_rate must lie in (0, 1], got {rate!r}")
-        if isinstance(steps, bool) or int(steps) != steps or steps < 0:
-            raise ValueError(f"history[{index}] steps must be a non-negative integer, got {steps!r}")
+        _check_sample_rate(rate, name=f"history[{index}] sample_rate")
+        _check_count(steps, name=f"history[{index}] steps", positive=False)
         steps = int(steps)
         if steps == 0:
             continue
@@ -129,10 +138,8 @@ def calibrate_noise_multiplier(
     _check_delta(delta)
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be a positive finite number, got {epsilon!r}")
-    if not (0.0 < sample_rate <= 1.0):
-        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    _check_sample_rate(sample_rate)
+    _check_count(steps, name="steps", positive=True)
     return _calibrate_cached(float(epsilon), float(delta), float(sample_rate), int(steps), accountant)
 
 
@@ -160,6 +167,5 @@ def central_epsilon(
     Returns:
         ε after ``rounds`` rounds; 0.0 for zero rounds.
     """
-    if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 0:
-        raise ValueError(f"rounds must be a non-negative integer, got {rounds!r}")
+    _check_count(rounds, name="rounds", positive=False)
     return compute_epsilon(history=[(noise_multiplier, sample_rate, int(rounds))], delta=delta, accountant=accountant)

@@ -15,15 +15,9 @@
    ``PrivacyEngine`` per round does. A step hook refuses any step beyond the plan, or with a σ or clip
    norm other than the plan's, before the optimizer applies it.
 
-Opacus 1.6's own ``secure_mode`` needs ``torchcsprng`` (archived; last release 0.2.1 of March 2021, and pip
-finds no distribution of it for Python 3.11 / torch 2.x), so ``PrivacyEngine(secure_mode=True)`` raises
-ImportError here. ``DPSettings(secure_mode=True)``
-instead draws both the Poisson sampling and the noise from ChaCha20 (``cryptography``, keyed from
-``os.urandom``) and keeps Opacus's defence against floating-point attacks (each noise value is the sum
-of four Gaussians over two, Holohan et al. 2021, §5.1). Deployed nodes always use it
-(``client/dp_training.py``): the coordinator picks the run's seed, so noise derived from it would be noise the
-coordinator can regenerate and subtract. Simulations keep torch's seeded generator (reproducible runs), and
-``privacy.json`` says so. ``PrivacyEngine`` is not used at all: the
+``DPSettings(secure_mode=True)`` draws both the Poisson sampling (:mod:`privacy.sampling`) and the noise from the
+OS-keyed ChaCha20 generator of :mod:`privacy.noise`, which says why Opacus's own ``secure_mode`` cannot serve here;
+deployed nodes always use it. ``PrivacyEngine`` is not used at all: the
 pieces are assembled directly so that q, the steps and the accounting are exactly the ones charged.
 
 One round on a client::
@@ -49,30 +43,24 @@ server goes on without that site.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from opacus.accountants import create_accountant
-from opacus.data_loader import DPDataLoader, wrap_collate_with_empty
 from opacus.grad_sample import prepare_module
 from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
 from opacus.optimizers import get_optimizer_class
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators.module_validator import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.dataloader import default_collate
 
 from privacy.accounting import ACCOUNTANTS, calibrate_noise_multiplier, compute_epsilon, merge_history
 from privacy.bookkeeping import BookKeepingLoss, BookKeepingModule, release_bookkeeping_hooks
 from privacy.ledger import BudgetExhausted, LedgerError, PrivacyLedger
+from privacy.noise import _secure_optimizer_class, _SecureRandom
+from privacy.sampling import _PoissonDataLoader
 
 __all__ = [
     "BudgetExhausted",
@@ -160,166 +148,6 @@ class PrivateTraining(NamedTuple):
     optimizer: torch.optim.Optimizer
     loader: DataLoader
     criterion: Any
-
-
-class _SecureRandom:
-    """ChaCha20 keystream (256-bit key and nonce from ``os.urandom``) turned into uniforms and Gaussians.
-
-    What a deployed node's noise and Poisson sampling draw from, so that nobody who knows the run configuration
-    (the coordinator) can reproduce them. Opacus's own ``secure_mode`` would do the same with ``torchcsprng``,
-    which does not install here (see the module docstring); torch's CPU generator is Mersenne Twister, not a
-    CSPRNG (its state follows from 624 outputs, its seed has 64 bits), so seeding it from the OS is not enough.
-
-    The Gaussians follow Opacus's ``secure_mode`` recipe: float32 Box-Muller (as ``torch.normal`` for float32;
-    23-bit uniforms here), each noise value the sum of four of them over two against
-    floating-point attacks (Holohan et al. 2021, §5.1). The keystream goes into buffers kept between steps and
-    the arithmetic runs in place in float32: 1.2 M noise values (CNN-AM) cost about what torch's own generator
-    needs for the same four Gaussians (18-46 ms against 37-49 ms on the loaded project machine), where the first
-    version (float64, fresh buffers) took ~160 ms on a quiet one (benchmarks/bench_models.py).
-    """
-
-    _REKEY_BYTES = 1 << 30
-    _CHUNK = 1 << 15  # noise values drawn per pass (see gaussian_like)
-
-    def __init__(self) -> None:
-        self._rekey()
-
-    def _rekey(self) -> None:
-        cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
-        self._stream = cipher.encryptor()
-        self._used = 0
-        self._zeros = bytearray()
-        self._out = bytearray()
-
-    def _keystream(self, count: int) -> bytearray:
-        """The next `count` keystream bytes, at the start of a buffer that the next call overwrites."""
-        if self._used + count > self._REKEY_BYTES:
-            self._rekey()
-        self._used += count
-        # The buffers are kept between steps: fresh ones cost a page fault per 4 KiB, every step (measured: most of
-        # the keystream's time on a loaded machine). update_into wants room for one block beyond the data.
-        if len(self._zeros) < count:
-            self._zeros, self._out = bytearray(count), bytearray(count + 15)
-        self._stream.update_into(memoryview(self._zeros)[:count], self._out)
-        return self._out
-
-    def uniform(self, count: int) -> np.ndarray:
-        """``count`` float64 uniforms in the open interval (0, 1), 53 random bits each."""
-        words = np.frombuffer(self._keystream(8 * count), dtype=np.uint64, count=count)
-        return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
-
-    def normal(self, count: int) -> np.ndarray:
-        """``count`` standard normal float32 values (Box-Muller on 23-bit uniforms in (0, 1)).
-
-        numpy, in place, on purpose: its float32 log/cos/sin are SIMD and single-threaded, so the cost stays that
-        of torch's own generator whatever the thread count and load (measured at load ~20: 18 ms here and 37 ms
-        for ``torch.normal`` with 2 threads, where the same Box-Muller in torch ops took 223 ms).
-        """
-        pairs = (count + 1) // 2
-        words = np.frombuffer(self._keystream(8 * pairs), dtype=np.uint32, count=2 * pairs)
-        # Uniforms without an int-to-float conversion: 23 random mantissa bits under exponent 0 give 1 + k/2^23 in
-        # [1, 2); subtracting 1 - 2^-24 (exact) gives (2k + 1)/2^24 in (0, 1), never 0 for the log.
-        words &= np.uint32(0x007FFFFF)
-        words |= np.uint32(0x3F800000)
-        uniforms = words.view(np.float32)
-        uniforms -= np.float32(1.0 - 2.0**-24)
-        radius, angle = uniforms[:pairs], uniforms[pairs:]
-        np.log(radius, out=radius)
-        radius *= np.float32(-2.0)
-        np.sqrt(radius, out=radius)
-        angle *= np.float32(2.0 * math.pi)
-        out = np.empty(2 * pairs, dtype=np.float32)
-        np.cos(angle, out=out[:pairs])
-        np.sin(angle, out=out[pairs:])
-        out[:pairs] *= radius
-        out[pairs:] *= radius
-        return out[:count]
-
-    def gaussian_like(self, reference: torch.Tensor, *, std: float) -> torch.Tensor:
-        """N(0, std²) noise shaped like ``reference``, as the sum of four Gaussians over two.
-
-        Drawn in chunks whose four Gaussians (~1 MiB of keystream and floats) stay in cache: 18 ms instead of 28 ms
-        for CNN-AM's 1.2 M values, measured back to back.
-        """
-        count = reference.numel()
-        values = np.empty(count, dtype=np.float32)
-        for start in range(0, count, self._CHUNK):
-            size = min(self._CHUNK, count - start)
-            four = self.normal(4 * size).reshape(4, size)
-            chunk = values[start : start + size]
-            np.add(four[0], four[1], out=chunk)
-            chunk += four[2]
-            chunk += four[3]
-        values *= np.float32(std / 2.0)
-        return torch.from_numpy(values).to(dtype=reference.dtype, device=reference.device).view(reference.shape)
-
-
-def _secure_optimizer_class(base: type) -> type:
-    class SecureNoiseOptimizer(base):  # type: ignore[misc, valid-type]
-        """Opacus optimizer whose Gaussian noise comes from a CSPRNG."""
-
-        secure_random: _SecureRandom
-
-        def add_noise(self) -> None:
-            multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
-            for p in self.params:
-                _check_processed_flag(p.summed_grad)
-                noise = self.secure_random.gaussian_like(p.summed_grad, std=multiplier * self.max_grad_norm)
-                p.grad = (p.summed_grad + noise).view_as(p)
-                _mark_as_processed(p.summed_grad)
-
-    SecureNoiseOptimizer.__name__ = f"Secure{base.__name__}"
-    return SecureNoiseOptimizer
-
-
-class _PoissonSampler(UniformWithReplacementSampler):
-    """Opacus's Poisson batch sampler with a fixed number of steps and an optional CSPRNG."""
-
-    def __init__(self, *, num_samples: int, sample_rate: float, steps: int, secure_random: _SecureRandom | None):
-        super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=steps)
-        self._secure_random = secure_random
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self._secure_random is None:
-            yield from super().__iter__()
-            return
-        for _ in range(self.steps):
-            mask = self._secure_random.uniform(self.num_samples) < self.sample_rate
-            yield np.flatnonzero(mask).tolist()
-
-
-class _PoissonDataLoader(DPDataLoader):
-    """A :class:`DPDataLoader` at exactly the charged rate q and steps per epoch."""
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        *,
-        sample_rate: float,
-        steps: int,
-        secure_random: _SecureRandom | None,
-        num_workers: int = 0,
-    ) -> None:
-        # DPDataLoader.__init__ would pick steps = int(1/q) and torch's generator; both are fixed here.
-        self.sample_rate = sample_rate
-        self.distributed = False
-        sampler = _PoissonSampler(
-            num_samples=len(dataset), sample_rate=sample_rate, steps=steps, secure_random=secure_random
-        )
-        first = dataset[0]
-        DataLoader.__init__(
-            self,
-            dataset=dataset,
-            batch_sampler=sampler,
-            num_workers=num_workers,
-            collate_fn=wrap_collate_with_empty(
-                collate_fn=default_collate,
-                batch_first=True,
-                rand_on_empty=False,
-                sample_empty_shapes=[(0, *getattr(x, "shape", ())) for x in first],
-                dtypes=[getattr(x, "dtype", type(x)) for x in first],
-            ),
-        )
 
 
 def _release_stale_hooks(model: nn.Module) -> None:

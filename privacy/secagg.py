@@ -6,7 +6,7 @@ What changes, and why:
 - Masks come from the full shared secret through HKDF-SHA256 and an AES-256-CTR keystream (`apply_masks`).
   Flower 1.41 XOR-folds every seed to 32 bits and feeds numpy's RandomState (flwr issue #7522), so a mask has at
   most 2**32 possibilities and a curious server can brute-force it. The server side (`server/secagg.py`) uses the
-  same `apply_masks` when it removes masks, so both ends must run this module.
+  same `apply_masks` when it removes masks, so both ends must run the same `privacy.secagg_masks`.
 - An unmask request that names a node both as active and as dropped, names this node as dropped, repeats a node or
   names a node this client holds no share of, is refused: answering it would hand the server both the private-mask
   seed and the pairwise-mask key of one node, i.e. that node's update in the clear. A refused round is closed for
@@ -26,15 +26,16 @@ What changes, and why:
 - The first secret key is Shamir-shared as its 48-byte scalar rather than its 306-byte PEM text (4 chunks instead
   of 20 for PyCryptodome's pure-Python field arithmetic); `decode_secret_key` turns it back into a key.
 
+The arithmetic both ends share (masks, quantiser) is in `privacy.secagg_masks`, the record of the rounds this node
+masked in `privacy.secagg_contributions`, the signed keys and the roster in `privacy.secagg_identity`.
+
 The ClientApp must return a model DELTA (new weights minus the global weights it received), not full weights:
 deltas are small, so `clipping_range` can be small and the quantisation step with it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -44,10 +45,7 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.app.typing import ConfigRecordValues
@@ -69,8 +67,8 @@ from flwr.supercore import log
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 from numpy.typing import NDArray
 
-from privacy.atomic import atomic_write
-from privacy.guard import UpdateRejected, guard_update
+from privacy.guard import guard_update
+from privacy.secagg_contributions import _record_contribution, round_identity
 from privacy.secagg_identity import (
     ATTESTATION_KEY,
     ATTESTATIONS_KEY,
@@ -79,96 +77,20 @@ from privacy.secagg_identity import (
     sign_keys,
     verify_neighbour_keys,
 )
+from privacy.secagg_masks import MAX_MODULUS, _check_modulus, _quantize_into, _split, apply_masks
 
-MASK_KDF_INFO = b"fer-fl secagg+ mask v1"
-_DITHER_KDF_INFO = b"fer-fl secagg+ dither v1"
-MAX_MODULUS = 2**32
-# An update L2-clipped to exactly `clipping_range` may overshoot it by float rounding (float32 norms).
-_CLIP_TOLERANCE = 1e-5
-
-# Values per step of the streamed mask and quantiser: 256-512 KiB buffers stay in cache, where whole-vector
-# temporaries (10 MB for 1.2 M values) cost more in page faults and memory traffic than the arithmetic itself.
-_CHUNK = 1 << 16
 # Flower's key pairs are SECP384R1 (flwr.supercore.primitives.asymmetric.generate_key_pairs).
 _SCALAR_BYTES = 48
-_ZERO_CHUNK = bytes(4 * _CHUNK)
 # The smallest threshold Flower's protocol allows; a site raises its own floor with `secagg-min-threshold`.
 DEFAULT_MIN_THRESHOLD = 2
-# Round identities this node has masked an update for: in its Context (one run) and in its state directory (across
-# runs and restarts, e.g. after `fer-server resume`). They hold digests only, never an update.
-CONTRIBUTED_RECORD = "fer-fl:secagg-contributed"
-CONTRIBUTED_FILE = "secagg-contributed.json"
-_MAX_CONTRIBUTED = 10_000
 
 
 class UnmaskRequestRefused(ValueError):
     """An unmask request whose answer would let the server remove one node's masks completely."""
 
 
-def apply_masks(vector: NDArray[np.uint32], masks: Sequence[tuple[bytes, bool]], *, num_range: int) -> None:
-    """Adds (or subtracts) the mask of each seed to `vector` in place, modulo 2**32.
-
-    A seed's mask is HKDF-SHA256(seed) used as an AES-256-CTR key, its keystream read as little-endian uint32
-    values reduced modulo `num_range`. The whole seed is the HKDF input, so the mask has as much entropy as the
-    secret (Flower 1.41 keeps 32 bits of it). All keystreams are streamed together, one cache-sized slice of the
-    vector at a time, so the vector crosses memory once however many masks there are.
-
-    Args:
-        vector: The 1-D uint32 vector to mask or unmask.
-        masks: (seed, subtract) pairs: the shared secret (a 32-byte private-mask seed, or a Fernet key from ECDH +
-            HKDF) and whether its mask is removed rather than added.
-        num_range: The protocol's modulus; a power of two no larger than 2**32.
-    """
-    _check_modulus(num_range)
-    if vector.dtype != np.uint32 or vector.ndim != 1:
-        raise TypeError(f"masks apply to a 1-D uint32 vector, got {vector.ndim}-D {vector.dtype}")
-    streams = [(_keystream(seed, info=MASK_KDF_INFO), subtract) for seed, subtract in masks]
-    keystream = bytearray(4 * _CHUNK + 15)
-    reduce = np.uint32(num_range - 1) if num_range < MAX_MODULUS else None
-    for start in range(0, vector.size, _CHUNK):
-        count = min(_CHUNK, vector.size - start)
-        segment = vector[start : start + count]
-        for encryptor, subtract in streams:
-            encryptor.update_into(memoryview(_ZERO_CHUNK)[: 4 * count], keystream)
-            mask = np.frombuffer(keystream, dtype="<u4", count=count)
-            if reduce is not None:
-                mask &= reduce
-            (np.subtract if subtract else np.add)(segment, mask, out=segment)
-
-
-def apply_mask(vector: NDArray[np.uint32], seed: bytes, *, num_range: int, subtract: bool = False) -> None:
-    """`apply_masks` for one seed."""
-    apply_masks(vector, [(seed, subtract)], num_range=num_range)
-
-
-def _keystream(seed: bytes, *, info: bytes) -> CipherContext:
-    if len(seed) < 16:
-        raise ValueError(f"a mask seed needs at least 16 bytes, got {len(seed)}")
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(seed)
-    # Each key drives exactly one keystream, so a fixed all-zero counter block is safe.
-    return Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-
-
-def derive_mask_vector(seed: bytes, *, num_range: int, length: int) -> NDArray[np.uint32]:
-    """The mask `apply_mask` adds: `length` uniform integers in [0, num_range) from the whole secret."""
-    mask = np.zeros(length, dtype=np.uint32)
-    apply_mask(mask, seed, num_range=num_range)
-    return mask
-
-
-def derive_masks(seed: bytes, *, num_range: int, shapes: Sequence[tuple[int, ...]]) -> list[NDArray[np.uint32]]:
-    """`derive_mask_vector` cut into arrays of the given shapes (the drop-in for Flower's `pseudo_rand_gen`)."""
-    sizes = [math.prod(shape) for shape in shapes]
-    flat = derive_mask_vector(seed, num_range=num_range, length=sum(sizes))
-    return _split(flat, shapes)
-
-
 class UnsafeSecAggSetup(ValueError):
     """The server's SecAgg+ parameters would let it rebuild one node's update."""
-
-
-class RoundAlreadyMasked(PermissionError):
-    """This node already masked an update for this round identity; a second one would allow differencing."""
 
 
 class SecureAggregationRequired(PermissionError):
@@ -386,73 +308,11 @@ def _check_neighbour_keys(
     )
 
 
-def round_identity(msg: Message) -> str:
-    """What makes two rounds the same for this node: the fit config's round number and the global weights.
-
-    The same pair is what `client.replay` keys a re-sent update on (and what seeds deterministic training), so a
-    node that refuses a second masked vector for it can never put a replayed update into a second sum.
-    """
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    server_round = fitins.config.get("server-round", msg.metadata.group_id)
-    digest = hashlib.sha256()
-    for tensor in fitins.parameters.tensors:
-        digest.update(len(tensor).to_bytes(8, "big"))
-        digest.update(tensor)
-    return f"{server_round}:{digest.hexdigest()}"
-
-
-def _record_contribution(ctxt: Context, identity: str, *, state_dir: Path | None) -> None:
-    """Records that this node masks an update for `identity`, or refuses if it already did.
-
-    Raises:
-        RoundAlreadyMasked: a repeated round (same round number and global weights), e.g. a resumed or replayed
-            round with another set of participants, whose sum minus the first would be this node's update.
-    """
-    record = ctxt.state.config_records.get(CONTRIBUTED_RECORD)
-    in_context = cast(list[str], record["identities"]) if record is not None else []
-    path = state_dir / CONTRIBUTED_FILE if state_dir is not None else None
-    on_disk = _read_contributed(path) if path is not None else []
-    seen = list(dict.fromkeys([*on_disk, *in_context]))  # oldest first, so trimming forgets the oldest
-    if identity in seen:
-        raise RoundAlreadyMasked(
-            f"this node already sent a masked update for round {identity.split(':')[0]} from these global weights; "
-            "declining the repeated round (a second SecAgg+ sum over other participants would reveal its update)"
-        )
-    identities = [*seen, identity][-_MAX_CONTRIBUTED:]
-    if path is not None:
-        _write_contributed(path, identities)
-    ctxt.state.config_records[CONTRIBUTED_RECORD] = ConfigRecord({"identities": identities})
-
-
-def _read_contributed(path: Path) -> list[str]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as err:
-        # Unreadable means unknown: refusing every round is safer than forgetting what was sent.
-        raise RoundAlreadyMasked(f"{path}: cannot read this node's SecAgg+ contributions ({err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("identities", []), list):
-        raise RoundAlreadyMasked(f"{path}: not a record of this node's SecAgg+ contributions")
-    return [str(item) for item in data.get("identities", [])]
-
-
-def _write_contributed(path: Path, identities: list[str]) -> None:
-    """Atomically, and synced before the masked vector can leave: a crash must not forget a contribution."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write(path, json.dumps({"identities": identities}))
-
-
 def _close_round(state: SecAggPlusState) -> None:
     """Wipes the shares and moves to the last stage, so only a fresh setup is accepted next."""
     state.current_stage = Stage.UNMASK
     state.rd_seed_share_dict = {}
     state.sk1_share_dict = {}
-
-
-def _check_modulus(num_range: int) -> None:
-    if not 2 <= num_range <= MAX_MODULUS or num_range & (num_range - 1):
-        raise ValueError(f"the SecAgg+ modulus must be a power of two in [2, 2**32], got {num_range}")
 
 
 def _global_shapes(msg: Message) -> list[tuple[int, ...]]:
@@ -471,74 +331,6 @@ def _global_shapes(msg: Message) -> list[tuple[int, ...]]:
             shape, _, _ = np.lib.format.read_array_header_2_0(header)
         shapes.append(tuple(shape))
     return shapes
-
-
-def _split(flat: NDArray[np.uint32], shapes: Sequence[tuple[int, ...]]) -> list[NDArray[np.uint32]]:
-    arrays, offset = [], 0
-    for shape in shapes:
-        size = math.prod(shape)
-        arrays.append(flat[offset : offset + size].reshape(shape))
-        offset += size
-    return arrays
-
-
-def quantize_weighted(
-    update: Sequence[NDArray[np.floating]], *, weight: float, clipping_range: float, quantization_range: int
-) -> NDArray[np.uint32]:
-    """Maps `weight * update` from [-clipping_range, clipping_range] to integers in [0, quantization_range].
-
-    Stochastic rounding keeps the quantisation unbiased, as Flower's does. Unlike Flower's, nothing is clipped: a
-    value outside the range is refused.
-
-    Raises:
-        UpdateRejected: if a weighted value lies outside [-clipping_range, clipping_range].
-    """
-    levels = np.empty(sum(array.size for array in update), dtype=np.uint32)
-    _quantize_into(levels, update, weight=weight, clipping_range=clipping_range, quantization_range=quantization_range)
-    return levels
-
-
-def _quantize_into(
-    out: NDArray[np.uint32],
-    update: Sequence[NDArray[np.floating]],
-    *,
-    weight: float,
-    clipping_range: float,
-    quantization_range: int,
-) -> None:
-    # (w x + c) * T / 2c in float64: at T = 2**24 float32 has no fractional bits left for stochastic rounding.
-    factor = weight * quantization_range / (2 * clipping_range)
-    half_range = quantization_range / 2
-    limit = half_range * (1 + _CLIP_TOLERANCE)
-    # Dither for the stochastic rounding from an AES-CTR keystream under a fresh random key: 3x faster than
-    # numpy's PCG64 doubles, and unpredictable, which the rounding needs only to stay unbiased.
-    dither = _keystream(os.urandom(32), info=_DITHER_KDF_INFO)
-    dither_bytes = bytearray(4 * _CHUNK + 15)
-    levels_buffer = np.empty(_CHUNK, dtype=np.float64)
-    noise_buffer = np.empty(_CHUNK, dtype=np.float64)
-    offset = 0
-    for array in update:
-        flat = array.reshape(-1)
-        for start in range(0, flat.size, _CHUNK):
-            count = min(_CHUNK, flat.size - start)
-            levels, noise = levels_buffer[:count], noise_buffer[:count]
-            np.multiply(flat[start : start + count], factor, out=levels)
-            peak = max(float(levels.max()), -float(levels.min()))
-            if peak > limit:
-                raise UpdateRejected(
-                    f"update value {peak / factor:.6g} (weighted {peak / factor * weight:.6g}) exceeds the SecAgg+ "
-                    f"clipping_range {clipping_range}; clip the update (max_norm <= clipping_range) before secure "
-                    "aggregation"
-                )
-            if peak > half_range:
-                np.clip(levels, -half_range, half_range, out=levels)  # float rounding only, within the tolerance
-            levels += half_range
-            # Adding U[0, 1) and truncating (every value is >= 0) rounds up with probability equal to the fraction.
-            dither.update_into(memoryview(_ZERO_CHUNK)[: 4 * count], dither_bytes)
-            np.multiply(np.frombuffer(dither_bytes, dtype="<u4", count=count), 2.0**-32, out=noise)
-            levels += noise
-            np.copyto(out[offset : offset + count], levels, casting="unsafe")
-            offset += count
 
 
 def _collect_masked_vectors(

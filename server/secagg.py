@@ -2,7 +2,7 @@
 
 Subclasses Flower's `SecAggPlusWorkflow` and keeps its setup, key-sharing and collection stages. What changes:
 
-- Unmasking regenerates masks with `privacy.secagg.apply_masks` (HKDF + AES-CTR from the full secret), the
+- Unmasking regenerates masks with `privacy.secagg_masks.apply_masks` (HKDF + AES-CTR from the full secret), the
   generator the clients (`privacy.secagg.make_secagg_mod`) mask with; Flower's folds seeds to 32 bits.
 - A dropped node is one that shared its keys but sent no masked vector. Flower 1.41 also counts nodes that never
   shared keys (their shares do not exist, so the round fails) and removes pairwise masks towards neighbours that
@@ -34,10 +34,9 @@ model, so a strategy fed deltas must return global + average delta.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -57,29 +56,13 @@ from flwr.supercore import log
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 from numpy.typing import NDArray
 
-from privacy.secagg import MAX_MODULUS, apply_masks, decode_secret_key
+from privacy.secagg import decode_secret_key
 from privacy.secagg_identity import ATTESTATION_KEY, ATTESTATIONS_KEY
+from privacy.secagg_masks import MAX_MODULUS, apply_masks
+from server.secagg_outcome import QuantizationCost, SecAggRoundFailed, _quantization_cost
+from server.secagg_tap import _GridTap
 
 FAILED_METRIC = "secagg_failed"
-
-
-class SecAggRoundFailed(Exception):
-    """A SecAgg+ round that produced no aggregate; the global model was left unchanged.
-
-    Attributes:
-        server_round: The round that failed.
-        stage: The protocol stage at which it stopped ("setup", "share_keys", "collect_masked_vectors", "unmask",
-            or "aggregate" when the strategy returned no parameters).
-        reason: One line saying why.
-        client_errors: The error replies received from clients during the round.
-    """
-
-    def __init__(self, *, server_round: int, stage: str, reason: str, client_errors: tuple[str, ...] = ()) -> None:
-        super().__init__(f"SecAgg+ round {server_round} failed at stage {stage}: {reason}")
-        self.server_round = server_round
-        self.stage = stage
-        self.reason = reason
-        self.client_errors = client_errors
 
 
 @runtime_checkable
@@ -88,42 +71,6 @@ class MaskedReplyScreen(Protocol):
 
     def screen_masked_reply(self, server_round: int, proxy: ClientProxy, res: FitRes) -> str | None:
         """Why this node must be left out of the sum (its FitRes holds metadata only), or None to keep it."""
-
-
-@dataclass(frozen=True)
-class QuantizationCost:
-    """What SecAgg+'s integer encoding cost one round's decoded average, per model value.
-
-    Each survivor i sends round_stochastic((w_i x_i + c) T / 2c) with w_i = q_i / T its quantised weight, so each
-    encoded value is off by less than one step 2c/T (unbiased; variance at most step^2 / 4); the average divides
-    the sum by sum_i w_i.
-
-    Attributes:
-        server_round: The round.
-        num_clients: Survivors whose vectors are in the sum.
-        clipping_range: c, the bound on every weighted value.
-        quantization_range: T, levels per value.
-        total_weight: sum_i q_i / T as decoded from the sum.
-        step: 2c/T, one level in weighted-value units.
-        max_abs_error: Worst case per value of the decoded average, num_clients * step / total_weight.
-        rms_error: Expected root-mean-square error per value of the average, sqrt(num_clients) * step / 2 /
-            total_weight (a bound: stochastic rounding's variance is at most step^2 / 4).
-        max_abs_error_per_update: Worst case per value of the smallest-weight survivor's own update once decoded,
-            step / min_i w_i (computed from the clear example counts; None when they are unknown).
-    """
-
-    server_round: int
-    num_clients: int
-    clipping_range: float
-    quantization_range: int
-    total_weight: float
-    step: float
-    max_abs_error: float
-    rms_error: float
-    max_abs_error_per_update: float | None
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(vars(self))
 
 
 @dataclass
@@ -137,38 +84,6 @@ class _RoundState(WorkflowState):
     attestations: dict[int, bytes] = field(default_factory=dict)
     excluded_node_ids: set[int] = field(default_factory=set)
     quantization: QuantizationCost | None = None
-
-
-class _GridTap:
-    """A Grid whose `send_and_receive` lets a stage edit what goes out and vet what comes back.
-
-    Flower's stages build and read their messages inside one method each; tapping the grid adds our fields to
-    those messages without copying Flower's stage code.
-    """
-
-    def __init__(
-        self,
-        grid: Grid,
-        *,
-        outgoing: Callable[[Message], None] | None = None,
-        incoming: Callable[[Message], bool] | None = None,
-    ) -> None:
-        self._grid = grid
-        self._outgoing = outgoing
-        self._incoming = incoming
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        if self._outgoing is not None:
-            for message in messages:
-                self._outgoing(message)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        if self._incoming is None:
-            return replies
-        return [reply for reply in replies if self._incoming(reply)]
 
 
 class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -469,32 +384,6 @@ def make_secagg_workflow(
     )
 
 
-def _quantization_cost(
-    state: WorkflowState, *, server_round: int, total_weight: int, num_clients: int
-) -> QuantizationCost:
-    """The round's `QuantizationCost`, from the decoded total weight and the survivors' clear example counts."""
-    levels = state.quantization_range
-    step = 2 * state.clipping_range / levels
-    weight = total_weight / levels
-    counts = [res.num_examples for _, res in state.legacy_results if res.num_examples > 0]
-    per_update = None
-    if counts:
-        # A survivor's weight as its mod quantised it: round(num_examples / max_weight * T) / T.
-        smallest = max(round(min(counts) / state.max_weight * levels), 1) / levels
-        per_update = step / smallest
-    return QuantizationCost(
-        server_round=server_round,
-        num_clients=num_clients,
-        clipping_range=float(state.clipping_range),
-        quantization_range=int(levels),
-        total_weight=weight,
-        step=step,
-        max_abs_error=num_clients * step / weight,
-        rms_error=math.sqrt(num_clients) * step / 2 / weight,
-        max_abs_error_per_update=per_update,
-    )
-
-
 def _error_text(err: BaseException) -> str:
     """The client's own error text (Flower wraps an error reply's `Error` in a bare Exception)."""
     reason = getattr(err.args[0], "reason", None) if err.args else None
@@ -519,4 +408,3 @@ def _unflatten(
         arrays.append(flat[offset : offset + size].reshape(shape).astype(dtype))
         offset += size
     return arrays
-

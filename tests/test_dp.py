@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from privacy.accounting import calibrate_noise_multiplier, compute_epsilon
-from privacy.dp import GRAD_SAMPLE_MODES, DPClient, DPSettings, PlanExceeded, RoundPlan, _SecureRandom
+from privacy.dp import GRAD_SAMPLE_MODES, DPClient, DPSettings, PlanExceeded, RoundPlan
 from privacy.ledger import PrivacyLedger, generate_key_file
+from privacy.noise import _SecureRandom
 
 DELTA = 1e-5
 

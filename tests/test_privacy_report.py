@@ -178,7 +178,7 @@ def test_threat_model_is_one_paragraph_covering_server_dp_and_gaps():
 def test_secagg_quantisation_cost_is_summarised_by_its_worst_round():
     """privacy.json carries every round's SecAgg+ quantisation cost and the worst one on top; report.md states it."""
     # Prepare
-    from server.secagg import QuantizationCost
+    from server.secagg_outcome import QuantizationCost
 
     def cost(server_round: int, total_weight: float) -> dict:
         step = 2 * 0.5 / 2**24

@@ -35,15 +35,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key
 
 from client.node_config import secagg_options
-from privacy.secagg import (
-    UnmaskRequestRefused,
-    apply_mask,
-    check_unmask_request,
-    decode_secret_key,
-    derive_mask_vector,
-    derive_masks,
-    make_secagg_mod,
-)
+from privacy.secagg import UnmaskRequestRefused, check_unmask_request, decode_secret_key, make_secagg_mod
+from privacy.secagg_masks import apply_mask, derive_mask_vector, derive_masks
 from server.secagg import HardenedSecAggPlusWorkflow, make_secagg_workflow
 from server.strategy import GuardedStrategy
 from tests.secagg_runtime import InProcessRun, run_in_process
