@@ -37,8 +37,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import DEBUG
 from pathlib import Path
