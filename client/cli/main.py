@@ -25,6 +25,7 @@ def _register() -> None:
     app.command("predict")(predict_cmd.predict)
     app.command("watch")(watch_cmd.watch)
     app.command("export")(export_cmd.export)
+    app.command("adapt")(__import__("client.cli.adapt_cmd", fromlist=["adapt"]).adapt)
 
 
 def main(argv: list[str] | None = None) -> None:

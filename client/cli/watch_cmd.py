@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import typer
 
-from client.cli.predict_cmd import ModelOption, RuntimeOption, StateDirOption
+from client.cli.predict_cmd import ModelOption, PersonalOption, RuntimeOption, StateDirOption
 from client.inference.media import Frame
 
 
@@ -51,6 +51,7 @@ def watch(
     detector: Annotated[str, typer.Option(help="haar (bundled with OpenCV) or yunet.")] = "haar",
     yunet_model: Annotated[Path | None, typer.Option(help="YuNet .onnx file for --detector yunet.")] = None,
     state_dir: StateDirOption = Path("fer-client-state"),
+    personal: PersonalOption = None,
 ) -> int:
     """Watch a camera, video or stream in real time: tracked, smoothed expressions and care alerts."""
     from client.inference.alerts import AlertEngine, load_rules, run_hook
@@ -67,7 +68,7 @@ def watch(
     if video is not None and not video.is_file():
         raise click.ClickException(f"--video {video}: no such file")
     rules = load_rules(alerts) if alerts is not None else []
-    classifier = open_classifier(model=model, runtime=runtime, state_dir=state_dir)
+    classifier = open_classifier(model=model, runtime=runtime, state_dir=state_dir, personal=personal)
     pipeline = FramePipeline(classifier=classifier, detector=detector, detect_every=detect_every,
                              detect_width=detect_width,
                              yunet_model=None if yunet_model is None else str(yunet_model))
