@@ -27,10 +27,10 @@ def adapt(
     name: Annotated[str, typer.Option("--name", help="The patient or camera the head is for (its file name).")],
     model: ModelOption = None,
     state_dir: StateDirOption = Path("fer-client-state"),
-    epochs: Annotated[int, typer.Option(help="Passes over the corrections.")] = 50,
+    epochs: Annotated[int, typer.Option(help="Passes over the corrections.")] = 100,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-2,
     anchor: Annotated[float, typer.Option(
-        help="Pull towards the federated head (weight of the squared distance; 0: free fit).")] = 0.1,
+        help="Pull towards the federated head (weight of the squared distance; 0: free fit).")] = 0.3,
     seed: Annotated[int, typer.Option(help="Seed of the mini-batch order.")] = 0,
 ) -> int:
     """Fit a personal head for one patient from a carer's labelled faces (kept on this device only)."""

@@ -3,9 +3,11 @@
 Each frame: detect (every --detect-every frames) -> align -> classify -> track (IoU) -> smooth (EMA, --half-life)
 -> care-alert rules. stdout gets one JSON line per tracked face per frame (with --every N, per N-th frame) and one
 per alert; stderr gets FPS and latency every --log-every seconds and a summary at the end. Frames and faces are
-kept in memory only; nothing is written unless asked (--save-uncertain, --alerts-out). Ctrl-C stops the loop
-cleanly: the source is released, files are closed and the summary is printed, with exit code 0. A --video that
-ends before its header's frame count is reported as truncated after its frames were used, with exit code 1.
+kept in memory only; nothing is written unless asked (--save-uncertain, --alerts-out). The crops --save-uncertain
+keeps are what a carer labels for `fer-client adapt`; --personal NAME then reads with that patient's personal head.
+Ctrl-C stops the loop cleanly: the source is released, files are closed and the summary is printed, with exit code
+0. A --video that ends before its header's frame count is reported as truncated after its frames were used, with
+exit code 1.
 
 Time: for --video it is the video's own clock (frame index / declared FPS), so rule durations mean the same on a
 slow machine; for --camera and --stream it is wall-clock seconds since the start.
