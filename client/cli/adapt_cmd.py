@@ -33,7 +33,10 @@ def adapt(
         help="Pull towards the federated head (weight of the squared distance; 0: free fit).")] = 0.3,
     seed: Annotated[int, typer.Option(help="Seed of the mini-batch order.")] = 0,
 ) -> int:
-    """Fit a personal head for one patient from a carer's labelled faces (kept on this device only)."""
+    """Fit a personal head for one patient from a carer's labelled faces (kept on this device only).
+
+    The "accuracy on them" it reports is on the corrections themselves (a fit, not a held-out figure).
+    """
     from client.inference.adapt import AdaptSettings, adapt as fit, count_unlabelled, personal_paths
     from client.inference.model import resolve_model
 
@@ -44,8 +47,8 @@ def adapt(
     sys.stdout.write(json.dumps(card.to_json()) + "\n")
     unlabelled = count_unlabelled(corrections)
     note = f"; {unlabelled} unlabelled images at the top of {corrections} not used" if unlabelled else ""
-    print(f"fer-client: personal head {name!r}: {card.corrections} corrections {card.per_class}, accuracy on them "
-          f"{card.accuracy_before:.2f} -> {card.accuracy_after:.2f}; saved to {weights}"
-          f"{note}", file=sys.stderr)
+    counts = ", ".join(f"{emotion} {count}" for emotion, count in card.per_class.items())
+    print(f"fer-client: personal head {name!r}: {card.corrections} corrections ({counts}), accuracy on them "
+          f"{card.accuracy_before:.2f} -> {card.accuracy_after:.2f}; saved to {weights}{note}", file=sys.stderr)
     return 0
 
