@@ -28,6 +28,8 @@ ModelOption = Annotated[Path | None, typer.Option(
     "--model", "-m", help="A run's model.pt (model.json beside it), or a .onnx with --runtime onnx.")]
 StateDirOption = Annotated[Path, typer.Option(help="This node's state directory (where delivered models will be "
                                                    "looked for).")]
+PersonalOption = Annotated[str | None, typer.Option(
+    "--personal", help="Use the personal head NAME (fer-client adapt) from --state-dir; PyTorch runtime only.")]
 
 
 def predict(
@@ -39,13 +41,14 @@ def predict(
     detector: Annotated[str, typer.Option(help="haar (bundled with OpenCV) or yunet.")] = "haar",
     yunet_model: Annotated[Path | None, typer.Option(help="YuNet .onnx file for --detector yunet.")] = None,
     state_dir: StateDirOption = Path("fer-client-state"),
+    personal: PersonalOption = None,
 ) -> int:
     """Recognise expressions in images and videos: one JSON line per face."""
     from client.inference.media import MediaError, expand_inputs
     from client.inference.model import open_classifier
     from client.inference.pipeline import FramePipeline
 
-    classifier = open_classifier(model=model, runtime=runtime, state_dir=state_dir)
+    classifier = open_classifier(model=model, runtime=runtime, state_dir=state_dir, personal=personal)
     try:
         files = expand_inputs(paths)
     except MediaError as err:

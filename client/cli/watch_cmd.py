@@ -3,9 +3,11 @@
 Each frame: detect (every --detect-every frames) -> align -> classify -> track (IoU) -> smooth (EMA, --half-life)
 -> care-alert rules. stdout gets one JSON line per tracked face per frame (with --every N, per N-th frame) and one
 per alert; stderr gets FPS and latency every --log-every seconds and a summary at the end. Frames and faces are
-kept in memory only; nothing is written unless asked (--save-uncertain, --alerts-out). Ctrl-C stops the loop
-cleanly: the source is released, files are closed and the summary is printed, with exit code 0. A --video that
-ends before its header's frame count is reported as truncated after its frames were used, with exit code 1.
+kept in memory only; nothing is written unless asked (--save-uncertain, --alerts-out). The crops --save-uncertain
+keeps are what a carer labels for `fer-client adapt`; --personal NAME then reads with that patient's personal head.
+Ctrl-C stops the loop cleanly: the source is released, files are closed and the summary is printed, with exit code
+0. A --video that ends before its header's frame count is reported as truncated after its frames were used, with
+exit code 1.
 
 Time: for --video it is the video's own clock (frame index / declared FPS), so rule durations mean the same on a
 slow machine; for --camera and --stream it is wall-clock seconds since the start.
@@ -24,7 +26,7 @@ import cv2
 import numpy as np
 import typer
 
-from client.cli.predict_cmd import ModelOption, RuntimeOption, StateDirOption
+from client.cli.predict_cmd import ModelOption, PersonalOption, RuntimeOption, StateDirOption
 from client.inference.media import Frame
 
 
@@ -51,6 +53,7 @@ def watch(
     detector: Annotated[str, typer.Option(help="haar (bundled with OpenCV) or yunet.")] = "haar",
     yunet_model: Annotated[Path | None, typer.Option(help="YuNet .onnx file for --detector yunet.")] = None,
     state_dir: StateDirOption = Path("fer-client-state"),
+    personal: PersonalOption = None,
 ) -> int:
     """Watch a camera, video or stream in real time: tracked, smoothed expressions and care alerts."""
     from client.inference.alerts import AlertEngine, load_rules, run_hook
@@ -67,7 +70,7 @@ def watch(
     if video is not None and not video.is_file():
         raise click.ClickException(f"--video {video}: no such file")
     rules = load_rules(alerts) if alerts is not None else []
-    classifier = open_classifier(model=model, runtime=runtime, state_dir=state_dir)
+    classifier = open_classifier(model=model, runtime=runtime, state_dir=state_dir, personal=personal)
     pipeline = FramePipeline(classifier=classifier, detector=detector, detect_every=detect_every,
                              detect_width=detect_width,
                              yunet_model=None if yunet_model is None else str(yunet_model))

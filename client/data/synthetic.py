@@ -15,6 +15,11 @@ contrast), sensor noise, and partial occlusion (a block, a hand, glasses or a ma
 defeats a linear classifier on raw pixels: the same mouth shape lands on different pixels in every image, while a
 small CNN's shared filters and pooling absorb the shift.
 
+A simulated patient (`Patient`) is one person seen many times: a single identity, and optionally expressions that
+are systematically shifted, each named expression drawn with another's prototype (a drooping mouth that makes the
+resting face read as sad, a smile too faint to read as one). A model trained on everyone else misreads that patient
+in a consistent way, which is what personal adaptation (`fer-client adapt`, client/inference/adapt.py) corrects.
+
 Calibrated on this project's 2-core CPU (tests/test_synthetic.py asserts it, benchmarks/bench_synthetic.py measures
 it): a small CNN trained for five epochs on 2,100 images reaches about 72 % test accuracy on 700 fresh ones, while a
 tuned logistic regression on the standardised pixels stays near 26 % (chance is 14 %).
@@ -23,6 +28,8 @@ tuned logistic regression on the standardised pixels stays near 26 % (chance is 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -67,7 +74,40 @@ _OCCLUSION_RATE = 0.30
 _GLASSES_RATE = 0.12
 
 
-def make_synthetic(n: int, *, seed: int, image_size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+# Per-sample quantities that make a person look like themselves (face shape, feature spacing, colouring): a Patient
+# fixes them to one draw. Pose, illumination, occlusion and the expression itself still vary between pictures.
+_IDENTITY = ("face_rx", "face_ry", "eye_dx", "eye_y", "eye_w", "eye_h", "brow_gap", "brow_len", "brow_thick",
+             "nose_len", "mouth_y", "mouth_w", "skin", "hair", "hair_top", "iris", "lip_side")
+
+
+@dataclass(frozen=True)
+class Patient:
+    """One simulated person whose expressions a model trained on everyone else misreads systematically.
+
+    Attributes:
+        identity_seed: seeds the single identity every face of this patient has.
+        looks_like: expression -> the expression whose prototype this patient's face shows when they have the
+            first one (e.g. {"neutral": "sad", "sad": "neutral"}: a resting face that reads as sad). Labels stay
+            the true expression. Unnamed expressions look as everyone's do. A mapping that sends two expressions
+            to the same prototype makes them indistinguishable, which no adaptation can undo.
+    """
+
+    identity_seed: int
+    looks_like: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in (*self.looks_like, *self.looks_like.values()):
+            if name not in EMOTIONS:
+                raise ValueError(f"Patient.looks_like: {name!r} is not one of {', '.join(EMOTIONS)}")
+
+    def shown(self, labels: np.ndarray) -> np.ndarray:
+        """The expression each face is drawn with, for true `labels`."""
+        table = np.array([EMOTIONS.index(self.looks_like.get(name, name)) for name in EMOTIONS], dtype=np.int64)
+        return table[labels]
+
+
+def make_synthetic(n: int, *, seed: int, image_size: int = 48,
+                   patient: Patient | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Draws `n` synthetic faces with balanced expression labels.
 
     Args:
@@ -77,6 +117,8 @@ def make_synthetic(n: int, *, seed: int, image_size: int = 48) -> tuple[np.ndarr
             partition without shipping images.
         image_size: side of the square output; faces are drawn in a 48-pixel frame and scaled, so other sizes are
             the same faces at another resolution.
+        patient: draw every face as this one simulated patient (one identity, shifted expressions) instead of a
+            crowd of identities; None (the default) leaves the output byte-identical to the generator without it.
 
     Returns:
         images: uint8 array of shape (n, image_size, image_size), grayscale.
@@ -90,7 +132,12 @@ def make_synthetic(n: int, *, seed: int, image_size: int = 48) -> tuple[np.ndarr
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % NUM_CLASSES
     rng.shuffle(labels)
-    params = _sample_params(n, labels, rng)
+    params = _sample_params(n, labels if patient is None else patient.shown(labels), rng)
+    if patient is not None:
+        # One draw of the crowd's identity distribution, from the patient's own seed.
+        identity = _sample_params(1, labels[:1], np.random.default_rng(patient.identity_seed))
+        for key in _IDENTITY:
+            params[key] = np.repeat(identity[key], n)
     canvas = image_size * _SUPERSAMPLE
     scale = canvas / 48.0
     images = np.empty((n, image_size, image_size), dtype=np.uint8)

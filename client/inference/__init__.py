@@ -6,6 +6,7 @@
     tracking.py  IoU face tracks across frames and temporal smoothing of their probabilities
     alerts.py    care-alert rules (TOML) evaluated on the smoothed stream, JSON events, local hook command
     export.py    ONNX export (dynamic batch) and int8 quantisation for IoT devices
+    adapt.py     a personal head per patient fitted on a carer's corrections, kept apart from the federated weights
 
 Nothing here talks to the network: frames come from files, a local camera or a stream URL the user names, and
 results go to stdout and files the user names.

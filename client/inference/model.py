@@ -219,7 +219,12 @@ def _first_line(err: BaseException) -> str:
 
 
 def open_classifier(*, model: Path | None, runtime: str, state_dir: Path | None = None,
-                    threads: int | None = None) -> Classifier:
-    """resolve_model + load_classifier: what predict and watch call."""
-    return load_classifier(resolve_model(model=model, runtime=runtime, state_dir=state_dir), runtime=runtime,
-                           threads=threads)
+                    threads: int | None = None, personal: str | None = None) -> Classifier:
+    """resolve_model + load_classifier (+ the personal head `personal` from state_dir): what predict and watch call."""
+    classifier = load_classifier(resolve_model(model=model, runtime=runtime, state_dir=state_dir), runtime=runtime,
+                                 threads=threads)
+    if personal is None:
+        return classifier
+    from client.inference.adapt import with_personal  # adapt imports this module
+
+    return with_personal(classifier, name=personal, state_dir=state_dir or Path("."))
