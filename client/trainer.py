@@ -26,6 +26,7 @@ from client.dp_training import LedgerFiles, open_dp_client
 from client.node_setup import NodeSetup
 from models import create_model, model_info
 from privacy.guard import UpdateRejected, scale_update, update_norm
+from privacy.report import dp_metrics
 
 log = logging.getLogger("fer_fl.client")
 
@@ -120,7 +121,7 @@ class FerClient(NumPyClient):
         metrics = {
             "client-id": data.client_id,
             "profile": self.setup.profile,
-            **{f"dp-{key}": value for key, value in privacy.items()},
+            **dp_metrics(privacy),
         }
         if releases_train_metrics(self.settings, self.node_config):
             metrics.update({"train-loss": result.loss, "train-accuracy": result.accuracy})
