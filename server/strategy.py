@@ -1,4 +1,5 @@
-"""Aggregation strategies and the validation every update passes before any strategy sees it.
+"""Aggregation strategies, and the guard that applies the checks of server/replies.py before any strategy sees an
+update.
 
 Flower's strategies aggregate whatever arrives: wrong shapes, NaN, Inf and absurd example counts included. One
 malformed reply then poisons the global model for every site. `GuardedStrategy` wraps any registered strategy,
@@ -13,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
