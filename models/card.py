@@ -7,9 +7,11 @@ versioning helper every run-directory record uses lives here too, at the lowest 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 WEIGHTS_FORMAT = "torch state_dict (weights_only)"
@@ -36,6 +38,21 @@ def check_schema_version(data: Any, *, supported: int, source: str) -> None:
             f"{source}: schema_version {version!r} is not one this fer-fl reads ({supported}); "
             "it was written by another fer-fl version"
         )
+
+
+def parse_record(data: Any, *, build: Callable[[Mapping[str, Any]], T], supported: int, source: str, kind: str) -> T:
+    """The one way a versioned record is read: the version is checked, then `build(data)`; a missing key or a value
+    of the wrong type becomes one line naming `source`.
+
+    Raises:
+        SchemaVersionError: another schema version.
+        ValueError: `build` found the record malformed.
+    """
+    check_schema_version(data, supported=supported, source=source)
+    try:
+        return build(data)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{source}: not a {kind} ({type(err).__name__}: {err})") from None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from models.card import check_schema_version
+from models.card import parse_record
 from privacy.accounting import ACCOUNTANTS, central_epsilon
 
 SCHEMA_VERSION = 1
@@ -236,19 +236,15 @@ class PrivacyReport:
             SchemaVersionError: another schema version.
             ValueError: a client or central entry that lacks a field (named with `source`).
         """
-        check_schema_version(data, supported=SCHEMA_VERSION, source=source)
-        try:
-            return cls(
-                secure_aggregation=bool(data["secure_aggregation"]),
-                clients=tuple(ClientPrivacy.from_json(c) for c in data.get("clients") or []),
-                central=None if data.get("central") is None else CentralPrivacy.from_json(data["central"]),
-                threat_model=str(data.get("threat_model", THREAT_MODEL)),
-                local_dp_noise=data.get("local_dp_noise"),
-                secure_aggregation_quantization=data.get("secure_aggregation_quantization"),
-                seeded_noise_caveat=data.get("seeded_noise_caveat"),
-            )
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{source}: not a privacy report ({type(err).__name__}: {err})") from None
+        return parse_record(data, supported=SCHEMA_VERSION, source=source, kind="privacy report", build=lambda d: cls(
+            secure_aggregation=bool(d["secure_aggregation"]),
+            clients=tuple(ClientPrivacy.from_json(c) for c in d.get("clients") or []),
+            central=None if d.get("central") is None else CentralPrivacy.from_json(d["central"]),
+            threat_model=str(d.get("threat_model", THREAT_MODEL)),
+            local_dp_noise=d.get("local_dp_noise"),
+            secure_aggregation_quantization=d.get("secure_aggregation_quantization"),
+            seeded_noise_caveat=d.get("seeded_noise_caveat"),
+        ))
 
 
 def privacy_report(

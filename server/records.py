@@ -1,7 +1,7 @@
 """The records a run writes, typed: one round of metrics.jsonl / metrics.csv and the run's summary.json.
 
 Each record has one `to_json()` and one `from_json()`, and carries `schema_version`: a reader refuses a version it
-does not know (models.card.check_schema_version) instead of guessing at its shape. The ServerApp, the centralised
+does not know (models.card.parse_record) instead of guessing at its shape. The ServerApp, the centralised
 baseline and the CLIs build rounds with `build_round`, print them with `format_round`, and summarise a run with
 `summarize`. The privacy report (privacy/report.py) and the model card (models/card.py) live in the lowest layer
 that needs them. docs/run-directory.md describes every file.
@@ -19,7 +19,7 @@ import numpy as np
 
 from client.config import RunSettings
 from client.data.labels import EMOTIONS
-from models.card import check_schema_version
+from models.card import parse_record
 from server.metrics import client_distribution
 
 SCHEMA_VERSION = 1
@@ -190,18 +190,14 @@ class RoundRecord:
             SchemaVersionError: another schema version.
             ValueError: no integer round, or a block of the wrong shape (named with `source`).
         """
-        check_schema_version(data, supported=SCHEMA_VERSION, source=source)
-        try:
-            return cls(
-                round=data.get("round"), seconds=data.get("seconds") or 0.0, bytes_up=data.get("bytes_up") or 0,
-                bytes_down=data.get("bytes_down") or 0, server=data.get("server"),
-                federated=FederatedEval.from_json(data["federated"]) if data.get("federated") else None,
-                evaluate=EvaluateStatus(**_known(EvaluateStatus, data["evaluate"])) if data.get("evaluate") else None,
-                privacy=data.get("privacy"),
-                fit=FitRecord.from_json(data["fit"]) if data.get("fit") is not None else None,
-            )
-        except (KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{source}: not a round record ({type(err).__name__}: {err})") from None
+        return parse_record(data, supported=SCHEMA_VERSION, source=source, kind="round record", build=lambda d: cls(
+            round=d.get("round"), seconds=d.get("seconds") or 0.0, bytes_up=d.get("bytes_up") or 0,
+            bytes_down=d.get("bytes_down") or 0, server=d.get("server"),
+            federated=FederatedEval.from_json(d["federated"]) if d.get("federated") else None,
+            evaluate=EvaluateStatus(**_known(EvaluateStatus, d["evaluate"])) if d.get("evaluate") else None,
+            privacy=d.get("privacy"),
+            fit=FitRecord.from_json(d["fit"]) if d.get("fit") is not None else None,
+        ))
 
     @property
     def server_accuracy(self) -> float | None:
@@ -325,11 +321,8 @@ class RunSummary:
             SchemaVersionError: another schema version.
             ValueError: a required figure is missing (named with `source`).
         """
-        check_schema_version(data, supported=SCHEMA_VERSION, source=source)
-        try:
-            return cls(**_known(cls, data))
-        except TypeError as err:
-            raise ValueError(f"{source}: not a run summary ({err})") from None
+        return parse_record(data, supported=SCHEMA_VERSION, source=source, kind="run summary",
+                            build=lambda d: cls(**_known(cls, d)))
 
     def replace(self, **changes: Any) -> RunSummary:
         return dataclasses.replace(self, **changes)
