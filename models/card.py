@@ -87,10 +87,12 @@ class ModelCard:
         return len(self.classes)
 
     def to_json(self) -> dict[str, Any]:
+        # The data fields are left out where unknown: readers then apply their own defaults (48-pixel faces).
+        data = {"data_seed": self.data_seed, "image_size": self.image_size, "dataset": self.dataset}
         return {
             "name": self.name, "cfg": dict(self.cfg), "round": int(self.round), "classes": list(self.classes),
             "num_classes": self.num_classes, "format": self.format, "sha256": self.sha256,
-            "data_seed": self.data_seed, "image_size": self.image_size, "dataset": self.dataset,
+            **{key: value for key, value in data.items() if value is not None},
             "schema_version": self.schema_version,
         }
 

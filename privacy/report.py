@@ -230,12 +230,7 @@ class PrivacyReport:
 
     @classmethod
     def from_json(cls, data: Any, *, source: str = "privacy.json") -> PrivacyReport:
-        """Reads privacy.json.
-
-        Raises:
-            SchemaVersionError: another schema version.
-            ValueError: a client or central entry that lacks a field (named with `source`).
-        """
+        """Reads privacy.json; the errors are models.card.parse_record's (another version, a missing field)."""
         return parse_record(data, supported=SCHEMA_VERSION, source=source, kind="privacy report", build=lambda d: cls(
             secure_aggregation=bool(d["secure_aggregation"]),
             clients=tuple(ClientPrivacy.from_json(c) for c in d.get("clients") or []),

@@ -111,15 +111,18 @@ def client_order(cid: str) -> tuple[int, Any]:
     return (0, int(cid)) if cid.lstrip("-").isdigit() else (1, cid)
 
 
-def _last_clients(rounds: Sequence[RoundRecord]) -> tuple[int, dict[str, float]] | None:
-    for record in reversed(rounds):
-        if record.federated is not None and record.federated.clients:
-            return record.round, {cid: float(c.accuracy) for cid, c in record.federated.clients.items()}
-    return None
+def _last(rounds: Sequence[RoundRecord], value: Callable[[RoundRecord], Any]) -> tuple[int, Any] | None:
+    """The last round whose `value` is non-empty, with that value."""
+    return next(((r.round, value(r)) for r in reversed(rounds) if value(r)), None)
+
+
+def _client_accuracies(record: RoundRecord) -> dict[str, float]:
+    clients = record.federated.clients if record.federated is not None else {}
+    return {cid: float(c.accuracy) for cid, c in clients.items()}
 
 
 def plot_clients(figure: Any, rounds: Sequence[RoundRecord], *, tag: str) -> bool:
-    found = _last_clients(rounds)
+    found = _last(rounds, _client_accuracies)
     if found is None:
         return False
     round_number, accuracies = found
@@ -138,19 +141,11 @@ def plot_clients(figure: Any, rounds: Sequence[RoundRecord], *, tag: str) -> boo
     return True
 
 
-def _last_confusion(rounds: Sequence[RoundRecord]) -> tuple[int, np.ndarray] | None:
-    for record in reversed(rounds):
-        matrix = (record.server or {}).get("confusion_matrix")
-        if matrix:
-            return record.round, np.asarray(matrix, dtype=float)
-    return None
-
-
 def plot_confusion(figure: Any, rounds: Sequence[RoundRecord], *, tag: str) -> bool:
-    found = _last_confusion(rounds)
+    found = _last(rounds, server_value("confusion_matrix"))
     if found is None:
         return False
-    round_number, counts = found
+    round_number, counts = found[0], np.asarray(found[1], dtype=float)
     names = list(EMOTIONS) if len(counts) == len(EMOTIONS) else [str(k) for k in range(len(counts))]
     rows = counts.sum(axis=1, keepdims=True)
     # Row-normalised colours show recall per true class regardless of how many test images each class has.

@@ -184,12 +184,8 @@ class RoundRecord:
 
     @classmethod
     def from_json(cls, data: Any, *, source: str = "round record") -> RoundRecord:
-        """Reads one round; keys this version does not know are ignored.
-
-        Raises:
-            SchemaVersionError: another schema version.
-            ValueError: no integer round, or a block of the wrong shape (named with `source`).
-        """
+        """Reads one line of metrics.jsonl; keys this version does not know are ignored. Raises what
+        models.card.parse_record raises, and ValueError for a round that is not an integer."""
         return parse_record(data, supported=SCHEMA_VERSION, source=source, kind="round record", build=lambda d: cls(
             round=d.get("round"), seconds=d.get("seconds") or 0.0, bytes_up=d.get("bytes_up") or 0,
             bytes_down=d.get("bytes_down") or 0, server=d.get("server"),
@@ -315,12 +311,7 @@ class RunSummary:
 
     @classmethod
     def from_json(cls, data: Any, *, source: str = "summary.json") -> RunSummary:
-        """Reads summary.json.
-
-        Raises:
-            SchemaVersionError: another schema version.
-            ValueError: a required figure is missing (named with `source`).
-        """
+        """Reads summary.json (errors: see models.card.parse_record)."""
         return parse_record(data, supported=SCHEMA_VERSION, source=source, kind="run summary",
                             build=lambda d: cls(**_known(cls, d)))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,7 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
     )
 
 
+@dataclass(kw_only=True)
 class FerWorkflow:
     """Flower's DefaultWorkflow loop, plus what a real run needs: a start round (resume), a record and a
     checkpoint after every round, and a callback for progress display.
@@ -167,25 +168,17 @@ class FerWorkflow:
         on_round: called with each round's record (round 0 = the initial model), after it is complete.
     """
 
-    def __init__(
-        self,
-        *,
-        strategy: GuardedStrategy,
-        num_rounds: int,
-        start_weights: list[np.ndarray],
-        start_round: int = 1,
-        fit_workflow: Callable[[Grid, LegacyContext], None] = default_fit_workflow,
-        evaluate_clients: bool = True,
-        on_round: RoundCallback | None = None,
-    ) -> None:
-        self.strategy = strategy
-        self.num_rounds = num_rounds
-        self.start_weights = start_weights
-        self.start_round = start_round
-        self.fit_workflow = fit_workflow
-        self.evaluate_clients = evaluate_clients
-        self.on_round = on_round or (lambda record: None)
-        self.final_weights: list[np.ndarray] = start_weights
+    strategy: GuardedStrategy
+    num_rounds: int
+    start_weights: list[np.ndarray]
+    start_round: int = 1
+    fit_workflow: Callable[[Grid, LegacyContext], None] = default_fit_workflow
+    evaluate_clients: bool = True
+    on_round: RoundCallback | None = None
+    final_weights: list[np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.final_weights = self.start_weights
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
@@ -199,7 +192,7 @@ class FerWorkflow:
             if self.start_round == 1:
                 started = time.perf_counter()
                 self.strategy.evaluate(0, parameters)
-                self.on_round(self._record(0, time.perf_counter() - started))
+                self._done(self._record(0, time.perf_counter() - started))
             for server_round in range(self.start_round, self.num_rounds + 1):
                 started = time.perf_counter()
                 cfg[Key.CURRENT_ROUND] = server_round
@@ -208,10 +201,14 @@ class FerWorkflow:
                 if self.evaluate_clients:
                     default_evaluate_workflow(grid, context)
                 self.final_weights = self._current_weights(context)
-                self.on_round(self._record(server_round, time.perf_counter() - started))
+                self._done(self._record(server_round, time.perf_counter() - started))
         finally:
             f_stop.set()
             thread.join()
+
+    def _done(self, record: RoundRecord) -> None:
+        if self.on_round is not None:
+            self.on_round(record)
 
     @staticmethod
     def _current_weights(context: LegacyContext) -> list[np.ndarray]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -143,6 +144,8 @@ def bound_to_median_norm(deltas: list[list[np.ndarray]], *, factor: float) -> tu
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Any]]]
 
 
+# A dataclass for its settings; identity equality and a short repr, as a Flower strategy has.
+@dataclass(eq=False, repr=False)
 class GuardedStrategy(Strategy):
     """Validates updates, rebuilds weights from deltas, and delegates aggregation to a Flower strategy.
 
@@ -163,34 +166,26 @@ class GuardedStrategy(Strategy):
             the round's median delta norm before aggregation (see bound_to_median_norm); 0 for none.
     """
 
-    def __init__(
-        self,
-        inner: Strategy,
-        *,
-        expected_shapes: list[tuple[int, ...]],
-        max_update_norm: float,
-        max_examples: int,
-        evaluate_fn: EvaluateFn | None = None,
-        central_dp: CentralDP | None = None,
-        secure_aggregation: bool = False,
-        ledgers: NodeLedgers | None = None,
-        norm_bound: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.secure_aggregation = secure_aggregation
-        self.norm_bound = norm_bound
-        self.inner = inner
-        self.expected_shapes = expected_shapes
-        self.max_update_norm = max_update_norm
-        self.max_examples = max_examples
-        self.evaluate_fn = evaluate_fn
-        self.central_dp = central_dp
-        self.reports: dict[int, RoundReport] = {}
-        self.server_metrics: dict[int, dict[str, Any]] = {}
-        # Latest DP status each node reported (epsilon spent, ledger sequence): for privacy.json and rollback checks.
-        self.privacy: dict[str, dict[str, Any]] = {}
-        self.ledgers = ledgers if ledgers is not None else NodeLedgers()
-        self._global: list[np.ndarray] | None = None
+    inner: Strategy
+    _: KW_ONLY
+    expected_shapes: list[tuple[int, ...]]
+    max_update_norm: float
+    max_examples: int
+    evaluate_fn: EvaluateFn | None = None
+    central_dp: CentralDP | None = None
+    secure_aggregation: bool = False
+    ledgers: NodeLedgers | None = None
+    norm_bound: float = 0.0
+    # What the guard saw, per round; the server-side evaluation per round.
+    reports: dict[int, RoundReport] = field(default_factory=dict, init=False)
+    server_metrics: dict[int, dict[str, Any]] = field(default_factory=dict, init=False)
+    # Latest DP status each node reported (epsilon spent, ledger sequence): for privacy.json and rollback checks.
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
+    _global: list[np.ndarray] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.ledgers is None:
+            self.ledgers = NodeLedgers()
 
     def __repr__(self) -> str:
         return f"GuardedStrategy({self.inner!r})"
