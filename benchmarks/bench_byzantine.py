@@ -64,8 +64,8 @@ def run_cell(base: RunSettings, *, strategy: str, attack: str, out: Path) -> dic
     settings = base.replace(out_dir=str(out), **changes)
     run_dir = RunDirectory(out)
     started = time.perf_counter()
-    summary = run_simulation(settings, run_dir=run_dir)
-    rounds = run_dir.rounds()
+    summary = run_simulation(settings, run_dir=run_dir).to_json()
+    rounds = [r.to_json() for r in run_dir.rounds()]
     trained = [r for r in rounds if r["round"] > 0]
     return {
         "final_accuracy": summary["final_accuracy"],

@@ -38,8 +38,8 @@ def _federate(settings: RunSettings) -> dict:
 
     started = time.perf_counter()
     run_dir = RunDirectory(settings.out_dir)
-    summary = run_simulation(settings, run_dir=run_dir)
-    rounds = run_dir.rounds()
+    summary = run_simulation(settings, run_dir=run_dir).to_json()
+    rounds = [r.to_json() for r in run_dir.rounds()]
     privacy_path = Path(settings.out_dir) / "privacy.json"
     privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else None
     entry = {

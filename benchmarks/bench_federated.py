@@ -90,10 +90,10 @@ def _run(settings: RunSettings, mode: str) -> tuple[dict, list[dict], int]:
     run_dir = RunDirectory(settings.out_dir)
     with PeakMemory() as memory:
         if mode == "centralized":
-            summary = run_centralized(settings, run_dir=run_dir)
+            summary = run_centralized(settings, run_dir=run_dir).to_json()
         else:
-            summary = run_simulation(settings, run_dir=run_dir)
-    return summary, run_dir.rounds(), memory.peak
+            summary = run_simulation(settings, run_dir=run_dir).to_json()
+    return summary, [r.to_json() for r in run_dir.rounds()], memory.peak
 
 
 def main() -> None:

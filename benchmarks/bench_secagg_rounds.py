@@ -35,8 +35,8 @@ def _round_seconds(settings: RunSettings) -> dict:
 
     run_dir = RunDirectory(settings.out_dir)
     started = time.perf_counter()
-    summary = run_simulation(settings, run_dir=run_dir)
-    rounds = run_dir.rounds()
+    summary = run_simulation(settings, run_dir=run_dir).to_json()
+    rounds = [r.to_json() for r in run_dir.rounds()]
     failed = [r["round"] for r in rounds if r.get("fit", {}).get("failed")]
     if failed:
         raise SystemExit(f"rounds {failed} failed under {'SecAgg+' if settings.secure_agg else 'plain'}")

@@ -27,6 +27,7 @@ from client.node_config import NodeSettings
 from client.node_setup import NodeSetup
 from models import create_model, model_info
 from privacy.guard import UpdateRejected, scale_update, update_norm
+from privacy.report import dp_metrics
 
 log = logging.getLogger("fer_fl.client")
 
@@ -112,7 +113,7 @@ class FerClient(NumPyClient):
         metrics = {
             "client-id": data.client_id,
             "profile": self.setup.profile,
-            **{f"dp-{key}": value for key, value in privacy.items()},
+            **dp_metrics(privacy),
         }
         if releases_train_metrics(self.settings, share_metrics=self.node.share_metrics):
             metrics.update({"train-loss": result.loss, "train-accuracy": result.accuracy})

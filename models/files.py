@@ -1,4 +1,4 @@
-"""Reading a saved model: the weights file and the JSON sidecar beside it.
+"""Reading a saved model: the weights file and the JSON card beside it (models/card.py).
 
 Lives with the models, not with the run directory that writes it (server/rundir.py), because both sides of the
 federation read model files: the coordinator (resume, evaluate) and each site (`fer-client predict`, `watch`,
@@ -12,15 +12,19 @@ import io
 import json
 from pathlib import Path
 
+from models.card import ModelCard
 
-def load_model(path: Path | str) -> tuple[dict, dict]:
-    """Reads a model saved by `server.rundir.RunDirectory.save_model`: (state_dict, metadata from the .json beside it).
+
+def load_model(path: Path | str) -> tuple[dict, ModelCard]:
+    """Reads a model saved by `server.rundir.RunDirectory.save_model`: (state_dict, the card from the .json beside it).
 
     The weights load with `weights_only=True`: a model file is data, never code to unpickle.
 
     Raises:
         FileNotFoundError: the .pt file or its .json sidecar is missing.
-        ValueError: the file does not match the sha256 recorded beside it (truncated or replaced).
+        SchemaVersionError: the card was written under another schema version.
+        ValueError: the card is not one (no model name, ...), or the file does not match the sha256 recorded beside
+            it (truncated or replaced).
     """
     import torch
 
@@ -30,9 +34,9 @@ def load_model(path: Path | str) -> tuple[dict, dict]:
         raise FileNotFoundError(f"model file {model_path} does not exist")
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} (the model's name and config) is missing beside {model_path}")
-    meta = json.loads(meta_path.read_text())
+    card = ModelCard.from_json(json.loads(meta_path.read_text()), source=str(meta_path))
     payload = model_path.read_bytes()
-    if meta.get("sha256") and hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+    if card.sha256 and hashlib.sha256(payload).hexdigest() != card.sha256:
         raise ValueError(f"{model_path} does not match the sha256 in {meta_path.name}")
     state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    return dict(state), meta
+    return dict(state), card

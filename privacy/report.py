@@ -7,13 +7,16 @@ the threat model the numbers live in, so that no report shows an ε without sayi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from models.card import parse_record
 from privacy.accounting import ACCOUNTANTS, central_epsilon
 
-SCHEMA = "fer-fl/privacy-report/1"
+SCHEMA_VERSION = 1
 
 THREAT_MODEL = (
     "The coordinating server is assumed honest-but-curious: it follows the protocol but may inspect "
@@ -41,6 +44,35 @@ SEEDED_NOISE_CAVEAT = (
     "by the operating system, which nobody else can reproduce."
 )
 
+# The Flower metric key of each DPClient.status field: kebab-case, as Flower's own keys are. One table, read both
+# ways (the client sends under these keys, the server reads by them), so no side strips or rewrites prefixes.
+DP_METRIC_KEYS = {
+    "client_id": "dp-client-id",
+    "epsilon_spent": "dp-epsilon-spent",
+    "epsilon_budget": "dp-epsilon-budget",
+    "delta": "dp-delta",
+    "noise_multiplier": "dp-noise-multiplier",
+    "max_grad_norm": "dp-max-grad-norm",
+    "sample_rate": "dp-sample-rate",
+    "steps": "dp-steps",
+    "accountant": "dp-accountant",
+    "rounds_charged": "dp-rounds-charged",
+    "ledger_seq": "dp-ledger-seq",
+    "ledger_id": "dp-ledger-id",
+    "secure_mode": "dp-secure-mode",
+}
+
+
+def dp_metrics(status: Mapping[str, Any]) -> dict[str, Any]:
+    """A node's DPClient.status as Flower fit metrics (the keys of DP_METRIC_KEYS; other fields stay home)."""
+    return {DP_METRIC_KEYS[name]: value for name, value in status.items() if name in DP_METRIC_KEYS}
+
+
+def dp_status(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The DP status carried by a reply's (validated) fit metrics, under DPClient.status's field names."""
+    return {name: metrics[key] for name, key in DP_METRIC_KEYS.items() if key in metrics}
+
+
 _CLIENT_FIELDS = (
     "epsilon_spent",
     "epsilon_budget",
@@ -51,7 +83,6 @@ _CLIENT_FIELDS = (
     "steps",
     "accountant",
 )
-_CLIENT_OPTIONAL = ("rounds_charged", "secure_mode", "ledger_seq", "ledger_id")
 _CENTRAL_FIELDS = ("noise_multiplier", "clipping_norm", "sample_rate", "rounds", "delta")
 
 
@@ -61,40 +92,154 @@ def _number(value: Any, where: str) -> float:
     return value
 
 
-def _client_entry(index: int, client: Mapping[str, Any]) -> dict[str, Any]:
-    missing = [name for name in _CLIENT_FIELDS if name not in client]
-    if missing:
-        raise ValueError(f"clients[{index}] lacks {', '.join(missing)}")
-    entry: dict[str, Any] = {"client_id": str(client.get("client_id", index))}
-    for name in _CLIENT_FIELDS:
-        if name == "accountant":
-            if client[name] not in ACCOUNTANTS:
-                raise ValueError(f"clients[{index}].accountant must be one of {', '.join(ACCOUNTANTS)}")
-            entry[name] = client[name]
-        elif name == "steps":
-            entry[name] = int(_number(client[name], f"clients[{index}].steps"))
-        else:
-            entry[name] = float(_number(client[name], f"clients[{index}].{name}"))
-    entry.update({name: client[name] for name in _CLIENT_OPTIONAL if name in client})
-    entry["budget_exhausted"] = entry["epsilon_budget"] - entry["epsilon_spent"] < 1e-9 * entry["epsilon_budget"]
-    return entry
+@dataclass(frozen=True)
+class ClientPrivacy:
+    """One site's cumulative local-DP spend for the whole federation, as it last reported it."""
+
+    client_id: str
+    epsilon_spent: float
+    epsilon_budget: float
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    accountant: str
+    rounds_charged: int | None = None
+    secure_mode: bool | None = None
+    ledger_seq: int | None = None
+    ledger_id: str | None = None
+
+    @property
+    def budget_exhausted(self) -> bool:
+        return self.epsilon_budget - self.epsilon_spent < 1e-9 * self.epsilon_budget
+
+    @classmethod
+    def from_status(cls, index: int, status: Mapping[str, Any]) -> ClientPrivacy:
+        """Checks one DPClient.status (`index` names it in errors).
+
+        Raises:
+            ValueError: a missing field, a non-finite number or an unknown accountant.
+        """
+        missing = [name for name in _CLIENT_FIELDS if name not in status]
+        if missing:
+            raise ValueError(f"clients[{index}] lacks {', '.join(missing)}")
+        if status["accountant"] not in ACCOUNTANTS:
+            raise ValueError(f"clients[{index}].accountant must be one of {', '.join(ACCOUNTANTS)}")
+        numbers = {name: float(_number(status[name], f"clients[{index}].{name}"))
+                   for name in _CLIENT_FIELDS if name not in ("steps", "accountant")}
+        return cls(
+            client_id=str(status.get("client_id", index)), steps=int(_number(status["steps"], f"clients[{index}].steps")),
+            accountant=status["accountant"], rounds_charged=status.get("rounds_charged"),
+            secure_mode=status.get("secure_mode"), ledger_seq=status.get("ledger_seq"),
+            ledger_id=status.get("ledger_id"), **numbers,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "budget_exhausted": self.budget_exhausted}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ClientPrivacy:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
-def _central_entry(central: Mapping[str, Any]) -> dict[str, Any]:
-    missing = [name for name in _CENTRAL_FIELDS if name not in central]
-    if missing:
-        raise ValueError(f"central lacks {', '.join(missing)}")
-    entry = {name: _number(central[name], f"central.{name}") for name in _CENTRAL_FIELDS}
-    entry["rounds"] = int(entry["rounds"])
-    entry["accountant"] = central.get("accountant", "rdp")
-    entry["epsilon"] = central_epsilon(
-        noise_multiplier=entry["noise_multiplier"],
-        sample_rate=entry["sample_rate"],
-        rounds=entry["rounds"],
-        delta=entry["delta"],
-        accountant=entry["accountant"],
-    )
-    return entry
+@dataclass(frozen=True)
+class CentralPrivacy:
+    """Central (client-level) DP: the server's noise on the clipped mean and the ε it gives."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    sample_rate: float
+    rounds: int
+    delta: float
+    accountant: str
+    epsilon: float
+
+    @classmethod
+    def from_settings(cls, central: Mapping[str, Any]) -> CentralPrivacy:
+        """Checks the central-DP settings and computes ε.
+
+        Raises:
+            ValueError: a missing field or a non-finite number.
+        """
+        missing = [name for name in _CENTRAL_FIELDS if name not in central]
+        if missing:
+            raise ValueError(f"central lacks {', '.join(missing)}")
+        entry = {name: _number(central[name], f"central.{name}") for name in _CENTRAL_FIELDS}
+        entry["rounds"] = int(entry["rounds"])
+        accountant = central.get("accountant", "rdp")
+        epsilon = central_epsilon(
+            noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"], rounds=entry["rounds"],
+            delta=entry["delta"], accountant=accountant,
+        )
+        return cls(accountant=accountant, epsilon=epsilon, **entry)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CentralPrivacy:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """privacy.json: who spent which ε, the central ε, SecAgg+ and its quantisation cost, and the threat model.
+
+    Attributes:
+        clients: one entry per node that trained under local DP, sorted by client_id.
+        local_dp_noise: where the local noise came from (None without local DP).
+        secure_aggregation_quantization: the worst round's quantisation error on top, every round's below (see
+            _quantization_entry); None without SecAgg+.
+        seeded_noise_caveat: present when any client's noise was seeded (not private against whoever knows the
+            seed).
+    """
+
+    secure_aggregation: bool
+    clients: tuple[ClientPrivacy, ...]
+    central: CentralPrivacy | None
+    threat_model: str
+    local_dp_noise: str | None = None
+    secure_aggregation_quantization: dict[str, Any] | None = None
+    seeded_noise_caveat: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def local_dp(self) -> bool:
+        return bool(self.clients)
+
+    @property
+    def max_epsilon_spent(self) -> float | None:
+        return max((c.epsilon_spent for c in self.clients), default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        report = {
+            "schema_version": self.schema_version,
+            "secure_aggregation": self.secure_aggregation,
+            "local_dp": self.local_dp,
+            "local_dp_noise": self.local_dp_noise,
+            "clients": [c.to_json() for c in self.clients],
+            "max_epsilon_spent": self.max_epsilon_spent,
+            "central": None if self.central is None else self.central.to_json(),
+            "secure_aggregation_quantization": self.secure_aggregation_quantization,
+            "threat_model": self.threat_model,
+        }
+        if self.seeded_noise_caveat:
+            report["seeded_noise_caveat"] = self.seeded_noise_caveat
+        return report
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str = "privacy.json") -> PrivacyReport:
+        """Reads privacy.json; the errors are models.card.parse_record's (another version, a missing field)."""
+        return parse_record(data, supported=SCHEMA_VERSION, source=source, kind="privacy report", build=lambda d: cls(
+            secure_aggregation=bool(d["secure_aggregation"]),
+            clients=tuple(ClientPrivacy.from_json(c) for c in d.get("clients") or []),
+            central=None if d.get("central") is None else CentralPrivacy.from_json(d["central"]),
+            threat_model=str(d.get("threat_model", THREAT_MODEL)),
+            local_dp_noise=d.get("local_dp_noise"),
+            secure_aggregation_quantization=d.get("secure_aggregation_quantization"),
+            seeded_noise_caveat=d.get("seeded_noise_caveat"),
+        ))
 
 
 def privacy_report(
@@ -103,8 +248,8 @@ def privacy_report(
     central: Mapping[str, Any] | None,
     secure_aggregation: bool,
     secagg_quantization: Sequence[Mapping[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Builds the ``privacy.json`` document.
+) -> PrivacyReport:
+    """Builds the ``privacy.json`` record.
 
     Args:
         clients: One :meth:`~privacy.dp.DPClient.status` dict per client that trained with local DP
@@ -119,35 +264,30 @@ def privacy_report(
             expected RMS) and to one update. Summarised under ``secure_aggregation_quantization``.
 
     Returns:
-        A JSON-ready dict: ``schema``, ``secure_aggregation``, ``local_dp``, ``local_dp_noise`` (where the
-        noise came from), ``clients`` (sorted by id, each with ``budget_exhausted``), ``max_epsilon_spent``,
-        ``central`` (with its ``epsilon``), ``threat_model``, and ``seeded_noise_caveat`` when any client's
-        noise was seeded (not private against whoever knows the seed).
+        The report; its ``to_json()`` is privacy.json.
 
     Raises:
         ValueError: A missing field or a non-finite number, named by client index and field.
     """
-    entries = sorted((_client_entry(i, c) for i, c in enumerate(clients)), key=lambda e: e["client_id"])
+    entries = sorted((ClientPrivacy.from_status(i, c) for i, c in enumerate(clients)), key=lambda e: e.client_id)
     # A client that does not say its noise came from the CSPRNG is counted as seeded: never claim more than known.
-    seeded = [e["client_id"] for e in entries if e.get("secure_mode") is not True]
-    report = {
-        "schema": SCHEMA,
-        "secure_aggregation": bool(secure_aggregation),
-        "local_dp": bool(entries),
-        "local_dp_noise": _noise_source(entries, seeded),
-        "clients": entries,
-        "max_epsilon_spent": max((e["epsilon_spent"] for e in entries), default=None),
-        "central": None if central is None else _central_entry(central),
-        "secure_aggregation_quantization": _quantization_entry(secagg_quantization),
-        "threat_model": THREAT_MODEL,
-    }
+    seeded = [e.client_id for e in entries if e.secure_mode is not True]
+    caveat = None
     if seeded:
         who = "every client" if len(seeded) == len(entries) else "clients " + ", ".join(seeded)
-        report["seeded_noise_caveat"] = SEEDED_NOISE_CAVEAT.format(clients=who)
-    return report
+        caveat = SEEDED_NOISE_CAVEAT.format(clients=who)
+    return PrivacyReport(
+        secure_aggregation=bool(secure_aggregation),
+        clients=tuple(entries),
+        central=None if central is None else CentralPrivacy.from_settings(central),
+        threat_model=THREAT_MODEL,
+        local_dp_noise=_noise_source(entries, seeded),
+        secure_aggregation_quantization=_quantization_entry(secagg_quantization),
+        seeded_noise_caveat=caveat,
+    )
 
 
-def _noise_source(entries: list[dict[str, Any]], seeded: list[str]) -> str | None:
+def _noise_source(entries: Sequence[ClientPrivacy], seeded: list[str]) -> str | None:
     if not entries:
         return None
     if not seeded:
@@ -172,11 +312,12 @@ def _quantization_entry(rounds: Sequence[Mapping[str, Any]] | None) -> dict[str,
     }
 
 
-def render_privacy_markdown(report: Mapping[str, Any]) -> str:
-    """The ``## Privacy`` section of ``report.md``: the guarantees in a table, then the threat model."""
+def render_privacy_markdown(report: PrivacyReport) -> str:
+    """The guarantees of a privacy report in prose and one table (client, ε spent, budget, δ, σ, clip, q, steps,
+    accountant), then the threat model."""
     lines = ["## Privacy", ""]
-    lines.append(f"Secure aggregation (SecAgg+): {'on' if report['secure_aggregation'] else 'off'}.")
-    quantization = report.get("secure_aggregation_quantization")
+    lines.append(f"Secure aggregation (SecAgg+): {'on' if report.secure_aggregation else 'off'}.")
+    quantization = report.secure_aggregation_quantization
     if quantization:
         worst, rms = quantization["max_abs_error_of_average"], quantization["rms_error_of_average"]
         per_update = quantization["max_abs_error_per_update"]
@@ -184,7 +325,7 @@ def render_privacy_markdown(report: Mapping[str, Any]) -> str:
             f"SecAgg+ quantisation: each value of the aggregate is off by at most {worst:.3g} (RMS at most "
             f"{rms:.3g})" + (f"; one update's values by at most {per_update:.3g}." if per_update is not None else ".")
         )
-    if report["clients"]:
+    if report.clients:
         lines += [
             "",
             "Local DP-SGD, per client, for the whole federation:",
@@ -192,25 +333,25 @@ def render_privacy_markdown(report: Mapping[str, Any]) -> str:
             "| client | epsilon spent | budget | delta | sigma | clip | q | steps | accountant |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for c in report["clients"]:
+        for c in report.clients:
             lines.append(
-                f"| {c['client_id']} | {c['epsilon_spent']:.3f} | {c['epsilon_budget']:.3f} | {c['delta']:.0e} | "
-                f"{c['noise_multiplier']:.3f} | {c['max_grad_norm']:g} | {c['sample_rate']:.4f} | {c['steps']} | "
-                f"{c['accountant']} |"
+                f"| {c.client_id} | {c.epsilon_spent:.3f} | {c.epsilon_budget:.3f} | {c.delta:.0e} | "
+                f"{c.noise_multiplier:.3f} | {c.max_grad_norm:g} | {c.sample_rate:.4f} | {c.steps} | "
+                f"{c.accountant} |"
             )
-        if report.get("seeded_noise_caveat"):
-            lines += ["", f"**Seeded noise.** {report['seeded_noise_caveat']}"]
+        if report.seeded_noise_caveat:
+            lines += ["", f"**Seeded noise.** {report.seeded_noise_caveat}"]
     else:
         lines += ["", "Local DP-SGD: off."]
-    central = report["central"]
+    central = report.central
     if central is None:
         lines += ["", "Central DP: off."]
     else:
         lines += [
             "",
-            f"Central (client-level) DP: epsilon = {central['epsilon']:.3f} at delta = {central['delta']:.0e} after "
-            f"{central['rounds']} rounds (sigma = {central['noise_multiplier']:g}, clip = {central['clipping_norm']:g}, "
-            f"client fraction = {central['sample_rate']:g}, {central['accountant']} accountant).",
+            f"Central (client-level) DP: epsilon = {central.epsilon:.3f} at delta = {central.delta:.0e} after "
+            f"{central.rounds} rounds (sigma = {central.noise_multiplier:g}, clip = {central.clipping_norm:g}, "
+            f"client fraction = {central.sample_rate:g}, {central.accountant} accountant).",
         ]
-    lines += ["", "### Threat model", "", report["threat_model"], ""]
+    lines += ["", "### Threat model", "", report.threat_model, ""]
     return "\n".join(lines)

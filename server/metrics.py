@@ -1,4 +1,5 @@
-"""Classification metrics for the global model, the spread of per-client accuracy, and a run's summary.
+"""Classification metrics for the global model and the spread of per-client accuracy (a run's summary is
+server.records.summarize).
 
 Plain numpy, JSON-ready results (lists, floats, None), so the same dicts go into metrics.jsonl, summary.json,
 `fer-sim evaluate --json` and the report without conversion.
@@ -92,49 +93,3 @@ def client_distribution(accuracies: Sequence[float]) -> dict:
         "median": float(np.median(values)),
         "n": int(values.size),
     }
-
-
-def summarize(rounds: Sequence[dict], *, seconds: float, model_name: str) -> dict:
-    """The headline numbers of a run, from its round records (see RunDirectory.append_round for their shape).
-
-    Accuracy figures come from the server-side evaluation on the held-out test set when rounds have one, else from
-    the federated (client-side, example-weighted) evaluation; `accuracy_source` says which, so two runs are only
-    compared on the same footing. Round 0 (the initial model) counts for `initial_accuracy` and `best_accuracy`
-    but not as a training round nor for traffic.
-
-    Returns:
-        final_accuracy, best_accuracy, best_round, initial_accuracy, macro_f1 (final), rounds (training rounds
-        completed), seconds, seconds_per_round, bytes_per_round (mean up + down over training rounds), bytes_up,
-        bytes_down (totals), final_federated_accuracy, final_worst_10pct, accuracy_source, model.
-    """
-    ordered = sorted(rounds, key=lambda record: record["round"])
-    source = "server" if any(_number(r.get("server"), "accuracy") is not None for r in ordered) else "federated"
-    scored = [(r["round"], _number(r.get(source), "accuracy")) for r in ordered]
-    scored = [(rnd, acc) for rnd, acc in scored if acc is not None]
-    training = [r for r in ordered if r["round"] > 0]
-    final = ordered[-1] if ordered else {}
-    best_round, best_accuracy = max(scored, key=lambda item: (item[1], -item[0])) if scored else (None, None)
-    traffic = [int(r.get("bytes_up", 0) or 0) + int(r.get("bytes_down", 0) or 0) for r in training]
-    distribution = (final.get("federated") or {}).get("distribution") or {}
-    return {
-        "final_accuracy": scored[-1][1] if scored else None,
-        "best_accuracy": best_accuracy,
-        "best_round": best_round,
-        "initial_accuracy": next((acc for rnd, acc in scored if rnd == 0), None),
-        "macro_f1": _number(final.get(source), "macro_f1"),
-        "rounds": max((r["round"] for r in training), default=0),
-        "seconds": float(seconds),
-        "seconds_per_round": float(seconds) / len(training) if training else None,
-        "bytes_per_round": float(np.mean(traffic)) if traffic else 0.0,
-        "bytes_up": sum(int(r.get("bytes_up", 0) or 0) for r in training),
-        "bytes_down": sum(int(r.get("bytes_down", 0) or 0) for r in training),
-        "final_federated_accuracy": _number(final.get("federated"), "accuracy"),
-        "final_worst_10pct": _number(distribution, "worst_10pct"),
-        "accuracy_source": source,
-        "model": model_name,
-    }
-
-
-def _number(block: dict | None, key: str) -> float | None:
-    value = (block or {}).get(key)
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

@@ -6,7 +6,11 @@ Layout:
     partition.json             who holds which labels (simulations)
     model.pt, model.json       the final global model: a plain state_dict (loads with weights_only=True) + metadata
     checkpoints/round-XXX.*    per-round checkpoints, same format
-    summary.json               headline numbers; privacy.json (privacy issue); plots/, report.md (server.report)
+    summary.json               headline numbers; privacy.json (runs with DP or SecAgg+); plots/, report.md
+                               (server.report)
+
+Each record is typed (server/records.py, privacy/report.py, models/card.py) and carries a schema_version; reading
+one of another version fails with one line naming the file. docs/run-directory.md describes every file and field.
 
 Every file is written to a temporary name in the same folder and renamed over the target (os.replace is atomic on
 POSIX), then the folder is fsynced, so a reader or a crash never sees half a file, and no temporary survives a
@@ -29,8 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from privacy.atomic import atomic_write
 from client.data.labels import EMOTIONS, NUM_CLASSES
+from models.card import ModelCard
+from privacy.atomic import atomic_write
+from privacy.report import PrivacyReport
+from server.records import RoundRecord, RunSummary
 
 CONFIG_JSON = "config.json"
 CONFIG_TOML = "config.toml"
@@ -78,6 +85,8 @@ class RunDirectory:
         FileExistsError: the folder exists and is not empty while neither resume nor create=False says that is
             intended: a new run never mixes its files with an old one's.
         FileNotFoundError: resume or create=False for a folder that does not exist.
+        SchemaVersionError: metrics.jsonl was written under another schema version (one line naming the file).
+        ValueError: metrics.jsonl holds a line that is not a round record.
     """
 
     def __init__(self, path: Path | str, *, create: bool = True, resume: bool = False) -> None:
@@ -88,7 +97,7 @@ class RunDirectory:
         else:
             check_new_run_dir(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
-        self._rounds: list[dict] = self._read_rounds()
+        self._rounds: list[RoundRecord] = self._read_rounds()
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         """Writes config.json, and config.toml when the config is plain enough for TOML.
@@ -105,45 +114,38 @@ class RunDirectory:
         else:
             atomic_write(toml_path, text.encode())
 
-    def append_round(self, record: Mapping[str, Any]) -> None:
+    def append_round(self, record: RoundRecord) -> None:
         """Adds one round's record to metrics.jsonl (as one JSON line) and metrics.csv (as one flat row).
 
         A record for round r replaces every stored record with round >= r: after a resume from the checkpoint of
         round r-1, the rounds the interrupted run had already logged from r on belong to a model history that no
         longer exists, and keeping them would report rounds twice. Both files are rewritten atomically, so they
         never hold half a line and always agree.
-
-        Raises:
-            ValueError: the record has no integer "round".
         """
-        round_number = record.get("round")
-        if isinstance(round_number, bool) or not isinstance(round_number, int):
-            raise ValueError(f"a round record needs an integer 'round', got {round_number!r}")
-        clean = _jsonable(record)
-        self._rounds = [r for r in self._rounds if r["round"] < round_number] + [clean]
-        lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in self._rounds)
+        # Stored as it reads back (NaN and infinity become None), so rounds() always equals what is on disk.
+        clean = RoundRecord.from_json(_jsonable(record.to_json()))
+        self._rounds = [r for r in self._rounds if r.round < record.round] + [clean]
+        lines = "".join(json.dumps(_jsonable(r.to_json()), separators=(",", ":")) + "\n" for r in self._rounds)
         atomic_write(self.path / METRICS_JSONL, lines.encode())
         atomic_write(self.path / METRICS_CSV, _csv_text(self._rounds).encode())
 
-    def rounds(self) -> list[dict]:
-        """The round records, in round order (a copy)."""
-        return json.loads(json.dumps(self._rounds))
+    def rounds(self) -> list[RoundRecord]:
+        """The round records, in round order."""
+        return list(self._rounds)
 
     def write_partition(self, stats: Mapping[str, Any]) -> None:
         """partition.json: the output of simulation.partition.partition_stats (plus anything the caller adds)."""
         self.write_json(PARTITION_JSON, stats)
 
     def save_model(self, state_dict: Mapping[str, Any], *, model_name: str, model_cfg: Mapping[str, Any],
-                   round: int, extra: Mapping[str, Any] | None = None, checkpoint: bool = False) -> Path:  # noqa: A002
-        """Saves a model as a plain state_dict plus a JSON sidecar; returns the .pt path.
+                   round: int, data_seed: int | None = None, image_size: int | None = None,  # noqa: A002
+                   dataset: str | None = None, checkpoint: bool = False) -> Path:
+        """Saves a model as a plain state_dict plus its card (models.card.ModelCard) as JSON; returns the .pt path.
 
         Without `checkpoint` it is the run's final model (model.pt / model.json); with it, checkpoints/round-XXX.pt.
         Tensors are copied to CPU and numpy arrays (Flower's parameter format) converted, so the file loads with
-        `torch.load(path, weights_only=True)` on any machine. The sidecar holds name, cfg, round, the class names,
-        num_classes, the .pt file's sha256, and `extra`'s keys (which may not shadow those).
-
-        Raises:
-            ValueError: `extra` reuses a reserved key.
+        `torch.load(path, weights_only=True)` on any machine. `data_seed`, `image_size` and `dataset` say which
+        test set `fer-sim evaluate` rebuilds by default.
         """
         import torch
 
@@ -156,24 +158,14 @@ class RunDirectory:
         buffer = io.BytesIO()
         torch.save(tensors, buffer)
         payload = buffer.getvalue()
-        meta: dict[str, Any] = {
-            "name": model_name,
-            "cfg": dict(model_cfg),
-            "round": int(round),
-            "classes": list(EMOTIONS),
-            "num_classes": NUM_CLASSES,
-            "format": "torch state_dict (weights_only)",
-            "sha256": hashlib.sha256(payload).hexdigest(),
-        }
-        clash = sorted(set(extra or {}) & set(meta))
-        if clash:
-            raise ValueError(f"extra model metadata may not override {', '.join(clash)}")
-        meta.update(extra or {})
+        card = ModelCard(name=model_name, cfg=dict(model_cfg), round=int(round), classes=EMOTIONS,
+                         sha256=hashlib.sha256(payload).hexdigest(), data_seed=data_seed, image_size=image_size,
+                         dataset=dataset)
         # The pair is committed by the model file: the sidecar (naming the new payload's sha256) is renamed into
         # place first, the .pt last, each fsynced with its directory. A crash in between leaves a sidecar whose
         # sha256 does not match the .pt beside it (or no .pt), which is_complete_pair refuses, so a resume falls
         # back to the previous complete checkpoint instead of loading half a pair.
-        atomic_write(target.with_suffix(".json"), _json_bytes(meta))
+        atomic_write(target.with_suffix(".json"), _json_bytes(card.to_json()))
         atomic_write(target, payload)
         return target
 
@@ -194,9 +186,23 @@ class RunDirectory:
             log.warning("skipping the incomplete checkpoint %s (interrupted while it was written)", path.name)
         return None
 
-    def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """summary.json (see server.metrics.summarize)."""
-        self.write_json(SUMMARY_JSON, summary)
+    def write_summary(self, summary: RunSummary) -> None:
+        """summary.json (see server.records.summarize)."""
+        self.write_json(SUMMARY_JSON, summary.to_json())
+
+    def summary(self) -> RunSummary | None:
+        """summary.json, or None before the run finished."""
+        data = self.read_json(SUMMARY_JSON)
+        return None if data is None else RunSummary.from_json(data, source=str(self.path / SUMMARY_JSON))
+
+    def write_privacy(self, report: PrivacyReport) -> None:
+        """privacy.json (see privacy.report.privacy_report)."""
+        self.write_json(PRIVACY_JSON, report.to_json())
+
+    def privacy(self) -> PrivacyReport | None:
+        """privacy.json, or None for a run without DP or SecAgg+."""
+        data = self.read_json(PRIVACY_JSON)
+        return None if data is None else PrivacyReport.from_json(data, source=str(self.path / PRIVACY_JSON))
 
     def write_json(self, name: str, obj: Any) -> None:
         """Writes `obj` as indented JSON to `name` inside the run directory, atomically.
@@ -221,7 +227,7 @@ class RunDirectory:
             raise ValueError(f"{name!r} is outside the run directory")
         return target
 
-    def _read_rounds(self) -> list[dict]:
+    def _read_rounds(self) -> list[RoundRecord]:
         path = self.path / METRICS_JSONL
         if not path.exists():
             return []
@@ -230,10 +236,11 @@ class RunDirectory:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                data = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
-        return sorted(records, key=lambda r: r["round"])
+            records.append(RoundRecord.from_json(data, source=f"{path}:{number}"))
+        return sorted(records, key=lambda r: r.round)
 
 
 def is_complete_pair(path: Path | str) -> bool:
@@ -280,8 +287,8 @@ def _flatten_into(row: dict[str, Any], prefix: str, value: Any) -> None:
         row[prefix] = value
 
 
-def _csv_text(records: list[dict]) -> str:
-    rows = [flatten_round(record) for record in records]
+def _csv_text(records: list[RoundRecord]) -> str:
+    rows = [flatten_round(_jsonable(record.to_json())) for record in records]
     header: dict[str, None] = {}
     for row in rows:
         header.update(dict.fromkeys(row))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +30,21 @@ from flwr.serverapp import Grid, ServerApp
 
 from client import wire
 from client.config import RunSettings
-from client.data.labels import EMOTIONS
 from client.node_data import cached_dataset, parse_dataset_list
 from models import create_model
 from privacy.central import CentralDP
-from privacy.report import privacy_report
+from privacy.report import PrivacyReport, privacy_report
 from server.evaluation import ServerEvaluator
 from server.ledger_registry import NodeLedgers
-from server.metrics import client_distribution
+from server.records import RoundRecord, build_round, format_round, summarize
+from server.replies import is_finite_number
 from server.rundir import RunDirectory
 from server.secagg import QuantizationCost, make_secagg_workflow
-from server.strategy import GuardedStrategy, create_strategy, is_finite_number
+from server.strategy import GuardedStrategy, create_strategy
 
 log = logging.getLogger("fer_fl.server")
 
-RoundCallback = Callable[[dict[str, Any]], None]
+RoundCallback = Callable[[RoundRecord], None]
 
 # 2**24 levels per value keeps clients x levels below the 2**32 modulus for up to 255 clients per round.
 SECAGG_QUANTIZATION_RANGE = 2**24
@@ -59,7 +59,8 @@ class ResumeState:
 
 
 def data_meta(settings: RunSettings) -> dict[str, Any]:
-    """What a saved model's sidecar needs to rebuild its test data: the synthetic faces depend on the seed."""
+    """What a saved model's card needs to rebuild its test data (RunDirectory.save_model's keywords): the synthetic
+    faces depend on the seed."""
     return {"data_seed": settings.seed, "image_size": settings.image_size, "dataset": settings.dataset}
 
 
@@ -153,6 +154,7 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
     )
 
 
+@dataclass(kw_only=True)
 class FerWorkflow:
     """Flower's DefaultWorkflow loop, plus what a real run needs: a start round (resume), a record and a
     checkpoint after every round, and a callback for progress display.
@@ -166,25 +168,17 @@ class FerWorkflow:
         on_round: called with each round's record (round 0 = the initial model), after it is complete.
     """
 
-    def __init__(
-        self,
-        *,
-        strategy: GuardedStrategy,
-        num_rounds: int,
-        start_weights: list[np.ndarray],
-        start_round: int = 1,
-        fit_workflow: Callable[[Grid, LegacyContext], None] = default_fit_workflow,
-        evaluate_clients: bool = True,
-        on_round: RoundCallback | None = None,
-    ) -> None:
-        self.strategy = strategy
-        self.num_rounds = num_rounds
-        self.start_weights = start_weights
-        self.start_round = start_round
-        self.fit_workflow = fit_workflow
-        self.evaluate_clients = evaluate_clients
-        self.on_round = on_round or (lambda record: None)
-        self.final_weights: list[np.ndarray] = start_weights
+    strategy: GuardedStrategy
+    num_rounds: int
+    start_weights: list[np.ndarray]
+    start_round: int = 1
+    fit_workflow: Callable[[Grid, LegacyContext], None] = default_fit_workflow
+    evaluate_clients: bool = True
+    on_round: RoundCallback | None = None
+    final_weights: list[np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.final_weights = self.start_weights
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
@@ -198,7 +192,7 @@ class FerWorkflow:
             if self.start_round == 1:
                 started = time.perf_counter()
                 self.strategy.evaluate(0, parameters)
-                self.on_round(self._record(0, time.perf_counter() - started))
+                self._done(self._record(0, time.perf_counter() - started))
             for server_round in range(self.start_round, self.num_rounds + 1):
                 started = time.perf_counter()
                 cfg[Key.CURRENT_ROUND] = server_round
@@ -207,10 +201,14 @@ class FerWorkflow:
                 if self.evaluate_clients:
                     default_evaluate_workflow(grid, context)
                 self.final_weights = self._current_weights(context)
-                self.on_round(self._record(server_round, time.perf_counter() - started))
+                self._done(self._record(server_round, time.perf_counter() - started))
         finally:
             f_stop.set()
             thread.join()
+
+    def _done(self, record: RoundRecord) -> None:
+        if self.on_round is not None:
+            self.on_round(record)
 
     @staticmethod
     def _current_weights(context: LegacyContext) -> list[np.ndarray]:
@@ -219,61 +217,14 @@ class FerWorkflow:
 
         return parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
 
-    def _record(self, server_round: int, seconds: float) -> dict[str, Any]:
-        report = self.strategy.report(server_round)
-        server = self.strategy.server_metrics.get(server_round)
-        clients = {cid: {"accuracy": c["accuracy"], "num_examples": c["num_examples"]} for cid, c in report.eval_clients.items()}
-        accuracies = [c["accuracy"] for c in clients.values() if c["accuracy"] is not None]
-        federated = None
-        if clients:
-            total = sum(c["num_examples"] for c in clients.values())
-            federated = {
-                "loss": report.eval_loss,
-                "accuracy": sum(c["accuracy"] * c["num_examples"] for c in clients.values()) / total,
-                "clients": clients,
-                "distribution": client_distribution(accuracies),
-            }
-        record: dict[str, Any] = {
-            "round": server_round,
-            "seconds": seconds,
-            "bytes_up": report.bytes_up,
-            "bytes_down": report.bytes_down,
-            "server": server,
-            "federated": federated,
-        }
-        if report.eval_withheld or report.eval_rejected:
-            # Sites under DP-SGD or SecAgg+ withhold their local evaluation unless they opted in (client/trainer.py).
-            record["evaluate"] = {"num_withheld": report.eval_withheld, "rejected": report.eval_rejected}
-        if self.strategy.privacy:
-            record["privacy"] = {
-                cid: {"epsilon_spent": p.get("epsilon_spent"), "epsilon_budget": p.get("epsilon_budget")}
-                for cid, p in sorted(self.strategy.privacy.items())
-            }
-        if server_round > 0:
-            failed = [f for f in getattr(self.fit_workflow, "failed_rounds", []) if f.server_round == server_round]
-            record["fit"] = {
-                "failed": bool(failed),
-                "failure": str(failed[0]) if failed else None,
-                "num_clients": report.num_results,
-                "num_accepted": report.num_accepted,
-                # Whose update is in this round's aggregate (client IDs, also under SecAgg+, where the survivors'
-                # replies still name their senders): with the sites the coordinator enrolled, it says who dropped.
-                "clients": sorted(report.clients),
-                "num_rejected": len(report.rejected),
-                "rejected": report.rejected,
-                "failures": report.failures,
-                "train_loss": report.train_loss,
-                "central_noise_std": report.central_noise_std,
-                # Refused under SecAgg+ before unmasking: their vectors are not in the sum (issue 10 item 5).
-                "secagg_excluded": report.excluded_from_sum,
-                "reclipped": report.reclipped,
-                # A count for metrics.csv; the names stay in metrics.jsonl ("clients" blocks are not flattened).
-                "norm_bounded": {"count": len(report.norm_bounded), "clients": report.norm_bounded},
-            }
-            cost = getattr(self.fit_workflow, "quantization", {}).get(server_round)
-            if cost is not None:
-                record["fit"]["secagg_quantization"] = cost.to_json()
-        return record
+    def _record(self, server_round: int, seconds: float) -> RoundRecord:
+        failed = [f for f in getattr(self.fit_workflow, "failed_rounds", []) if f.server_round == server_round]
+        cost = getattr(self.fit_workflow, "quantization", {}).get(server_round)
+        return build_round(
+            server_round, seconds=seconds, report=self.strategy.report(server_round),
+            server=self.strategy.server_metrics.get(server_round), privacy=self.strategy.privacy,
+            failure=str(failed[0]) if failed else None, quantization=None if cost is None else cost.to_json(),
+        )
 
 
 def run_federation(
@@ -290,20 +241,20 @@ def run_federation(
     strategy = build_strategy(settings, weights)
     started = time.perf_counter()
 
-    def record_round(record: dict[str, Any]) -> None:
+    def record_round(record: RoundRecord) -> None:
         # Checkpoint first: a round that shows in metrics.jsonl always has its checkpoint, so a server killed
         # right after logging round r resumes from r, not from an earlier round.
-        if record["round"] > 0:
+        if record.round > 0:
             run_dir.save_model(
                 _state_dict(settings, workflow.final_weights),
                 model_name=settings.model,
                 model_cfg={"dp": True},
-                extra=data_meta(settings),
-                round=record["round"],
+                round=record.round,
                 checkpoint=True,
+                **data_meta(settings),
             )
         run_dir.append_round(record)
-        _log_round(record, settings.num_server_rounds)
+        log.info("%s", format_round(record, num_rounds=settings.num_server_rounds))
         if on_round is not None:
             on_round(record)
 
@@ -338,20 +289,20 @@ def run_federation(
         _state_dict(settings, workflow.final_weights),
         model_name=settings.model,
         model_cfg={"dp": True},
-        extra=data_meta(settings),
         round=settings.num_server_rounds,
+        **data_meta(settings),
     )
     # strategy.privacy also holds nodes that imposed DP-SGD on a run without it (their own budget binds them).
     if settings.dp_enabled or strategy.privacy or settings.secure_agg or settings.central_dp_enabled:
         quantization = list(getattr(fit_workflow, "quantization", {}).values())
-        run_dir.write_json("privacy.json", build_privacy_report(settings, strategy, quantization=quantization))
+        run_dir.write_privacy(build_privacy_report(settings, strategy, quantization=quantization))
     run_dir.write_summary(summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings))
     return workflow.final_weights
 
 
 def build_privacy_report(
     settings: RunSettings, strategy: GuardedStrategy, *, quantization: list[QuantizationCost] | None = None
-) -> dict[str, Any]:
+) -> PrivacyReport:
     """privacy.json: each node's cumulative ε as it last reported it, the central ε, whether SecAgg+ was on and
     what its quantisation cost each round."""
     central = None
@@ -370,51 +321,10 @@ def build_privacy_report(
     )
 
 
-def summarize(rounds: list[dict[str, Any]], *, seconds: float, settings: RunSettings) -> dict[str, Any]:
-    """The run's headline numbers for summary.json."""
-    scored = [r for r in rounds if r.get("server")]
-    final = scored[-1]["server"] if scored else {}
-    trained = [r for r in rounds if r["round"] > 0]
-    last_fed = next((r["federated"] for r in reversed(trained) if r.get("federated")), None)
-    return {
-        "model": settings.model,
-        "strategy": settings.strategy,
-        "dataset": settings.dataset,
-        "rounds": max((r["round"] for r in rounds), default=0),
-        "final_accuracy": final.get("accuracy"),
-        "best_accuracy": max((r["server"]["accuracy"] for r in scored), default=None),
-        "macro_f1": final.get("macro_f1"),
-        "initial_accuracy": scored[0]["server"]["accuracy"] if scored and scored[0]["round"] == 0 else None,
-        "federated_accuracy": last_fed["accuracy"] if last_fed else None,
-        "client_accuracy": last_fed["distribution"] if last_fed else None,
-        "seconds": seconds,
-        "bytes_per_round": (sum(r["bytes_up"] + r["bytes_down"] for r in trained) / len(trained)) if trained else 0,
-        "rejected_updates": sum(r["fit"]["num_rejected"] for r in trained),
-        "failed_rounds": [r["round"] for r in trained if r["fit"].get("failed")],
-        "secure_aggregation": settings.secure_agg,
-        "local_dp": settings.dp_enabled,
-        "classes": list(EMOTIONS),
-    }
-
-
 def _state_dict(settings: RunSettings, weights: list[np.ndarray]) -> dict[str, torch.Tensor]:
     model = create_model(settings.model, dp=True)
     wire.set_weights(model, weights)
     return model.state_dict()
-
-
-def _log_round(record: dict[str, Any], num_rounds: int) -> None:
-    server = record.get("server") or {}
-    fit = record.get("fit") or {}
-    log.info(
-        "round %d/%d: accuracy %s, accepted %s, rejected %s, %.1fs",
-        record["round"],
-        num_rounds,
-        f"{server['accuracy']:.4f}" if "accuracy" in server else "n/a",
-        fit.get("num_accepted", "-"),
-        fit.get("num_rejected", "-"),
-        record["seconds"],
-    )
 
 
 app = ServerApp()
@@ -440,9 +350,9 @@ def load_resume_state(settings: RunSettings) -> ResumeState:
     """The weights and round number of the checkpoint `resume-from` names (loaded weights-only)."""
     from models.files import load_model
 
-    state, meta = load_model(settings.resume_from)
-    if meta.get("name") != settings.model:
-        raise ValueError(f"checkpoint {settings.resume_from} holds model {meta.get('name')!r}, not {settings.model!r}")
+    state, card = load_model(settings.resume_from)
+    if card.name != settings.model:
+        raise ValueError(f"checkpoint {settings.resume_from} holds model {card.name!r}, not {settings.model!r}")
     model = create_model(settings.model, dp=True)
     model.load_state_dict(state)
-    return ResumeState(weights=wire.get_weights(model), completed_round=int(meta["round"]))
+    return ResumeState(weights=wire.get_weights(model), completed_round=card.round)

@@ -1,4 +1,5 @@
-"""Aggregation strategies and the validation every update passes before any strategy sees it.
+"""Aggregation strategies, and the guard that applies the checks of server/replies.py before any strategy sees an
+update.
 
 Flower's strategies aggregate whatever arrives: wrong shapes, NaN, Inf and absurd example counts included. One
 malformed reply then poisons the global model for every site. `GuardedStrategy` wraps any registered strategy,
@@ -13,9 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,8 +34,20 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from privacy.central import CentralDP, add_central_noise
-from privacy.guard import UpdateRejected, guard_update, scale_update, update_norm
+from privacy.guard import guard_update, scale_update, update_norm
+from privacy.report import dp_status
 from server.ledger_registry import NodeLedgers
+from server.records import RoundReport
+from server.replies import (
+    EVALUATE_METRICS,
+    FIT_METRICS,
+    is_finite_number,
+    is_label,
+    is_count,
+    validate_count,
+    validate_metrics,
+    validate_update,
+)
 
 log = logging.getLogger("fer_fl.server")
 
@@ -106,47 +118,6 @@ def _krum(*, common: dict, krum_malicious: int, **_: Any) -> Strategy:
     return Krum(**common, num_malicious_clients=krum_malicious, num_clients_to_keep=0)
 
 
-def validate_update(
-    arrays: list[np.ndarray],
-    *,
-    expected_shapes: list[tuple[int, ...]],
-    num_examples: int,
-    max_norm: float,
-    max_examples: int,
-) -> str | None:
-    """Returns why an update must be rejected, or None if it is acceptable.
-
-    Checks, in order: the number of arrays, each array's shape and dtype (float32), finiteness, the global L2
-    norm against `max_norm`, and the example count (a positive integer no larger than `max_examples`).
-    """
-    if len(arrays) != len(expected_shapes):
-        return f"expected {len(expected_shapes)} arrays, got {len(arrays)}"
-    for index, (array, shape) in enumerate(zip(arrays, expected_shapes)):
-        if tuple(array.shape) != tuple(shape):
-            return f"array {index} has shape {tuple(array.shape)}, expected {tuple(shape)}"
-        if array.dtype != np.float32:
-            return f"array {index} has dtype {array.dtype}, expected float32"
-    try:
-        norm = update_norm(arrays)
-    except UpdateRejected as err:
-        return str(err)
-    # A tolerance of 0.1 % absorbs float32 rounding of a client that clipped exactly to the bound.
-    if norm > max_norm * 1.001:
-        return f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}"
-    return validate_count(num_examples, max_examples=max_examples)
-
-
-def validate_count(num_examples: Any, *, max_examples: int) -> str | None:
-    """Why a claimed example count must be rejected (not a positive integer up to `max_examples`), or None."""
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
-        return f"num-examples {num_examples!r} is not an integer"
-    if num_examples <= 0:
-        return f"num-examples {num_examples} is not positive"
-    if num_examples > max_examples:
-        return f"num-examples {num_examples} exceeds the plausible maximum {max_examples}"
-    return None
-
-
 def bound_to_median_norm(deltas: list[list[np.ndarray]], *, factor: float) -> tuple[list[list[np.ndarray]], list[int]]:
     """Scales every update whose L2 norm exceeds `factor` x the median norm of `deltas` down to that bound.
 
@@ -170,131 +141,11 @@ def bound_to_median_norm(deltas: list[list[np.ndarray]], *, factor: float) -> tu
     return bounded, scaled
 
 
-_MAX_ID_LENGTH = 128
-
-
-def _is_label(value: Any) -> bool:
-    """A short printable string: it ends up in logs and metrics.jsonl, so no control characters (log forging)."""
-    return isinstance(value, str) and 0 < len(value) <= _MAX_ID_LENGTH and value.isprintable()
-
-
-def is_finite_number(value: Any) -> bool:
-    """A finite int or float; bool is an int in Python but never a measurement."""
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, (bool, np.bool_))
-        and math.isfinite(value)
-    )
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 0
-
-
-def _is_flag(value: Any) -> bool:
-    return isinstance(value, (bool, np.bool_)) or (_is_count(value) and value in (0, 1))
-
-
-def _is_scalar(value: Any) -> bool:
-    """Any JSON-safe scalar: a label-like string, a flag or a finite number (no bytes, no NaN)."""
-    return _is_flag(value) or is_finite_number(value) or (isinstance(value, str) and len(value) <= 1024)
-
-
-_Rule = tuple[str, Callable[[Any], bool]]
-_LABEL: _Rule = ("a short printable string", _is_label)
-_NON_NEGATIVE: _Rule = ("a finite number >= 0", lambda v: is_finite_number(v) and v >= 0)
-_FRACTION: _Rule = ("a number in [0, 1]", lambda v: is_finite_number(v) and 0 <= v <= 1)
-_COUNT: _Rule = ("a non-negative integer", _is_count)
-_FLAG: _Rule = ("a boolean", _is_flag)
-_SCALAR: _Rule = ("a string, boolean or finite number", _is_scalar)
-
-# What a client's fit reply may carry (client/trainer.py); anything else is dropped unread.
-FIT_METRICS: dict[str, _Rule] = {
-    "client-id": _LABEL,
-    "profile": _LABEL,
-    "train-loss": _NON_NEGATIVE,
-    "train-accuracy": _FRACTION,
-    "train-examples": _COUNT,
-    "update-norm": _NON_NEGATIVE,
-    "update-clipped": _FLAG,
-}
-# The DP status a node reports (privacy.dp.DPClient.status, prefixed "dp-"): these are compared or summed on the
-# server, so their types are pinned; other dp- keys pass through to privacy.json as long as they are plain scalars.
-DP_METRICS: dict[str, _Rule] = {
-    "dp-client_id": _LABEL,
-    "dp-ledger_id": _LABEL,
-    "dp-ledger_seq": _COUNT,
-    "dp-epsilon_spent": _NON_NEGATIVE,
-    "dp-epsilon_budget": _NON_NEGATIVE,
-    "dp-delta": _FRACTION,
-    "dp-steps": _COUNT,
-    "dp-rounds_charged": _COUNT,
-}
-EVALUATE_METRICS: dict[str, _Rule] = {
-    "client-id": _LABEL,
-    "accuracy": _FRACTION,
-    "metrics-withheld": _FLAG,
-}
-
-
-def validate_metrics(
-    metrics: Any, *, rules: Mapping[str, _Rule], dp_status: bool = False
-) -> tuple[dict[str, Any], str | None]:
-    """Checks a reply's metrics against `rules`: returns (the known metrics, None) or ({}, why it is rejected).
-
-    A known key with a value of the wrong kind rejects the reply (it is malformed or hostile: a loss of "oops" or
-    NaN, a ledger sequence of True); unknown keys are dropped, so nothing the server does not expect reaches an
-    aggregator, a log line or the run directory, and a newer client with an extra metric still takes part.
-    With `dp_status` (fit replies) `dp-` keys are checked against DP_METRICS, and other `dp-` keys are kept when
-    they are plain scalars.
-    """
-    if not isinstance(metrics, Mapping):
-        return {}, f"metrics are a {type(metrics).__name__}, not a mapping"
-    known: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str):
-            continue
-        rule = rules.get(key)
-        if rule is None and dp_status and key.startswith("dp-"):
-            rule = DP_METRICS.get(key, _SCALAR)
-        if rule is None:
-            continue
-        kind, check = rule
-        if not check(value):
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-            return {}, f"metric {key[:_MAX_ID_LENGTH]!r} must be {kind}, got {shown}"
-        known[key] = value.item() if isinstance(value, np.generic) else value
-    return known, None
-
-
-@dataclass
-class RoundReport:
-    """What the guard saw in one round; the ServerApp turns it into the round's metrics record."""
-
-    num_results: int = 0
-    num_accepted: int = 0
-    rejected: list[dict[str, str]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    train_loss: float | None = None
-    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
-    eval_loss: float | None = None
-    eval_clients: dict[str, dict[str, Any]] = field(default_factory=dict)
-    eval_rejected: list[dict[str, str]] = field(default_factory=list)
-    eval_withheld: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    central_noise_std: float | None = None
-    # Clients whose masked vector was left out of the SecAgg+ sum (refused before unmasking; also in `rejected`).
-    excluded_from_sum: list[str] = field(default_factory=list)
-    # Clients whose individual update the server scaled down to the central-DP clip (plain rounds only).
-    reclipped: list[str] = field(default_factory=list)
-    # Clients whose delta was scaled down to the round's median-norm bound (server-side norm bounding).
-    norm_bounded: list[str] = field(default_factory=list)
-
-
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Any]]]
 
 
+# A dataclass for its settings; identity equality and a short repr, as a Flower strategy has.
+@dataclass(eq=False, repr=False)
 class GuardedStrategy(Strategy):
     """Validates updates, rebuilds weights from deltas, and delegates aggregation to a Flower strategy.
 
@@ -315,34 +166,26 @@ class GuardedStrategy(Strategy):
             the round's median delta norm before aggregation (see bound_to_median_norm); 0 for none.
     """
 
-    def __init__(
-        self,
-        inner: Strategy,
-        *,
-        expected_shapes: list[tuple[int, ...]],
-        max_update_norm: float,
-        max_examples: int,
-        evaluate_fn: EvaluateFn | None = None,
-        central_dp: CentralDP | None = None,
-        secure_aggregation: bool = False,
-        ledgers: NodeLedgers | None = None,
-        norm_bound: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.secure_aggregation = secure_aggregation
-        self.norm_bound = norm_bound
-        self.inner = inner
-        self.expected_shapes = expected_shapes
-        self.max_update_norm = max_update_norm
-        self.max_examples = max_examples
-        self.evaluate_fn = evaluate_fn
-        self.central_dp = central_dp
-        self.reports: dict[int, RoundReport] = {}
-        self.server_metrics: dict[int, dict[str, Any]] = {}
-        # Latest DP status each node reported (epsilon spent, ledger sequence): for privacy.json and rollback checks.
-        self.privacy: dict[str, dict[str, Any]] = {}
-        self.ledgers = ledgers if ledgers is not None else NodeLedgers()
-        self._global: list[np.ndarray] | None = None
+    inner: Strategy
+    _: KW_ONLY
+    expected_shapes: list[tuple[int, ...]]
+    max_update_norm: float
+    max_examples: int
+    evaluate_fn: EvaluateFn | None = None
+    central_dp: CentralDP | None = None
+    secure_aggregation: bool = False
+    ledgers: NodeLedgers | None = None
+    norm_bound: float = 0.0
+    # What the guard saw, per round; the server-side evaluation per round.
+    reports: dict[int, RoundReport] = field(default_factory=dict, init=False)
+    server_metrics: dict[int, dict[str, Any]] = field(default_factory=dict, init=False)
+    # Latest DP status each node reported (epsilon spent, ledger sequence): for privacy.json and rollback checks.
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
+    _global: list[np.ndarray] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.ledgers is None:
+            self.ledgers = NodeLedgers()
 
     def __repr__(self) -> str:
         return f"GuardedStrategy({self.inner!r})"
@@ -389,7 +232,7 @@ class GuardedStrategy(Strategy):
                 log.warning("round %d: rejected the update of client %s: %s", server_round, client_id, reason)
                 report.rejected.append({"client": client_id, "reason": reason})
                 continue
-            privacy = {k[3:]: v for k, v in metrics.items() if k.startswith("dp-")}
+            privacy = dp_status(metrics)
             reason = self.ledgers.check(client_id, privacy, server_round=server_round)
             if reason is not None:
                 log.warning("round %d: rejected the update of client %s: %s", server_round, client_id, reason)
@@ -455,7 +298,7 @@ class GuardedStrategy(Strategy):
             Why the node is refused (also recorded in the round's report), or None.
         """
         client_id = _client_label(proxy, res)
-        privacy = {k[3:]: v for k, v in res.metrics.items() if k.startswith("dp-")}
+        privacy = dp_status(res.metrics) if isinstance(res.metrics, Mapping) else {}
         reason = validate_count(res.num_examples, max_examples=self.max_examples) or self.ledgers.check(
             client_id, privacy, server_round=server_round
         )
@@ -537,7 +380,7 @@ class GuardedStrategy(Strategy):
         if metrics.get("metrics-withheld"):
             return metrics, None
         num_examples, loss = getattr(res, "num_examples", None), getattr(res, "loss", None)
-        if not _is_count(num_examples) or not 0 < num_examples <= self.max_examples:
+        if not is_count(num_examples) or not 0 < num_examples <= self.max_examples:
             return {}, f"num-examples {num_examples!r:.40} is not an integer in (0, {self.max_examples}]"
         if not (is_finite_number(loss) and loss >= 0):
             return {}, f"loss {loss!r:.40} is not a finite number >= 0"
@@ -563,7 +406,7 @@ def _client_label(proxy: ClientProxy, res: Any) -> str:
     string, else the node's ID (a hostile name must neither crash the round nor forge log lines)."""
     metrics = getattr(res, "metrics", None)
     claimed = metrics.get("client-id") if isinstance(metrics, Mapping) else None
-    return claimed if _is_label(claimed) else str(proxy.cid)
+    return claimed if is_label(claimed) else str(proxy.cid)
 
 
 def _payload_size(res: Any) -> int:

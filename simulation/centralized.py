@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +22,9 @@ from client.node_data import cached_dataset, node_data_from_indices
 from models import create_model
 from server.evaluation import ServerEvaluator
 from server.report import write_report
+from server.records import RoundRecord, RoundReport, RunSummary, build_round, summarize
 from server.rundir import RunDirectory
-from server.server_app import data_meta, initial_weights, load_server_test_set, summarize
+from server.server_app import data_meta, initial_weights, load_server_test_set
 from simulation.federation import federation_plan, federation_stats
 
 
@@ -43,11 +43,12 @@ def pooled_training_data(settings: RunSettings) -> tuple[np.ndarray, np.ndarray]
 
 
 def run_centralized(
-    settings: RunSettings, *, run_dir: RunDirectory, on_round: Callable[[dict[str, Any]], None] | None = None
-) -> dict[str, Any]:
-    """Trains on the pooled data and writes the same run directory as a federated run."""
+    settings: RunSettings, *, run_dir: RunDirectory, on_round: Callable[[RoundRecord], None] | None = None
+) -> RunSummary:
+    """Trains on the pooled data and writes the same run directory as a federated run (summary.json says
+    mode "centralized")."""
     started = time.perf_counter()
-    run_dir.write_config({**settings.to_run_config(), "mode": "centralized"})
+    run_dir.write_config(settings.to_run_config())
     run_dir.write_partition(federation_stats(settings))
     images, labels = pooled_training_data(settings)
     test_set = load_server_test_set(settings)
@@ -67,11 +68,9 @@ def run_centralized(
         if evaluator is not None:
             loss, metrics = evaluator(server_round, wire.get_weights(model))
             server = {"loss": loss, **metrics}
-        entry = {"round": server_round, "seconds": seconds, "bytes_up": 0, "bytes_down": 0, "server": server,
-                 "federated": None}
-        if server_round > 0:
-            entry["fit"] = {"num_clients": 1, "num_accepted": 1, "num_rejected": 0, "rejected": [], "failures": [],
-                            "train_loss": train_loss}
+        # One "client" (the pooled data) whose update is always accepted.
+        tally = RoundReport(num_results=1, num_accepted=1, train_loss=train_loss)
+        entry = build_round(server_round, seconds=seconds, report=tally, server=server)
         run_dir.append_round(entry)
         if on_round is not None:
             on_round(entry)
@@ -83,12 +82,14 @@ def run_centralized(
         result = task.train(model, loader, epochs=settings.local_epochs, optimizer=optimizer)
         record(server_round, time.perf_counter() - round_started, result.loss)
         run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},
-                           extra=data_meta(settings), round=server_round, checkpoint=True)
+                           round=server_round, checkpoint=True, **data_meta(settings))
     run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},
-                       extra=data_meta(settings), round=settings.num_server_rounds)
-    summary = summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings)
-    summary.update(mode="centralized", train_examples=int(len(labels)),
-                   synthetic=any(p.dataset_spec.startswith("synthetic") for p in federation_plan(settings)))
+                       round=settings.num_server_rounds, **data_meta(settings))
+    summary = summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings,
+                        mode="centralized").replace(
+        train_examples=int(len(labels)),
+        synthetic=any(p.dataset_spec.startswith("synthetic") for p in federation_plan(settings)),
+    )
     run_dir.write_summary(summary)
     write_report(run_dir.path)
     return summary

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.client_app import make_client_app, secure_aggregation_mod
 from client.config import RunSettings
+from server.records import RoundRecord, RunSummary
 from server.report import write_report
 from server.rundir import RunDirectory
 from server.server_app import ResumeState, run_federation
@@ -27,7 +28,7 @@ from simulation.attacks import ByzantineMod, attacker_partitions
 from simulation.attacks import describe as describe_attack
 from simulation.federation import federation_plan, federation_stats, simulated_setup
 
-RoundCallback = Callable[[dict[str, Any]], None]
+RoundCallback = Callable[[RoundRecord], None]
 
 
 def simulation_backend_config(*, num_cpus: int | None = None) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def run_simulation(
     resume: ResumeState | None = None,
     verbose: bool = False,
     num_cpus: int | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Runs the simulation described by `settings` and returns its summary.
 
     The run directory gets the resolved config, partition statistics, per-round metrics, checkpoints, the final
@@ -113,11 +114,12 @@ def run_simulation(
         )
     if errors:
         raise errors[0]
-    summary = run_dir.read_json("summary.json")
-    summary["wall_seconds"] = time.perf_counter() - started
-    summary["synthetic"] = any(p.dataset_spec.startswith("synthetic") for p in plans)
-    summary["num_clients"] = len(plans)
-    summary.update(describe_attack(settings, client_ids=[p.client_id for p in plans]))
+    summary = run_dir.summary().replace(
+        wall_seconds=time.perf_counter() - started,
+        synthetic=any(p.dataset_spec.startswith("synthetic") for p in plans),
+        num_clients=len(plans),
+        **describe_attack(settings, client_ids=[p.client_id for p in plans]),
+    )
     run_dir.write_summary(summary)
     write_report(run_dir.path)
     return summary

@@ -145,7 +145,7 @@ def test_privacy_report_gives_the_central_epsilon_of_the_released_rounds():
     for server_round in (1, 2, 3):  # 3 of the 5 planned rounds released their noisy mean
         guard.report(server_round).central_noise_std = 0.1
 
-    report = build_privacy_report(settings, guard)
+    report = build_privacy_report(settings, guard).to_json()
 
     expected = central_epsilon(noise_multiplier=1.1, sample_rate=0.5, rounds=3, delta=settings.dp_delta)
     assert report["central"]["epsilon"] == pytest.approx(expected)
@@ -157,11 +157,13 @@ def test_privacy_report_gives_the_central_epsilon_of_the_released_rounds():
 def test_fer_sim_run_passes_every_privacy_option_to_the_settings(monkeypatch, tmp_path):
     """Each privacy flag of `fer-sim run` lands in its run-config key."""
     from client.cli.runner import run_cli
+    from server.records import RunSummary
     from simulation.cli import main, run_cmd
 
     seen = {}
-    monkeypatch.setattr(run_cmd, "execute", lambda settings, **_: seen.setdefault("s", settings) and {
-        "final_accuracy": 0.0, "best_accuracy": 0.0, "rounds": 0, "seconds": 0.0})
+    monkeypatch.setattr(run_cmd, "execute", lambda settings, **_: seen.setdefault("s", settings) and RunSummary(
+        model=settings.model, strategy=settings.strategy, dataset=settings.dataset, rounds=0, seconds=0.0,
+        accuracy_source="server", final_accuracy=0.0, best_accuracy=0.0))
     args = ["run", "--out", str(tmp_path / "r"), "--dp-epsilon", "3", "--dp-delta", "1e-6", "--max-grad-norm", "0.7",
             "--accountant", "prv", "--dp-optimizer", "adam", "--dp-lr", "0.01", "--dp-batch-size", "64",
             "--secure-agg", "--secagg-shares", "4", "--secagg-threshold", "3",

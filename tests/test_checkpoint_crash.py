@@ -73,8 +73,8 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_complete_p
     assert result.returncode == -signal.SIGKILL, result.stderr
     latest = RunDirectory(run_path, create=False).latest_checkpoint()
     assert latest == run_path / "checkpoints" / f"round-{expected_round:03d}.pt"
-    state, meta = load_model(latest)
-    assert meta["round"] == expected_round
+    state, card = load_model(latest)
+    assert card.round == expected_round
     assert np.array_equal(state["w"].numpy(), np.full(4, expected_value, np.float32))
 
 

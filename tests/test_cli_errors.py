@@ -49,8 +49,10 @@ def _toml(text: str) -> Callable[[Path], None]:
     return write
 
 
-def _run_dir(*, config: dict | str, checkpoint_model: str | None = None, rounds_done: int = 1) -> Callable:
-    """A fer-server run directory with `config` (a dict, or raw text for a damaged file) and a checkpoint."""
+def _run_dir(*, config: dict | str, checkpoint_model: str | None = None, rounds_done: int = 1,
+             schema_version: int | None = None) -> Callable:
+    """A fer-server run directory with `config` (a dict, or raw text for a damaged file) and a checkpoint; with
+    `schema_version`, its metrics.jsonl holds round 0 as a fer-fl of that schema version wrote it."""
 
     def make(root: Path) -> None:
         run = RunDirectory(root / "run")
@@ -65,12 +67,18 @@ def _run_dir(*, config: dict | str, checkpoint_model: str | None = None, rounds_
             state = create_model(checkpoint_model, dp=True).state_dict()
             run.save_model(state, model_name=checkpoint_model, model_cfg={"dp": True}, round=rounds_done,
                            checkpoint=True)
+        if schema_version is not None:
+            from server.records import RoundRecord
+
+            line = {**RoundRecord(round=0, server={"accuracy": 0.1}).to_json(), "schema_version": schema_version}
+            (root / "run" / "metrics.jsonl").write_text(json.dumps(line) + "\n")
 
     return make
 
 
-def _saved_model(*, tamper: bool = False) -> Callable[[Path], None]:
-    """A model.pt + model.json as a run writes them (optionally changed after saving)."""
+def _saved_model(*, tamper: bool = False, schema_version: int | None = None) -> Callable[[Path], None]:
+    """A model.pt + model.json as a run writes them (optionally changed after saving, or its card marked as written
+    under another schema version)."""
 
     def make(root: Path) -> None:
         from models import create_model
@@ -81,6 +89,9 @@ def _saved_model(*, tamper: bool = False) -> Callable[[Path], None]:
         if tamper:
             with open(path, "ab") as handle:
                 handle.write(b"appended")
+        if schema_version is not None:
+            card = path.with_suffix(".json")
+            card.write_text(json.dumps({**json.loads(card.read_text()), "schema_version": schema_version}))
 
     return make
 
@@ -124,6 +135,11 @@ CASES = {
     "resume-config-unknown-key": (("fer-server", "resume", "run", "--insecure"),
                                   _run_dir(config={"colour": "blue"}, checkpoint_model="cnn_am"),
                                   "{root}/run/config.json: unknown run-config key 'colour'", []),
+    "resume-unknown-schema-version": (("fer-server", "resume", "run", "--insecure"),
+                                      _run_dir(config={"model": "cnn_am"}, checkpoint_model="cnn_am",
+                                               schema_version=99),
+                                      "{root}/run/metrics.jsonl:1: schema_version 99 is not one this fer-fl reads (1)",
+                                      []),
     "run-unknown-model": (("fer-sim", "run", "--dataset", "synthetic=20", "--model", "resnet9000", "--out", "out"),
                           _nothing, "--model 'resnet9000' is unknown; known: cnn_am, ", ["out"]),
     "run-missing-data": (("fer-sim", "run", "--dataset", "faces=no-such-dir", "--out", "out"), _nothing,
@@ -143,6 +159,9 @@ CASES = {
     "evaluate-tampered-model": (("fer-sim", "evaluate", "--model", "run/model.pt", "--dataset", "synthetic=20"),
                                 _saved_model(tamper=True),
                                 "run/model.pt: cannot load the model (run/model.pt does not match the sha256", []),
+    "evaluate-unknown-schema-version": (("fer-sim", "evaluate", "--model", "run/model.pt", "--dataset",
+                                         "synthetic=20"), _saved_model(schema_version=2),
+                                        "run/model.json: schema_version 2 is not one this fer-fl reads (1)", []),
     "evaluate-unknown-split": (("fer-sim", "evaluate", "--model", "run/model.pt", "--dataset", "synthetic=20",
                                 "--split", "val"), _saved_model(), "--split 'val': synthetic=20 has splits test, train",
                                []),

@@ -140,8 +140,8 @@ def test_private_training_spends_budget_cumulatively_across_train_messages(tmp_p
         assert not reply.has_error(), reply.error if reply.has_error() else ""
         fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
         assert all(np.all(np.isfinite(d)) for d in parameters_to_ndarrays(fitres.parameters))
-        spent.append(fitres.metrics["dp-epsilon_spent"])
-        sample_rates.append(fitres.metrics["dp-sample_rate"] * fitres.num_examples)
+        spent.append(fitres.metrics["dp-epsilon-spent"])
+        sample_rates.append(fitres.metrics["dp-sample-rate"] * fitres.num_examples)
 
     assert 0 < spent[0] < spent[1] <= 8.0
     # Poisson batches of dp-batch-size (128) expected, not the non-private batch-size (32)
@@ -207,8 +207,8 @@ def test_a_repeated_round_gets_the_released_update_without_a_second_charge(tmp_p
 
     first, second = (parameters_to_ndarrays(r.parameters) for r in replies)
     assert np.array_equal(first[0], second[0])
-    assert replies[1].metrics["dp-epsilon_spent"] == replies[0].metrics["dp-epsilon_spent"]
-    assert third.metrics["dp-epsilon_spent"] > replies[0].metrics["dp-epsilon_spent"]  # new weights: trained, paid
+    assert replies[1].metrics["dp-epsilon-spent"] == replies[0].metrics["dp-epsilon-spent"]
+    assert third.metrics["dp-epsilon-spent"] > replies[0].metrics["dp-epsilon-spent"]  # new weights: trained, paid
     ledger = PrivacyLedger.open(tmp_path / "privacy.ledger", key_file=tmp_path / "ledger.key",
                                 anchor_path=tmp_path / "ledger.anchor", client_id="site-a", budget_epsilon=8.0,
                                 delta=settings.dp_delta)
@@ -322,7 +322,7 @@ def test_a_deployed_nodes_dp_noise_cannot_be_replayed_from_the_run_config(tmp_pa
     assert not np.array_equal(deployed[0], deployed[1])
     assert np.array_equal(_delta(replies[0]), _delta(replies[1]))
     metrics = compat.recorddict_to_fitres(replies[0].content, keep_input=False).metrics
-    assert metrics["dp-secure_mode"] is False
+    assert metrics["dp-secure-mode"] is False
 
 
 @pytest.mark.slow
@@ -343,10 +343,10 @@ def test_a_deployed_node_with_a_ledger_trains_under_dp_when_the_run_asks_for_non
     # Assert
     _delta(reply)
     metrics = compat.recorddict_to_fitres(reply.content, keep_input=False).metrics
-    assert metrics["dp-epsilon_budget"] == 8.0 and metrics["dp-secure_mode"] is True
+    assert metrics["dp-epsilon-budget"] == 8.0 and metrics["dp-secure-mode"] is True
     ledger = PrivacyLedger.open_existing(tmp_path / "privacy.ledger", key_file=tmp_path / "ledger.key",
                                          anchor_path=tmp_path / "ledger.anchor", client_id="site-a")
-    assert len(ledger.rounds) == 2 and metrics["dp-epsilon_spent"] == ledger.spent_epsilon
+    assert len(ledger.rounds) == 2 and metrics["dp-epsilon-spent"] == ledger.spent_epsilon
 
 
 def test_a_node_with_an_exhausted_ledger_declines_a_run_without_dp(tmp_path):

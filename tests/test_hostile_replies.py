@@ -46,9 +46,9 @@ ANY_SCALAR = st.one_of(
     st.booleans(),
 )
 # What client/trainer.py puts in a fit reply, and what the server reads of a node's DP status.
-LABEL_KEYS = ("client-id", "profile", "dp-client_id", "dp-ledger_id")
-NUMBER_KEYS = ("train-loss", "train-accuracy", "train-examples", "update-norm", "update-clipped", "dp-ledger_seq",
-               "dp-epsilon_spent", "dp-epsilon_budget", "dp-delta", "dp-steps", "dp-rounds_charged")
+LABEL_KEYS = ("client-id", "profile", "dp-client-id", "dp-ledger-id")
+NUMBER_KEYS = ("train-loss", "train-accuracy", "train-examples", "update-norm", "update-clipped", "dp-ledger-seq",
+               "dp-epsilon-spent", "dp-epsilon-budget", "dp-delta", "dp-steps", "dp-rounds-charged")
 JUNK_METRICS = st.dictionaries(st.text(min_size=1, max_size=8).map(lambda k: f"x-{k}"), ANY_SCALAR, max_size=3)
 
 
@@ -90,7 +90,7 @@ def valid_fit(draw) -> dict:
     if draw(st.booleans()):
         metrics["train-loss"] = draw(st.floats(0, 10))
     if draw(st.booleans()):
-        metrics["dp-ledger_seq"] = draw(st.integers(0, 100))
+        metrics["dp-ledger-seq"] = draw(st.integers(0, 100))
     return {"delta": draw(valid_deltas), "num_examples": draw(st.integers(1, MAX_EXAMPLES)), "metrics": metrics}
 
 
@@ -170,7 +170,7 @@ def test_aggregate_fit_never_raises_and_equals_fedavg_over_the_valid_replies(pla
 
     # Execute
     parameters, _ = guard.aggregate_fit(1, results, [])
-    record = FerWorkflow(strategy=guard, num_rounds=1, start_weights=GLOBAL)._record(1, 0.0)
+    record = FerWorkflow(strategy=guard, num_rounds=1, start_weights=GLOBAL)._record(1, 0.0).to_json()
 
     # Assert
     report = guard.report(1)
@@ -229,7 +229,7 @@ def test_aggregate_evaluate_never_raises_and_averages_the_valid_replies(plan):
 
     # Execute
     loss, metrics = guard.aggregate_evaluate(1, results, [])
-    record = FerWorkflow(strategy=guard, num_rounds=1, start_weights=GLOBAL)._record(1, 0.0)
+    record = FerWorkflow(strategy=guard, num_rounds=1, start_weights=GLOBAL)._record(1, 0.0).to_json()
 
     # Assert
     assert len(guard.report(1).eval_rejected) == len(results) - len(valid)

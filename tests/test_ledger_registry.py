@@ -34,8 +34,8 @@ class _Proxy(ClientProxy):
 def _make_reply(weights: list[np.ndarray], *, ledger_id: str, ledger_seq: int) -> tuple[ClientProxy, FitRes]:
     """A DP node's reply: a small delta and the ledger status its DPClient reports."""
     delta = [np.full_like(w, 1e-4) for w in weights]
-    metrics = {"client-id": "site-a", "train-loss": 1.0, "dp-ledger_id": ledger_id, "dp-ledger_seq": ledger_seq,
-               "dp-epsilon_spent": 1.0, "dp-epsilon_budget": 8.0}
+    metrics = {"client-id": "site-a", "train-loss": 1.0, "dp-ledger-id": ledger_id, "dp-ledger-seq": ledger_seq,
+               "dp-epsilon-spent": 1.0, "dp-epsilon-budget": 8.0}
     return _Proxy("site-a"), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), 100, metrics)
 
 

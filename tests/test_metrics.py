@@ -7,7 +7,9 @@ import random
 
 import pytest
 
-from server.metrics import classification_metrics, client_distribution, summarize
+from client.config import RunSettings
+from server.metrics import classification_metrics, client_distribution
+from server.records import RoundRecord, summarize
 
 
 def _brute_force(y_true: list[int], y_pred: list[int], num_classes: int) -> dict:
@@ -48,11 +50,11 @@ def _make_predictions(seed: int, n: int = 300, num_classes: int = 7, skill: floa
     return y_true, y_pred
 
 
-def _round(index: int, accuracy: float, *, bytes_up: int = 100, bytes_down: int = 300) -> dict:
+def _round(index: int, accuracy: float, *, bytes_up: int = 100, bytes_down: int = 300) -> RoundRecord:
     """A round record with server-side accuracy and traffic."""
-    return {"round": index, "seconds": 2.0, "bytes_up": bytes_up if index else 0,
+    return RoundRecord.from_json({"round": index, "seconds": 2.0, "bytes_up": bytes_up if index else 0,
             "bytes_down": bytes_down if index else 0,
-            "server": {"loss": 1.0, "accuracy": accuracy, "macro_f1": accuracy / 2}}
+            "server": {"loss": 1.0, "accuracy": accuracy, "macro_f1": accuracy / 2}})
 
 
 def test_classification_metrics_hand_worked():
@@ -162,7 +164,7 @@ def test_summarize_hand_worked():
     """Round 0 counts for initial and best accuracy but not for rounds or traffic."""
     rounds = [_round(0, 0.14), _round(1, 0.40), _round(2, 0.55, bytes_up=200), _round(3, 0.50)]
 
-    summary = summarize(rounds, seconds=12.0, model_name="cnn_am")
+    summary = summarize(rounds, seconds=12.0, settings=RunSettings(model="cnn_am")).to_json()
 
     assert summary["final_accuracy"] == pytest.approx(0.50)
     assert summary["best_accuracy"] == pytest.approx(0.55)
@@ -180,10 +182,11 @@ def test_summarize_hand_worked():
 
 def test_summarize_falls_back_to_federated_accuracy_and_says_so():
     """Without server-side evaluation the federated accuracy is used and accuracy_source names it."""
-    rounds = [{"round": 1, "seconds": 1.0, "federated": {"accuracy": 0.3, "distribution": {"worst_10pct": 0.1}}},
-              {"round": 2, "seconds": 1.0, "federated": {"accuracy": 0.4, "distribution": {"worst_10pct": 0.2}}}]
+    rounds = [RoundRecord.from_json(r) for r in (
+        {"round": 1, "seconds": 1.0, "federated": {"accuracy": 0.3, "distribution": {"worst_10pct": 0.1}}},
+        {"round": 2, "seconds": 1.0, "federated": {"accuracy": 0.4, "distribution": {"worst_10pct": 0.2}}})]
 
-    summary = summarize(rounds, seconds=2.0, model_name="dmsnet_iot")
+    summary = summarize(rounds, seconds=2.0, settings=RunSettings(model="dmsnet_iot")).to_json()
 
     assert summary["accuracy_source"] == "federated"
     assert summary["final_accuracy"] == pytest.approx(0.4)

@@ -89,7 +89,7 @@ def test_report_carries_every_clients_real_figures(tmp_path):
     statuses = [_client_status(tmp_path, "site-b", rounds=3), _client_status(tmp_path, "site-a", rounds=1)]
 
     # Execute
-    report = privacy_report(clients=statuses, central=_central(), secure_aggregation=True)
+    report = privacy_report(clients=statuses, central=_central(), secure_aggregation=True).to_json()
 
     # Assert
     assert [c["client_id"] for c in report["clients"]] == ["site-a", "site-b"]
@@ -111,11 +111,12 @@ def test_report_carries_every_clients_real_figures(tmp_path):
 def test_report_without_any_dp_states_that_plainly():
     """With neither local nor central DP the report says so and has no ε."""
     # Execute
-    report = privacy_report(clients=[], central=None, secure_aggregation=False)
+    record = privacy_report(clients=[], central=None, secure_aggregation=False)
+    report = record.to_json()
 
     # Assert
     assert report["local_dp"] is False and report["central"] is None and report["max_epsilon_spent"] is None
-    assert "Local DP-SGD: off." in render_privacy_markdown(report)
+    assert "Local DP-SGD: off." in render_privacy_markdown(record)
 
 
 def _complete_status() -> dict:
@@ -151,15 +152,18 @@ def test_written_report_and_markdown_show_the_numbers(tmp_path):
     # Prepare
     from server.rundir import PRIVACY_JSON, RunDirectory
 
-    report = privacy_report(clients=[_client_status(tmp_path, "site-a", rounds=2)], central=_central(), secure_aggregation=True)
+    record = privacy_report(clients=[_client_status(tmp_path, "site-a", rounds=2)], central=_central(), secure_aggregation=True)
 
     # Execute
-    RunDirectory(tmp_path / "run").write_json(PRIVACY_JSON, report)
+    run = RunDirectory(tmp_path / "run")
+    run.write_privacy(record)
     path = tmp_path / "run" / PRIVACY_JSON
-    markdown = render_privacy_markdown(report)
+    markdown = render_privacy_markdown(record)
+    report = record.to_json()
 
     # Assert
     assert json.loads(path.read_text()) == report
+    assert RunDirectory(tmp_path / "run", create=False).privacy() == record
     assert not list(path.parent.glob(".privacy.json.*"))
     assert f"{report['clients'][0]['epsilon_spent']:.3f}" in markdown
     assert f"epsilon = {report['central']['epsilon']:.3f}" in markdown
@@ -191,8 +195,8 @@ def test_secagg_quantisation_cost_is_summarised_by_its_worst_round():
     rounds = [cost(1, 3.0), cost(2, 1.5)]
 
     # Execute
-    report = privacy_report(clients=[], central=None, secure_aggregation=True, secagg_quantization=rounds)
-    markdown = render_privacy_markdown(report)
+    record = privacy_report(clients=[], central=None, secure_aggregation=True, secagg_quantization=rounds)
+    markdown, report = render_privacy_markdown(record), record.to_json()
 
     # Assert
     summary = report["secure_aggregation_quantization"]
@@ -200,7 +204,7 @@ def test_secagg_quantisation_cost_is_summarised_by_its_worst_round():
     assert summary["max_abs_error_per_update"] == rounds[1]["max_abs_error_per_update"]
     assert summary["rounds"] == rounds
     assert f"off by at most {2 / 2**24:.3g}" in markdown
-    assert privacy_report(clients=[], central=None, secure_aggregation=False)["secure_aggregation_quantization"] is None
+    assert privacy_report(clients=[], central=None, secure_aggregation=False).secure_aggregation_quantization is None
 
 
 @pytest.mark.parametrize(
@@ -218,8 +222,8 @@ def test_seeded_noise_is_stated_as_not_private_against_whoever_knows_the_seed(tm
     statuses = [_client_status(tmp_path, cid, rounds=1, secure=flag) for cid, flag in secure.items()]
 
     # Execute
-    report = privacy_report(clients=statuses, central=None, secure_aggregation=False)
-    markdown = render_privacy_markdown(report)
+    record = privacy_report(clients=statuses, central=None, secure_aggregation=False)
+    markdown, report = render_privacy_markdown(record), record.to_json()
 
     # Assert
     assert report["local_dp_noise"].startswith(noise)

@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from server.metrics import classification_metrics, client_distribution, summarize
+from client.config import RunSettings
 from client.data.labels import EMOTIONS
-from server.report import write_report
+from models.card import SchemaVersionError
 from models.files import load_model
+from privacy.report import THREAT_MODEL, privacy_report
+from server.metrics import classification_metrics, client_distribution
+from server.records import FitRecord, RoundRecord, summarize
+from server.report import write_report
 from server.rundir import RunDirectory, flatten_round
 from simulation.partition import partition_labels, partition_stats
 
@@ -24,6 +28,16 @@ from tests.report_tables import expected_round_row, markdown_table, num, pct
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CONFIG = {"dataset": "synthetic", "num-clients": 4, "model": "cnn_am", "alpha": 0.5, "secure-agg": False}
+_SETTINGS = RunSettings.from_run_config(_CONFIG)
+
+
+def _make_partition(spec: str) -> dict:
+    """partition.json as simulation.federation.federation_stats writes it: per client, and per dataset."""
+    counts = [[5, 3, 2], [0, 8, 2], [9, 0, 1], [2, 2, 6]]
+    return {"clients": {str(i): {"dataset": spec, "profile": None, "per_class": c, "size": 10, "attacker": False}
+                        for i, c in enumerate(counts)},
+            "datasets": {spec: {"num_clients": 4, "num_samples": 40, "classes": ["a", "b", "c"], "per_client": counts,
+                                "sizes": [10, 10, 10, 10], "label_skew_tv": 0.31}}}
 
 
 def _make_round(index: int, *, accuracy: float = 0.5, clients: int = 4) -> dict:
@@ -46,19 +60,17 @@ def _make_round(index: int, *, accuracy: float = 0.5, clients: int = 4) -> dict:
     return record
 
 
-def _make_run(path, *, config=_CONFIG, rounds: int = 3, partition: bool = True, privacy: dict | None = None):
-    """A complete run directory as a finished simulation leaves it."""
+def _make_run(path, *, config=_CONFIG, rounds: int = 3, partition: bool = True, privacy=None):
+    """A complete run directory as a finished simulation leaves it (`privacy`: a privacy_report)."""
     run = RunDirectory(path)
     run.write_config(config)
     for index in range(rounds + 1):
-        run.append_round(_make_round(index, accuracy=0.2 + 0.2 * index))
+        run.append_round(RoundRecord.from_json(_make_round(index, accuracy=0.2 + 0.2 * index)))
     if partition:
-        run.write_partition({"num_clients": 4, "num_samples": 40, "classes": ["a", "b", "c"],
-                             "per_client": [[5, 3, 2], [0, 8, 2], [9, 0, 1], [2, 2, 6]], "sizes": [10, 10, 10, 10],
-                             "label_skew_tv": 0.31})
+        run.write_partition(_make_partition(config["dataset"]))
     if privacy is not None:
-        run.write_json("privacy.json", privacy)
-    run.write_summary(summarize(run.rounds(), seconds=5.0, model_name="cnn_am"))
+        run.write_privacy(privacy)
+    run.write_summary(summarize(run.rounds(), seconds=5.0, settings=RunSettings.from_run_config(config)))
     return run
 
 
@@ -95,9 +107,10 @@ def test_round_trip_of_everything_written(tmp_path):
 
     assert reopened.read_json("config.json") == _CONFIG
     assert tomllib.loads((tmp_path / "run" / "config.toml").read_text()) == _CONFIG
-    assert reopened.rounds() == json.loads(json.dumps([_make_round(i, accuracy=0.2 + 0.2 * i) for i in range(4)]))
-    assert reopened.read_json("partition.json")["per_client"][1] == [0, 8, 2]
-    assert reopened.read_json("summary.json") == summarize(run.rounds(), seconds=5.0, model_name="cnn_am")
+    assert reopened.rounds() == [RoundRecord.from_json(json.loads(json.dumps(_make_round(i, accuracy=0.2 + 0.2 * i))))
+                                 for i in range(4)]
+    assert reopened.read_json("partition.json")["clients"]["1"]["per_class"] == [0, 8, 2]
+    assert reopened.summary() == summarize(run.rounds(), seconds=5.0, settings=_SETTINGS)
     assert _temporaries(tmp_path) == []
 
 
@@ -169,12 +182,12 @@ def test_resumed_round_replaces_the_rounds_it_supersedes(tmp_path):
     _make_run(tmp_path / "run", rounds=3)
 
     resumed = RunDirectory(tmp_path / "run", resume=True)
-    resumed.append_round({"round": 2, "seconds": 9.0, "server": {"accuracy": 0.99}})
-    resumed.append_round({"round": 3, "seconds": 9.0, "server": {"accuracy": 0.98}})
+    resumed.append_round(RoundRecord(round=2, seconds=9.0, server={"accuracy": 0.99}))
+    resumed.append_round(RoundRecord(round=3, seconds=9.0, server={"accuracy": 0.98}))
 
     rounds = RunDirectory(tmp_path / "run", create=False).rounds()
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
-    assert [r["seconds"] for r in rounds] == [1.25, 1.25, 9.0, 9.0]
+    assert [r.round for r in rounds] == [0, 1, 2, 3]
+    assert [r.seconds for r in rounds] == [1.25, 1.25, 9.0, 9.0]
     with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
         assert [row["round"] for row in csv.DictReader(handle)] == ["0", "1", "2", "3"]
 
@@ -195,13 +208,15 @@ def test_non_finite_numbers_become_null_and_numpy_becomes_json(tmp_path):
     """NaN/inf are written as null (valid JSON); numpy scalars and arrays as numbers and lists."""
     run = RunDirectory(tmp_path / "run")
 
-    run.append_round({"round": 1, "server": {"loss": float("nan"), "accuracy": np.float32(0.25)},
-                      "fit": {"train_loss": float("inf"), "sizes": np.array([1, 2])}})
+    run.append_round(RoundRecord(round=1, server={"loss": float("nan"), "accuracy": np.float32(0.25),
+                                                  "sizes": np.array([1, 2])},
+                                 fit=FitRecord(train_loss=float("inf"))))
 
     text = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "NaN" not in text and "Infinity" not in text
-    assert json.loads(text) == {"round": 1, "server": {"loss": None, "accuracy": 0.25},
-                                "fit": {"train_loss": None, "sizes": [1, 2]}}
+    written = json.loads(text)
+    assert written["server"] == {"loss": None, "accuracy": 0.25, "sizes": [1, 2]}
+    assert written["fit"]["train_loss"] is None
 
 
 def test_config_toml_only_when_representable(tmp_path):
@@ -219,7 +234,7 @@ def test_append_round_requires_an_integer_round(tmp_path):
     run = RunDirectory(tmp_path / "run")
 
     with pytest.raises(ValueError, match="integer 'round'"):
-        run.append_round({"round": "1"})
+        run.append_round(RoundRecord.from_json({"round": "1"}))
 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -230,13 +245,13 @@ def test_saved_model_loads_with_weights_only(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
 
     path = run.save_model(model.state_dict(), model_name="cnn_am", model_cfg={"depth": 2}, round=5,
-                          extra={"synthetic": True})
+                          dataset="synthetic")
 
     loaded = torch.load(path, weights_only=True)
     assert list(loaded) == list(model.state_dict())
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
-    assert (meta["name"], meta["cfg"], meta["round"], meta["synthetic"]) == ("cnn_am", {"depth": 2}, 5, True)
+    assert (meta["name"], meta["cfg"], meta["round"], meta["dataset"]) == ("cnn_am", {"depth": 2}, 5, "synthetic")
     assert meta["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
 
@@ -249,9 +264,9 @@ def test_checkpoints_accept_numpy_and_the_latest_is_found(tmp_path):
         run.save_model(weights, model_name="dmsnet_iot", model_cfg={}, round=index, checkpoint=True)
 
     latest = run.latest_checkpoint()
-    state, meta = load_model(latest)
+    state, card = load_model(latest)
     assert latest == tmp_path / "run" / "checkpoints" / "round-010.pt"
-    assert meta["round"] == 10
+    assert card.round == 10
     assert torch.equal(state["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
     assert not (tmp_path / "run" / "model.pt").exists()
 
@@ -266,12 +281,30 @@ def test_load_model_detects_a_replaced_file(tmp_path):
         load_model(path)
 
 
-def test_extra_metadata_may_not_shadow_the_model_name(tmp_path):
-    """extra={'name': ...} would make model.json lie about the architecture."""
-    run = RunDirectory(tmp_path / "run")
+@pytest.mark.parametrize("name", ["model.json", "metrics.jsonl", "summary.json", "privacy.json"])
+def test_a_record_of_another_schema_version_is_refused_naming_its_file(tmp_path, name):
+    """Every typed reader refuses a record written under a schema_version it does not know, in one line."""
+    # Prepare
+    status = {"client_id": "site-a", "epsilon_spent": 1.0, "epsilon_budget": 3.0, "delta": 1e-5,
+              "noise_multiplier": 1.1, "max_grad_norm": 1.0, "sample_rate": 0.1, "steps": 10, "accountant": "rdp"}
+    run = _make_run(tmp_path / "run", rounds=1, privacy=privacy_report(clients=[status], central=None,
+                                                                        secure_aggregation=False))
+    run.save_model({"w": torch.ones(1)}, model_name="cnn_am", model_cfg={}, round=1)
+    path = tmp_path / "run" / name
+    if name.endswith(".jsonl"):
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        lines[-1]["schema_version"] = 99
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    else:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "schema_version": 99}))
+    readers = {"model.json": lambda: load_model(tmp_path / "run" / "model.pt"),
+               "metrics.jsonl": lambda: RunDirectory(tmp_path / "run", create=False),
+               "summary.json": lambda: RunDirectory(tmp_path / "run", create=False).summary(),
+               "privacy.json": lambda: RunDirectory(tmp_path / "run", create=False).privacy()}
 
-    with pytest.raises(ValueError, match="name"):
-        run.save_model({"w": torch.ones(1)}, model_name="cnn_am", model_cfg={}, round=1, extra={"name": "x"})
+    # Execute / Assert
+    with pytest.raises(SchemaVersionError, match=rf"^{re.escape(str(path))}(:2)?: schema_version 99 is not one"):
+        readers[name]()
 
 
 def test_report_references_plots_that_exist_and_are_png(tmp_path):
@@ -309,30 +342,37 @@ def test_synthetic_runs_say_so_in_report_and_plot_titles(tmp_path):
         assert "synthetic" not in _png_text(png.read_bytes())["Title"], png.name
 
 
+def _dp_status(client_id: str, spent: float) -> dict:
+    """One node's DPClient.status, as the ServerApp hands it to privacy_report."""
+    return {"client_id": client_id, "epsilon_spent": spent, "epsilon_budget": 3.0, "delta": 1e-5,
+            "noise_multiplier": 1.1, "max_grad_norm": 1.0, "sample_rate": 0.1, "steps": 10, "accountant": "rdp",
+            "secure_mode": True}
+
+
 def test_report_has_a_privacy_section_from_privacy_json(tmp_path):
-    """privacy.json adds a Privacy section with each client's epsilon, the run-level facts and a plot."""
-    privacy = {"clients": {"0": {"epsilon_spent": 2.5, "epsilon_budget": 3.0, "delta": 1e-5, "accountant": "rdp"},
-                           "1": {"epsilon_spent": 1.25, "epsilon_budget": 3.0, "delta": 1e-5, "accountant": "rdp"}},
-               "secure_aggregation": True,
-               "threat_model": "The server is honest but curious; under SecAgg+ it sees only the sum of updates. "
-                               "DP bounds what any output reveals about one image."}
+    """privacy.json adds a Privacy section with each client's epsilon under its site name, the run-level facts and
+    a plot (the table once showed row numbers: it looked for `client` where privacy.json says `client_id`)."""
+    privacy = privacy_report(clients=[_dp_status("site-b", 1.25), _dp_status("site-a", 2.5)], central=None,
+                             secure_aggregation=True)
     _make_run(tmp_path / "run", privacy=privacy)
 
     text = write_report(tmp_path / "run").read_text()
 
     section = text[text.index("## Privacy"):]
-    assert "| 0 | 2.5 | 3 | 1e-05 | rdp |" in section
-    assert "| 1 | 1.25 | 3 | 1e-05 | rdp |" in section
+    rows = [{k: row[k] for k in ("client", "epsilon_spent", "epsilon_budget", "delta", "accountant")}
+            for row in markdown_table(text, "Privacy")]
+    assert rows == [{"client": "site-a", "epsilon_spent": "2.5", "epsilon_budget": "3", "delta": "1e-05",
+                     "accountant": "rdp"},
+                    {"client": "site-b", "epsilon_spent": "1.25", "epsilon_budget": "3", "delta": "1e-05",
+                     "accountant": "rdp"}]
     assert "secure_aggregation: True" in section
-    assert "honest but curious" in section
+    assert THREAT_MODEL in section
     assert "plots/privacy.png" in section
     assert (tmp_path / "run" / "plots" / "privacy.png").read_bytes()[:8] == _PNG_SIGNATURE
 
 
 def test_report_states_that_seeded_dp_noise_is_not_private_against_the_seed(tmp_path):
     """A simulation's privacy.json (seeded noise) puts its caveat in report.md, in words, not as a bare flag."""
-    from privacy.report import privacy_report
-
     status = {"client_id": "0", "epsilon_spent": 1.0, "epsilon_budget": 3.0, "delta": 1e-5, "noise_multiplier": 1.1,
               "max_grad_norm": 1.0, "sample_rate": 0.1, "steps": 10, "accountant": "rdp", "secure_mode": False}
     _make_run(tmp_path / "run", privacy=privacy_report(clients=[status], central=None, secure_aggregation=False))
@@ -348,7 +388,7 @@ def test_report_skips_what_is_missing(tmp_path):
     """A run with only round 0 and no partition, summary or privacy still reports, with no dangling links."""
     run = RunDirectory(tmp_path / "run")
     run.write_config({"dataset": "synthetic"})
-    run.append_round(_make_round(0))
+    run.append_round(RoundRecord.from_json(_make_round(0)))
 
     text = write_report(tmp_path / "run").read_text()
 
@@ -411,10 +451,10 @@ def test_failed_rounds_are_shown_in_the_summary(tmp_path):
     """summary.json's failed_rounds (a list) appears as a Summary row and as a warning naming each round's reason."""
     # Prepare: round 2 failed as the ServerApp records it
     run = _make_run(tmp_path / "run", rounds=3)
-    records = run.rounds()
+    records = [r.to_json() for r in run.rounds()]
     records[2]["fit"].update(failed=True, failure="round 2: SecAgg+ halted: 1 of 3 shares received")
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    run.write_summary({**run.read_json("summary.json"), "failed_rounds": [2]})
+    run.write_summary(run.summary().replace(failed_rounds=[2]))
 
     # Execute
     text = write_report(tmp_path / "run").read_text()
@@ -431,7 +471,7 @@ def test_a_run_without_failed_rounds_says_none(tmp_path):
     """An empty failed_rounds list is shown as "none", with no failure warning."""
     # Prepare
     run = _make_run(tmp_path / "run", rounds=1)
-    run.write_summary({**run.read_json("summary.json"), "failed_rounds": []})
+    run.write_summary(run.summary().replace(failed_rounds=[]))
     # Execute
     text = write_report(tmp_path / "run").read_text()
     # Assert

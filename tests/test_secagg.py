@@ -605,7 +605,7 @@ def _run_guarded_round(guard: GuardedStrategy, client_app: ClientApp) -> tuple[l
         captured["global"] = workflow.final_weights
 
     run_in_process(server_main, client_app, num_nodes=NUM_NODES)
-    (record,) = [r for r in records if r["round"] == 1]
+    (record,) = [r.to_json() for r in records if r.round == 1]
     return captured["global"], record
 
 
@@ -613,7 +613,7 @@ def _rolled_back_ledger(partition: int) -> dict:
     """Site 2 reports ledger sequence 3 after the server recorded 7 for the same ledger: a rolled-back budget."""
     metrics = _site_metrics(partition)
     if partition == 2:
-        metrics |= {"dp-ledger_id": "ledger-of-site-2", "dp-ledger_seq": 3}
+        metrics |= {"dp-ledger-id": "ledger-of-site-2", "dp-ledger-seq": 3}
     return metrics
 
 

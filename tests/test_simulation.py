@@ -9,9 +9,13 @@ import pytest
 import torch
 
 from client.config import RunSettings
+from models.files import load_model
+from server.records import RoundRecord, RunSummary, summarize
+from server.report import write_report
 from server.rundir import RunDirectory
 from simulation.cli.demo_cmd import DEMO_SETTINGS
 from simulation.cli.evaluate_cmd import evaluate_saved_model
+from simulation.federation import federation_plan
 from simulation.runner import run_simulation
 
 from tests.report_tables import expected_round_row, markdown_table, pct
@@ -42,7 +46,7 @@ def test_three_clients_two_rounds_beat_the_initial_model(three_client_run):
 
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[2]["server"]["accuracy"] > rounds[0]["server"]["accuracy"] + 0.1
-    assert summary["final_accuracy"] == pytest.approx(rounds[2]["server"]["accuracy"])
+    assert summary.final_accuracy == pytest.approx(rounds[2]["server"]["accuracy"])
     assert all(r["fit"]["num_accepted"] == 3 for r in rounds[1:])
     assert len(rounds[2]["federated"]["clients"]) == 3
 
@@ -55,7 +59,7 @@ def test_run_directory_is_complete(three_client_run):
                  "model.json", "report.md"]:
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["round-001.pt", "round-002.pt"]
-    assert summary["bytes_per_round"] > 0 and summary["rounds"] == 2
+    assert summary.bytes_per_round > 0 and summary.rounds == 2
     report = (out / "report.md").read_text()
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "synthetic" in report.splitlines()[0].lower()
@@ -98,14 +102,57 @@ def test_same_seed_gives_the_same_metrics(tmp_path):
     assert runs[0] == runs[1]
 
 
-def test_a_dp_simulation_states_that_its_noise_was_seeded(tmp_path):
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """A small DP-SGD simulation through the real ServerApp and ClientApp: 2 sites, 2 rounds (~30 s)."""
+    out = tmp_path_factory.mktemp("dp") / "run"
+    settings = _make_settings(out, dataset="synthetic=300", num_server_rounds=2, num_clients=2, min_clients=2,
+                              local_epochs=1, partition="iid", dp_epsilon=8.0, dp_batch_size=32)
+    summary = run_simulation(settings, run_dir=RunDirectory(out), num_cpus=2)
+    return settings, summary, out
+
+
+def test_a_dp_simulation_states_that_its_noise_was_seeded(dp_run):
     """A simulation's DP noise is seeded (reproducible), and privacy.json says it is not private against the seed."""
-    settings = _make_settings(tmp_path / "run", dataset="synthetic=300", num_server_rounds=1, num_clients=2,
-                              min_clients=2, local_epochs=1, partition="iid", dp_epsilon=8.0, dp_batch_size=32)
+    _, _, out = dp_run
 
-    run_simulation(settings, run_dir=RunDirectory(tmp_path / "run"), num_cpus=2)
-
-    privacy = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    privacy = json.loads((out / "privacy.json").read_text())
     assert [c["secure_mode"] for c in privacy["clients"]] == [False, False]
     assert privacy["local_dp_noise"].startswith("seeded")
     assert "not private against anyone who knows that seed" in privacy["seeded_noise_caveat"]
+
+
+def test_every_record_of_a_dp_run_reads_back_typed_and_the_report_names_its_sites(dp_run):
+    """Every file a real DP run writes reads back through its typed reader, agreeing with the others, and report.md's
+    privacy table names each site (it showed row numbers: it looked for `client` where privacy.json has
+    `client_id`)."""
+    # Prepare
+    settings, returned, out = dp_run
+    sites = sorted(plan.client_id for plan in federation_plan(settings))
+
+    # Execute
+    run = RunDirectory(out, create=False)
+    rounds, summary, privacy = run.rounds(), run.summary(), run.privacy()
+    _, card = load_model(out / "model.pt")
+    checkpoints = [load_model(out / "checkpoints" / f"round-{r:03d}.pt")[1] for r in (1, 2)]
+    text = write_report(out).read_text()
+
+    # Assert
+    assert all(isinstance(r, RoundRecord) for r in rounds) and [r.round for r in rounds] == [0, 1, 2]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [RoundRecord.from_json(json.loads(line)) for line in lines] == rounds
+    assert [r.fit.clients for r in rounds[1:]] == [sites, sites]
+    assert all(set(r.privacy) == set(sites) for r in rounds[1:])
+    assert isinstance(summary, RunSummary) and summary == returned
+    assert summary.local_dp is True and summary.num_clients == 2 and summary.synthetic is True
+    assert summary == summarize(rounds, seconds=summary.seconds, settings=settings).replace(
+        wall_seconds=summary.wall_seconds, synthetic=True, num_clients=2)
+    assert [c.client_id for c in privacy.clients] == sites
+    assert [c.epsilon_spent for c in privacy.clients] == [rounds[-1].privacy[s]["epsilon_spent"] for s in sites]
+    assert all(0 < c.epsilon_spent <= c.epsilon_budget == 8.0 for c in privacy.clients)
+    assert (card.name, card.round, card.dataset, card.data_seed) == (settings.model, 2, settings.dataset,
+                                                                      settings.seed)
+    assert [c.round for c in checkpoints] == [1, 2]
+    table = markdown_table(text, "Privacy")
+    assert [row["client"] for row in table] == sites
+    assert [row["epsilon_spent"] for row in table] == [f"{c.epsilon_spent:.4g}" for c in privacy.clients]

@@ -180,8 +180,8 @@ def load_torch_model(path: Path):
     from models.files import load_model
 
     try:
-        state, meta = load_model(path)
-        card = ModelSpec.from_json(meta, source=path)
+        state, saved = load_model(path)
+        card = ModelSpec.from_json(saved.to_json(), source=path)
         model = build_torch_model(card)
         model.load_state_dict(state)
     except FileNotFoundError as err:

@@ -35,7 +35,11 @@ def resume(
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise click.ClickException(f"{run_dir} is not a run directory (no config.json)")
-    run = RunDirectory(run_dir, create=False)
+    try:
+        # Reads metrics.jsonl: a run directory of another schema version is refused here, in one line.
+        run = RunDirectory(run_dir, create=False)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     checkpoint = run.latest_checkpoint()
     if checkpoint is None:
         raise click.ClickException(f"{run_dir} has no checkpoint yet; start the run again with `fer-server start`")
@@ -63,16 +67,18 @@ def _checkpoint_round(checkpoint: Path, *, model: str) -> int:
     """The round `checkpoint` completed, after checking here, before any SuperLink starts, what the ServerApp would
     only find once the sites have joined: that the file is intact (sha256, weights only) and holds the run's model.
     """
+    from models.card import SchemaVersionError
     from models.files import load_model
 
     try:
-        _, meta = load_model(checkpoint)
-        done = int(meta["round"])
+        _, card = load_model(checkpoint)
+    except SchemaVersionError as err:
+        raise click.ClickException(str(err)) from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise click.ClickException(f"checkpoint {checkpoint} cannot be resumed from ({reason})") from None
-    if meta.get("name") != model:
+    if card.name != model:
         raise click.ClickException(
-            f"checkpoint {checkpoint} holds model {meta.get('name')!r} but the run's config.json says {model!r}"
+            f"checkpoint {checkpoint} holds model {card.name!r} but the run's config.json says {model!r}"
         )
-    return done
+    return card.round

@@ -126,7 +126,9 @@ def launch(
     """
     from server.deploy import CoordinatorLocks, DeployError, SuperLink, SuperLinkSettings, TlsFiles
     from server.ledger_registry import REGISTRY_FILE, LedgerRegistryError, NodeLedgers
+    from server.records import RoundRecord, format_round
     from server.report import write_report
+    from server.rundir import RunDirectory
 
     run_dir = Path(settings.out_dir)
     enroll = listen.enroll or []
@@ -178,17 +180,13 @@ def launch(
         link.wait_for_nodes(settings.min_clients, timeout=listen.timeout)
         run_id = link.submit(app_dir=app_dir(), run_config=settings.to_run_config())
         typer.echo(f"run {run_id} submitted: {settings.num_server_rounds} rounds of {settings.model}")
-        link.follow(run_id, run_dir=run_dir, on_round=lambda r: typer.echo(_progress_line(r, settings)),
-                    timeout=listen.timeout)
+        link.follow(run_id, run_dir=run_dir, timeout=listen.timeout, on_round=lambda r: typer.echo(
+            format_round(RoundRecord.from_json(r), num_rounds=settings.num_server_rounds)))
         report = write_report(run_dir)
-        summary = (run_dir / "summary.json")
         typer.echo(f"run directory: {run_dir} (report: {report.name})")
-        if summary.exists():
-            import json
-
-            final = json.loads(summary.read_text()).get("final_accuracy")
-            if final is not None:
-                typer.echo(f"final accuracy {final:.4f}")
+        summary = RunDirectory(run_dir, create=False).summary()
+        if summary is not None and summary.final_accuracy is not None:
+            typer.echo(f"final accuracy {summary.final_accuracy:.4f}")
         if listen.keep_running:
             typer.echo("SuperLink keeps running; Ctrl-C stops it")
             while link.process is not None and link.process.poll() is None:
@@ -216,15 +214,3 @@ def _check_server_data(settings) -> None:
             load_dataset(entry.spec, image_size=settings.image_size, seed=settings.seed)
     except DatasetError as err:
         raise click.ClickException(str(err)) from None
-
-
-def _progress_line(record: dict[str, Any], settings) -> str:
-    server = record.get("server") or {}
-    fit = record.get("fit") or {}
-    accuracy = f"accuracy {server['accuracy']:.4f}" if "accuracy" in server else "no server test set"
-    if record["round"] == 0:
-        return f"round 0 (initial model): {accuracy}"
-    status = "FAILED " if fit.get("failed") else ""
-    return (f"round {record['round']}/{settings.num_server_rounds}: {status}{accuracy}, "
-            f"{fit.get('num_accepted', 0)} updates accepted, {fit.get('num_rejected', 0)} rejected, "
-            f"{record.get('seconds', 0):.1f} s")

@@ -40,7 +40,7 @@ def demo(
     )
     summary = execute(settings)
     typer.echo(
-        f"accuracy on the synthetic test set: {summary['initial_accuracy']:.3f} (initial model) -> "
-        f"{summary['final_accuracy']:.3f} after {summary['rounds']} rounds ({summary['seconds']:.0f}s)"
+        f"accuracy on the synthetic test set: {summary.initial_accuracy:.3f} (initial model) -> "
+        f"{summary.final_accuracy:.3f} after {summary.rounds} rounds ({summary.seconds:.0f}s)"
     )
     typer.echo(f"report: {out / 'report.md'}")

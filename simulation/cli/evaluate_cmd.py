@@ -29,24 +29,23 @@ def evaluate_saved_model(
     from models import create_model
     from server.metrics import classification_metrics
 
+    from models.card import SchemaVersionError
     from models.files import load_model
 
     try:
         # load_model reads with weights_only=True and checks the sha256 recorded beside the file: a checkpoint is
         # data, never code, and a truncated or replaced file is refused rather than evaluated.
-        state, meta = load_model(model_path)
-        name = meta.get("name") or meta.get("model")
-        if not name:
-            raise KeyError(f"{model_path.with_suffix('.json').name} names no model")
-        model = create_model(name, dp=bool(meta.get("cfg", {}).get("dp", True)))
+        state, card = load_model(model_path)
+        name = card.name
+        model = create_model(name, dp=bool(card.cfg.get("dp", True)))
         model.load_state_dict(state)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, SchemaVersionError) as err:
         raise click.ClickException(str(err)) from None
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise click.ClickException(f"{model_path}: cannot load the model ({first_line})") from None
-    image_size = image_size or int(meta.get("image_size", 48))
-    seed = int(meta.get("data_seed", 0)) if seed is None else seed
+    image_size = image_size or card.image_size or 48
+    seed = (card.data_seed or 0) if seed is None else seed
     try:
         data = load_dataset(dataset, image_size=image_size, seed=seed)
     except DatasetError as err:

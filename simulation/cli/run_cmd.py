@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -17,6 +17,9 @@ from client.config import ConfigError, RunSettings
 from client.data.formats import DatasetError
 from client.cli.runner import option_group
 from privacy.cli_options import PrivacyOptions
+
+if TYPE_CHECKING:
+    from server.records import RoundRecord, RunSummary
 
 DatasetOpt = Annotated[
     list[str] | None,
@@ -96,10 +99,10 @@ def _make_command(mode: str):
         }
         settings = resolve_settings(config_file=config, overrides=overrides)
         summary = execute(settings, mode=mode, verbose=verbose)
-        label = "synthetic data, " if summary.get("synthetic") else ""
+        label = "synthetic data, " if summary.synthetic else ""
         typer.echo(
-            f"{mode}: final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}; "
-            f"{label}{summary['rounds']} rounds, {summary['seconds']:.0f}s)"
+            f"{mode}: final accuracy {summary.final_accuracy:.4f} (best {summary.best_accuracy:.4f}; "
+            f"{label}{summary.rounds} rounds, {summary.seconds:.0f}s)"
         )
         typer.echo(f"report: {Path(settings.out_dir) / 'report.md'}")
 
@@ -115,11 +118,12 @@ run = _make_command("federated")
 centralized = _make_command("centralized")
 
 
-def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = False) -> dict[str, Any]:
+def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = False) -> RunSummary:
     """Runs a simulation or its baseline with a per-round progress bar; user mistakes become one-line errors."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from models import list_models
+    from server.records import format_round
     from server.rundir import RunDirectory
 
     if mode == "centralized" and (settings.dp_enabled or settings.secure_agg or settings.central_dp_enabled):
@@ -150,10 +154,9 @@ def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = F
     with Progress(*columns) as progress:
         bar = progress.add_task("round 0 (initial model)", total=settings.num_server_rounds)
 
-        def on_round(record: dict[str, Any]) -> None:
-            server = record.get("server") or {}
-            accuracy = f"accuracy {server['accuracy']:.3f}" if "accuracy" in server else ""
-            progress.update(bar, completed=record["round"], description=f"round {record['round']} {accuracy}")
+        def on_round(record: RoundRecord) -> None:
+            description = format_round(record, num_rounds=settings.num_server_rounds)
+            progress.update(bar, completed=record.round, description=description)
 
         try:
             if mode == "centralized":
