@@ -121,10 +121,11 @@ def launch(
     """Starts the SuperLink, enrols keys, submits the run and follows it; shared by `start` and `resume`.
 
     A live predecessor (a fer-server on the same state or run directory, or anything on the port) stops it before
-    anything is written (CoordinatorLocks.probe; the locks are taken once the data and certificates checked out). The SuperLink's whole process tree dies with this process, however it
+    anything is written (server.locks.CoordinatorLocks.probe; the locks are taken once the data and certificates checked out). The SuperLink's whole process tree dies with this process, however it
     dies, and holds the locks until it is gone: a later `resume` can never race a leftover of this one.
     """
-    from server.deploy import CoordinatorLocks, DeployError, SuperLink, SuperLinkSettings, TlsFiles
+    from server.deploy import DeployError, SuperLink, SuperLinkSettings, TlsFiles
+    from server.locks import CoordinatorLocks
     from server.ledger_registry import REGISTRY_FILE, LedgerRegistryError, NodeLedgers
     from server.records import RoundRecord, format_round
     from server.report import write_report
