@@ -52,24 +52,28 @@ def _bookkeeping_step(model: nn.Module, images, labels, *, max_grad_norm: float)
     return wrapped
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_clipped_sum_equals_the_per_sample_loop(name):
-    """For every registered model the book-kept gradient is sum_i min(1, C/||g_i||) g_i, to float64 precision."""
-    # Prepare: C between the smallest and largest norm, so some samples are clipped and some are not
-    model = _make_model(name)
+def _assert_bookkeeping_matches_the_loop(model: nn.Module) -> None:
+    """One book-keeping step against the one-sample loop, with C between the smallest and largest norm, so some
+    samples are clipped and some are not: norms and every parameter's clipped sum to float64 precision."""
     images, labels = _make_batch()
     _, norms = _per_sample_reference(model, images, labels, max_grad_norm=1.0)
     max_grad_norm = float(norms.median())
     expected, expected_norms = _per_sample_reference(model, images, labels, max_grad_norm=max_grad_norm)
-
-    # Execute
     wrapped = _bookkeeping_step(model, images, labels, max_grad_norm=max_grad_norm)
-
-    # Assert
-    assert supports_bookkeeping(model)
     torch.testing.assert_close(wrapped.per_sample_gradient_norms, expected_norms, rtol=1e-9, atol=1e-12)
     for param, want in zip(model.parameters(), expected):
         torch.testing.assert_close(param.grad, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_clipped_sum_equals_the_per_sample_loop(name):
+    """For every registered model the book-kept gradient is sum_i min(1, C/||g_i||) g_i, to float64 precision."""
+    # Prepare
+    model = _make_model(name)
+
+    # Execute, Assert
+    assert supports_bookkeeping(model)
+    _assert_bookkeeping_matches_the_loop(model)
 
 
 def _make_conv_net(conv: nn.Conv2d) -> nn.Module:
@@ -91,18 +95,9 @@ def test_conv_rule_equals_the_per_sample_loop(conv):
     """The grouped-convolution rule for Conv2d gives each sample's gradient for strides, dilation and groups."""
     # Prepare
     model = _make_conv_net(conv)
-    images, labels = _make_batch()
-    _, norms = _per_sample_reference(model, images, labels, max_grad_norm=1.0)
-    max_grad_norm = float(norms.median())
-    expected, expected_norms = _per_sample_reference(model, images, labels, max_grad_norm=max_grad_norm)
 
-    # Execute
-    wrapped = _bookkeeping_step(model, images, labels, max_grad_norm=max_grad_norm)
-
-    # Assert
-    torch.testing.assert_close(wrapped.per_sample_gradient_norms, expected_norms, rtol=1e-9, atol=1e-12)
-    for param, want in zip(model.parameters(), expected):
-        torch.testing.assert_close(param.grad, want, rtol=1e-8, atol=1e-12)
+    # Execute, Assert
+    _assert_bookkeeping_matches_the_loop(model)
 
 
 def test_clipped_sum_equals_opacus_ghost_clipping():
