@@ -1,4 +1,5 @@
-"""Privacy report: central-DP ε, privacy.json content from real client status, markdown section."""
+"""Privacy report: central-DP ε, privacy.json content from real client status, and the Privacy section report.md
+renders from it (server/report.py, the one renderer)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from privacy.accounting import central_epsilon
 from privacy.dp import DPClient, DPSettings
 from privacy.ledger import PrivacyLedger, generate_key_file
-from privacy.report import THREAT_MODEL, privacy_report, render_privacy_markdown
+from privacy.report import THREAT_MODEL, PrivacyReport, privacy_report
+from tests.report_tables import markdown_table
 
 # (σ, client fraction q, rounds, δ) → ε with Opacus 1.6.0's RDP accountant.
 CENTRAL_GOLDEN = [
@@ -26,6 +28,18 @@ def _quiet_opacus():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def _privacy_section(tmp_path, record: PrivacyReport) -> str:
+    """The Privacy section of report.md for a run directory holding this privacy report (what fer-server renders)."""
+    from server.report import write_report
+    from server.rundir import RunDirectory
+
+    run = RunDirectory(tmp_path / "rendered")
+    run.write_config({"dataset": "synthetic"})
+    run.write_privacy(record)
+    text = write_report(run.path).read_text()
+    return text[text.index("## Privacy"):]
 
 
 def _central(**overrides) -> dict:
@@ -108,7 +122,7 @@ def test_report_carries_every_clients_real_figures(tmp_path):
     assert json.loads(json.dumps(report, allow_nan=False)) == report
 
 
-def test_report_without_any_dp_states_that_plainly():
+def test_report_without_any_dp_states_that_plainly(tmp_path):
     """With neither local nor central DP the report says so and has no ε."""
     # Execute
     record = privacy_report(clients=[], central=None, secure_aggregation=False)
@@ -116,7 +130,8 @@ def test_report_without_any_dp_states_that_plainly():
 
     # Assert
     assert report["local_dp"] is False and report["central"] is None and report["max_epsilon_spent"] is None
-    assert "Local DP-SGD: off." in render_privacy_markdown(record)
+    section = _privacy_section(tmp_path, record)
+    assert "- local_dp: False" in section and "- secure_aggregation: False" in section
 
 
 def _complete_status() -> dict:
@@ -158,16 +173,17 @@ def test_written_report_and_markdown_show_the_numbers(tmp_path):
     run = RunDirectory(tmp_path / "run")
     run.write_privacy(record)
     path = tmp_path / "run" / PRIVACY_JSON
-    markdown = render_privacy_markdown(record)
+    markdown = _privacy_section(tmp_path, record)
     report = record.to_json()
 
     # Assert
     assert json.loads(path.read_text()) == report
     assert RunDirectory(tmp_path / "run", create=False).privacy() == record
     assert not list(path.parent.glob(".privacy.json.*"))
-    assert f"{report['clients'][0]['epsilon_spent']:.3f}" in markdown
-    assert f"epsilon = {report['central']['epsilon']:.3f}" in markdown
-    assert "Secure aggregation (SecAgg+): on." in markdown
+    assert [row["epsilon_spent"] for row in markdown_table(markdown, "Privacy")] == \
+        [f"{report['clients'][0]['epsilon_spent']:.4g}"]
+    assert f"- central.epsilon: {report['central']['epsilon']:.4g}" in markdown
+    assert "- secure_aggregation: True" in markdown
     assert THREAT_MODEL in markdown
 
 
@@ -179,7 +195,7 @@ def test_threat_model_is_one_paragraph_covering_server_dp_and_gaps():
         assert phrase in THREAT_MODEL
 
 
-def test_secagg_quantisation_cost_is_summarised_by_its_worst_round():
+def test_secagg_quantisation_cost_is_summarised_by_its_worst_round(tmp_path):
     """privacy.json carries every round's SecAgg+ quantisation cost and the worst one on top; report.md states it."""
     # Prepare
     from server.secagg_outcome import QuantizationCost
@@ -196,14 +212,14 @@ def test_secagg_quantisation_cost_is_summarised_by_its_worst_round():
 
     # Execute
     record = privacy_report(clients=[], central=None, secure_aggregation=True, secagg_quantization=rounds)
-    markdown, report = render_privacy_markdown(record), record.to_json()
+    markdown, report = _privacy_section(tmp_path, record), record.to_json()
 
     # Assert
     summary = report["secure_aggregation_quantization"]
     assert summary["max_abs_error_of_average"] == rounds[1]["max_abs_error"] == pytest.approx(2 / 2**24)
     assert summary["max_abs_error_per_update"] == rounds[1]["max_abs_error_per_update"]
     assert summary["rounds"] == rounds
-    assert f"off by at most {2 / 2**24:.3g}" in markdown
+    assert f"- secure_aggregation_quantization.max_abs_error_of_average: {2 / 2**24:.4g}" in markdown
     assert privacy_report(clients=[], central=None, secure_aggregation=False).secure_aggregation_quantization is None
 
 
@@ -223,7 +239,7 @@ def test_seeded_noise_is_stated_as_not_private_against_whoever_knows_the_seed(tm
 
     # Execute
     record = privacy_report(clients=statuses, central=None, secure_aggregation=False)
-    markdown, report = render_privacy_markdown(record), record.to_json()
+    markdown, report = _privacy_section(tmp_path, record), record.to_json()
 
     # Assert
     assert report["local_dp_noise"].startswith(noise)
