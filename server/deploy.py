@@ -29,6 +29,8 @@ from privacy.atomic import atomic_write
 from server.control_guard import TOKEN_FILE as CONTROL_TOKEN
 from server.control_guard import issue_control_token
 from server.fab_signing import SIGNING_KEY_ENV
+from server.records import RoundRecord
+from server.rundir import METRICS_JSONL
 
 CONNECTION = "fer"
 DATABASE = "superlink.db"
@@ -278,12 +280,12 @@ class SuperLink:
         run_id: str,
         *,
         run_dir: Path,
-        on_round: Callable[[dict[str, Any]], None] | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
         poll: float = 1.0,
         status_every: float = 20.0,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Waits for a run to end, calling `on_round` with each new metrics.jsonl record the ServerApp writes.
+        """Waits for a run to end, calling `on_round` with each new round record the ServerApp writes.
 
         Progress comes from the run directory (cheap to read); Flower's run status is asked every `status_every`
         seconds, and at once when summary.json appears (the ServerApp's last write). Each `flwr ls` is a whole
@@ -339,16 +341,18 @@ def _port_taken(port: int, pid: int | None) -> str:
     return f"port {port} is already in use by pid {pid} ({cmdline(pid)[:100]}): stop it or choose another --port"
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def _read_metrics(run_dir: Path) -> list[RoundRecord]:
+    """The complete round records in metrics.jsonl so far (the ServerApp may be writing the next line)."""
+    path = Path(run_dir) / METRICS_JSONL
     if not path.exists():
         return []
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            data = json.loads(line)
         except json.JSONDecodeError:
             break
+        records.append(RoundRecord.from_json(data, source=str(path)))
     return records
 
 

@@ -127,7 +127,7 @@ def launch(
     from server.deploy import DeployError, SuperLink, SuperLinkSettings, TlsFiles
     from server.locks import CoordinatorLocks
     from server.ledger_registry import REGISTRY_FILE, LedgerRegistryError, NodeLedgers
-    from server.records import RoundRecord, format_round
+    from server.records import format_round
     from server.report import write_report
     from server.rundir import RunDirectory
 
@@ -182,7 +182,7 @@ def launch(
         run_id = link.submit(app_dir=app_dir(), run_config=settings.to_run_config())
         typer.echo(f"run {run_id} submitted: {settings.num_server_rounds} rounds of {settings.model}")
         link.follow(run_id, run_dir=run_dir, timeout=listen.timeout, on_round=lambda r: typer.echo(
-            format_round(RoundRecord.from_json(r), num_rounds=settings.num_server_rounds)))
+            format_round(r, num_rounds=settings.num_server_rounds)))
         report = write_report(run_dir)
         typer.echo(f"run directory: {run_dir} (report: {report.name})")
         summary = RunDirectory(run_dir, create=False).summary()
