@@ -35,6 +35,7 @@ from client.node_data import cached_dataset, parse_dataset_list
 from models import create_model
 from privacy.central import CentralDP
 from privacy.report import privacy_report
+from server.delivery import deliver_at_end
 from server.evaluation import ServerEvaluator
 from server.ledger_registry import NodeLedgers
 from server.metrics import client_distribution
@@ -433,7 +434,8 @@ def main(grid: Grid, context: Context) -> None:
     else:
         run_dir = RunDirectory(settings.out_dir)
     run_dir.write_config(settings.to_run_config())
-    run_federation(grid, context, settings, run_dir=run_dir, resume=resume)
+    weights = run_federation(grid, context, settings, run_dir=run_dir, resume=resume)
+    deliver_at_end(grid, settings=settings, run_id=context.run_id, weights=weights, rounds=run_dir.rounds())
 
 
 def load_resume_state(settings: RunSettings) -> ResumeState:
