@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from client.config import RunSettings
 from client.delivery import CARD_KEY, DELIVER_KEY, DeliveredModelCard, weights_sha256
+from server.rundir import RunDirectory
 
 log = logging.getLogger("fer_fl.server")
 
@@ -31,12 +32,28 @@ DEFAULT_TIMEOUT_S = 300.0
 CARD_METRICS = ("accuracy", "macro_f1", "loss")
 
 
+DELIVERY_JSON = "delivery.json"
+
+
 @dataclass(frozen=True)
 class DeliveryOutcome:
-    """Which nodes stored the final model, and why the others did not (node id -> reason)."""
+    """Which nodes stored the final model, and why the others did not (node id -> reason): the run directory's
+    delivery.json, the coordinator's record of who holds its model (the ServerApp's log is not kept)."""
 
+    round: int
+    weights_sha256: str
     delivered: tuple[int, ...]
     refused: dict[int, str]
+
+    def to_json(self) -> dict:
+        return {"round": self.round, "weights_sha256": self.weights_sha256, "delivered": list(self.delivered),
+                "refused": {str(node): reason for node, reason in sorted(self.refused.items())}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> DeliveryOutcome:
+        return cls(round=int(data["round"]), weights_sha256=str(data["weights_sha256"]),
+                   delivered=tuple(int(n) for n in data["delivered"]),
+                   refused={int(node): str(reason) for node, reason in data["refused"].items()})
 
 
 def final_model_card(*, settings: RunSettings, run_id: int | str, final_round: int, weights: list[np.ndarray],
@@ -85,23 +102,25 @@ def deliver_final_model(grid: Grid, *, weights: list[np.ndarray], card: Delivere
         log.warning("final model: node %d did not store it: %s", node, reason)
     log.info("final model (round %d, weights sha256 %s…) stored by %d of %d sites", card.round,
              card.weights_sha256[:12], len(delivered), len(node_ids))
-    return DeliveryOutcome(delivered=tuple(sorted(delivered)), refused=refused)
+    return DeliveryOutcome(round=card.round, weights_sha256=card.weights_sha256, delivered=tuple(sorted(delivered)),
+                           refused=refused)
 
 
 def deliver_at_end(grid: Grid, *, settings: RunSettings, run_id: int | str, weights: list[np.ndarray],
-                   rounds: list[dict]) -> DeliveryOutcome | None:
-    """What the deployed ServerApp calls after the last round: the card from the run's round records, then the
-    delivery. Any failure is one logged line (None): the run's results are written already.
-
-    Args:
-        rounds: the run's round records (RunDirectory.rounds()); the last one's server metrics go on the card.
+                   run_dir: RunDirectory) -> DeliveryOutcome | None:
+    """What the deployed ServerApp calls after the last round: the card from the run's round records, the
+    delivery, and its outcome in `run_dir/delivery.json`. Any failure is one logged line (None): the run's results
+    are written already.
     """
     try:
+        rounds = run_dir.rounds()
         final_round = max((int(r["round"]) for r in rounds), default=settings.num_server_rounds)
         scored = [r["server"] for r in rounds if r.get("server")]
         card = final_model_card(settings=settings, run_id=run_id, final_round=final_round, weights=weights,
                                 server_metrics=scored[-1] if scored else None)
-        return deliver_final_model(grid, weights=weights, card=card, timeout=settings.round_timeout or None)
+        outcome = deliver_final_model(grid, weights=weights, card=card, timeout=settings.round_timeout or None)
+        run_dir.write_json(DELIVERY_JSON, outcome.to_json())
+        return outcome
     except Exception as err:  # noqa: BLE001 - delivery comes after the run's results; it must not fail the run
         log.warning("final model: delivery to the sites failed: %s", str(err).splitlines()[0] if str(err) else err)
         return None

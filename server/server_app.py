@@ -435,7 +435,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir = RunDirectory(settings.out_dir)
     run_dir.write_config(settings.to_run_config())
     weights = run_federation(grid, context, settings, run_dir=run_dir, resume=resume)
-    deliver_at_end(grid, settings=settings, run_id=context.run_id, weights=weights, rounds=run_dir.rounds())
+    deliver_at_end(grid, settings=settings, run_id=context.run_id, weights=weights, run_dir=run_dir)
 
 
 def load_resume_state(settings: RunSettings) -> ResumeState:
