@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from client.data.labels import EMOTIONS
+from client.replay import global_digest
 from privacy.atomic import atomic_write
 
 log = logging.getLogger("fer_fl.client")
@@ -166,16 +167,13 @@ def _integer(value: Any, name: str) -> int:
 
 
 def weights_sha256(weights: Sequence[np.ndarray]) -> str:
-    """The sha256 of a model's weights in the Flower wire format (client/wire.py: one flat float32 vector in
-    `state_dict` order), as little-endian float32 bytes.
+    """The sha256 of a model's weights in the Flower wire format (client/wire.py: one flat vector in `state_dict`
+    order), taken as float32, the precision the model holds them in: replay.global_digest's dtype, shape and bytes.
 
     Computed on the arrays, not on a file, so the coordinator and the node agree whatever torch version serialises
     them; `weights_sha256(wire.get_weights(model))` of a model loaded from the run's model.pt gives the same value.
     """
-    digest = hashlib.sha256()
-    for array in weights:
-        digest.update(np.ascontiguousarray(array, dtype="<f4").tobytes())
-    return digest.hexdigest()
+    return global_digest([np.asarray(array, dtype="<f4") for array in weights])
 
 
 def models_dir(state_dir: Path) -> Path:
