@@ -290,6 +290,9 @@ def _assert_every_site_holds_the_final_model(tmp: Path, run_dir: Path, names: li
         card = held.card
         assert held.path.parent == node_dir / "models" and held.path.name == f"{card.run_id}-r2.pt"
         assert (card.round, card.name, card.weights_sha256) == (2, "cnn_am", expected_sha)
+        # Same torch on both sides here, so the site's file is byte-identical to model.pt (the weights digest above
+        # is what holds across torch versions).
+        assert card.sha256 == json.loads((run_dir / "model.json").read_text())["sha256"]
         assert card.server_metrics["accuracy"] == pytest.approx(summary["final_accuracy"])
         assert card.secure_aggregation is False
         assert card.epsilon_spent == _site_epsilon(node_dir)
