@@ -34,6 +34,7 @@ from client.node_data import cached_dataset, parse_dataset_list
 from models import create_model
 from privacy.central import CentralDP
 from privacy.report import PrivacyReport, privacy_report
+from server.delivery import deliver_at_end
 from server.evaluation import ServerEvaluator
 from server.ledger_registry import NodeLedgers
 from server.records import RoundRecord, build_round, format_round, summarize
@@ -343,7 +344,8 @@ def main(grid: Grid, context: Context) -> None:
     else:
         run_dir = RunDirectory(settings.out_dir)
     run_dir.write_config(settings.to_run_config())
-    run_federation(grid, context, settings, run_dir=run_dir, resume=resume)
+    weights = run_federation(grid, context, settings, run_dir=run_dir, resume=resume)
+    deliver_at_end(grid, settings=settings, run_id=context.run_id, weights=weights, run_dir=run_dir)
 
 
 def load_resume_state(settings: RunSettings) -> ResumeState:

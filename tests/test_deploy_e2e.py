@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -254,6 +255,69 @@ def test_three_sites_train_over_tls_and_outsiders_are_refused(tmp_path):
                  "checkpoints/round-001.pt", "checkpoints/round-002.pt"):
         assert (run_dir / name).is_file(), name
     assert "round 2/2" in server_log
+    _assert_every_site_holds_the_final_model(tmp_path, run_dir, ["a", "b", "c"])
+
+
+def _site_epsilon(node_dir: Path) -> float | None:
+    """The cumulative ε a node's ledger records, read as the node wrote it (None without a ledger)."""
+    from privacy.ledger import read_ledger
+
+    if not (node_dir / "privacy.ledger").exists():
+        return None
+    rounds = read_ledger(node_dir / "privacy.ledger", key_file=node_dir / "ledger.key")[1]
+    return rounds[-1].epsilon_after if rounds else 0.0
+
+
+def _assert_every_site_holds_the_final_model(tmp: Path, run_dir: Path, names: list[str]) -> None:
+    """Issue 14 item 1: each site stored the coordinator's final weights (same weights sha256 as model.pt) with its
+    card, `fer-client models` lists it, and `fer-client predict` with the site's default model gives the same
+    probabilities as with the coordinator's model.pt (in-process to 1e-6; the CLI's JSON lines identical)."""
+    from client import wire
+    from client.delivery import list_delivered, weights_sha256
+    from client.inference.model import load_torch_model, open_classifier
+    from client.inference.pipeline import FramePipeline
+    from tests.inference_builds import paste, pick_faces
+
+    coordinator, _ = load_torch_model(run_dir / "model.pt")
+    expected_sha = weights_sha256(wire.get_weights(coordinator))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    delivery = json.loads((run_dir / "delivery.json").read_text())
+    assert len(delivery["delivered"]) == len(names) and delivery["refused"] == {}, delivery
+    assert (delivery["round"], delivery["weights_sha256"]) == (2, expected_sha)
+    for name in names:
+        node_dir = tmp / f"node-{name}"
+        (held,) = list_delivered(node_dir)
+        card = held.card
+        assert held.path.parent == node_dir / "models" and held.path.name == f"{card.run_id}-r2.pt"
+        assert (card.round, card.name, card.weights_sha256) == (2, "cnn_am", expected_sha)
+        # Same torch on both sides here, so the site's file is byte-identical to model.pt (the weights digest above
+        # is what holds across torch versions).
+        assert card.sha256 == json.loads((run_dir / "model.json").read_text())["sha256"]
+        assert card.server_metrics["accuracy"] == pytest.approx(summary["final_accuracy"])
+        assert card.secure_aggregation is False
+        assert card.epsilon_spent == _site_epsilon(node_dir)
+        listed = _run([str(BIN / "fer-client"), "models", "--state-dir", str(node_dir), "--json"], cwd=tmp)
+        assert listed.returncode == 0 and json.loads(listed.stdout)["weights_sha256"] == expected_sha
+    faces = pick_faces(("happy", "sad", "surprise"))
+    frames = [paste(face, index) for index, face in enumerate(faces.values())]
+    images = tmp / "faces"
+    images.mkdir()
+    for index, frame in enumerate(frames):
+        cv2.imwrite(str(images / f"face-{index}.png"), frame)
+    site = tmp / f"node-{names[0]}"
+    by_site = FramePipeline(classifier=open_classifier(model=None, runtime="torch", state_dir=site))
+    by_coordinator = FramePipeline(classifier=open_classifier(model=run_dir / "model.pt", runtime="torch"))
+    assert by_site.classifier.card.source == list_delivered(site)[0].path
+    for frame in frames:
+        ours, theirs = by_site.process(frame), by_coordinator.process(frame)
+        assert len(ours) == len(theirs) == 1
+        assert np.abs(ours[0].probabilities - theirs[0].probabilities).max() <= 1e-6
+    default = _run([str(BIN / "fer-client"), "predict", str(images), "--state-dir", str(site)], cwd=tmp, timeout=300)
+    explicit = _run([str(BIN / "fer-client"), "predict", str(images), "--model", str(run_dir / "model.pt")], cwd=tmp,
+                    timeout=300)
+    assert default.returncode == explicit.returncode == 0, default.stderr + explicit.stderr
+    assert len(default.stdout.splitlines()) == len(frames)
+    assert default.stdout == explicit.stdout
 
 
 def test_sigkilled_server_leaves_nothing_running_and_resume_finishes_every_round_once(tmp_path):

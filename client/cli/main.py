@@ -13,11 +13,12 @@ app = cli_app(
 
 
 def _register() -> None:
-    from client.cli import adapt_cmd, export_cmd, keygen_cmd, predict_cmd, start_cmd, watch_cmd
+    from client.cli import adapt_cmd, export_cmd, keygen_cmd, models_cmd, predict_cmd, start_cmd, watch_cmd
 
     add_commands(app, {
         "keygen": keygen_cmd.keygen, "start": start_cmd.start, "predict": predict_cmd.predict,
         "watch": watch_cmd.watch, "export": export_cmd.export, "adapt": adapt_cmd.adapt,
+        "models": models_cmd.models,
     })
 
 

@@ -1,9 +1,9 @@
 """Which model a site runs, and the runtimes that run it.
 
-`resolve_model` is the one place that decides where the weights come from. Today that is `--model PATH`; the
-federation's delivery (issue 14 item 1: the latest model delivered into the node's state directory) and the
-reference weights shipped with the package slot in as the next two sources, in that order, without any caller
-changing. When none gives a model the user gets one line that says what to pass.
+`resolve_model` is the one place that decides where the weights come from: `--model PATH`, else the latest model
+a federation delivered into the node's state directory (issue 14 item 1, client/delivery.py), else the reference
+weights shipped with the package (a slot not filled yet). When none gives a model the user gets one line that says
+what to pass.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ class ModelSpec:
 def resolve_model(*, model: Path | None, runtime: str = "torch", state_dir: Path | None = None) -> Path:
     """Returns the weights file to run, trying the sources in order of preference.
 
-    Order: `model` (an explicit --model PATH); then, once they exist, the latest model delivered to `state_dir`
-    by a federation and the reference weights shipped with the package. Neither of the last two exists yet, so
-    without --model the answer is a one-line error naming the fix.
+    Order: `model` (an explicit --model PATH); then the latest model delivered to `state_dir` by a federation
+    (PyTorch runtime); then, once they exist, the reference weights shipped with the package. Without any, the
+    answer is a one-line error naming the fix.
 
     Raises:
         ModelUnavailable: no source gives a model, or the named file does not fit the runtime.
@@ -92,8 +92,13 @@ def resolve_model(*, model: Path | None, runtime: str = "torch", state_dir: Path
 
 
 def _delivered_model(state_dir: Path | None, runtime: str) -> Path | None:
-    """The latest model a federation delivered into `state_dir` (issue 14 item 1; not built yet)."""
-    return None
+    """The latest model a federation delivered into `state_dir/models` (client/delivery.py), for the PyTorch
+    runtime; delivered models are .pt files, so an ONNX runtime needs `fer-client export` first."""
+    if runtime != "torch":
+        return None
+    from client.delivery import latest_delivered
+
+    return latest_delivered(state_dir)
 
 
 def _reference_weights(runtime: str) -> Path | None:
@@ -176,7 +181,7 @@ def load_torch_model(path: Path):
     """
     # The one model-file reader (models/files.py): weights_only=True and the sha256 beside the file are checked, so
     # a checkpoint is data, never code, and a truncated or replaced file is refused; delivered models (issue 14
-    # item 1) will use the same format.
+    # item 1, client/delivery.py) use the same format.
     from models.files import load_model
 
     try:
