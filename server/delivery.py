@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from client.config import RunSettings
 from client.data.labels import EMOTIONS
 from client.delivery import CARD_KEY, DELIVER_KEY, DeliveredModelCard, weights_sha256
+from models.card import SCHEMA_VERSION, check_schema_version
 from server.rundir import RunDirectory
 
 log = logging.getLogger("fer_fl.server")
@@ -48,10 +49,12 @@ class DeliveryOutcome:
 
     def to_json(self) -> dict:
         return {"round": self.round, "weights_sha256": self.weights_sha256, "delivered": list(self.delivered),
-                "refused": {str(node): reason for node, reason in sorted(self.refused.items())}}
+                "refused": {str(node): reason for node, reason in sorted(self.refused.items())},
+                "schema_version": SCHEMA_VERSION}
 
     @classmethod
-    def from_json(cls, data: dict) -> DeliveryOutcome:
+    def from_json(cls, data: dict, *, source: str = DELIVERY_JSON) -> DeliveryOutcome:
+        check_schema_version(data, supported=SCHEMA_VERSION, source=source)
         return cls(round=int(data["round"]), weights_sha256=str(data["weights_sha256"]),
                    delivered=tuple(int(n) for n in data["delivered"]),
                    refused={int(node): str(reason) for node, reason in data["refused"].items()})

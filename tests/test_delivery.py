@@ -252,3 +252,20 @@ def test_card_round_trips_and_refuses_a_card_without_a_name():
     del data["name"]
     with pytest.raises(DeliveryRefused, match="no 'name'"):
         DeliveredModelCard.from_json(data, source="x.json")
+
+
+def test_the_delivery_outcome_round_trips_and_refuses_another_schema_version():
+    """delivery.json reads back as the DeliveryOutcome written; a record of another schema version is refused."""
+    # Prepare
+    from models.card import SchemaVersionError
+    from server.delivery import DeliveryOutcome
+
+    outcome = DeliveryOutcome(round=2, weights_sha256="ab" * 32, delivered=(3, 7), refused={9: "no answer"})
+
+    # Execute
+    data = json.loads(json.dumps(outcome.to_json()))
+
+    # Assert
+    assert DeliveryOutcome.from_json(data) == outcome
+    with pytest.raises(SchemaVersionError, match="delivery.json: schema_version 2"):
+        DeliveryOutcome.from_json({**data, "schema_version": 2})
