@@ -220,10 +220,15 @@ class RunSettings:
     def dp_enabled(self) -> bool:
         return self.dp_epsilon > 0
 
-    def recipe(self) -> TrainingRecipe:
+    def recipe(self, *, synthetic: bool = False) -> TrainingRecipe:
         """The training recipe of this run: the model's registered recipe with every key this run sets applied.
 
-        Imports `models` (and so torch) on first use, so reading settings stays light.
+        On synthetic faces (`synthetic`: the data being trained on is generated) a "strong" augmentation that the
+        run did not ask for is trained as "light": a synthetic face's label lives in a few pixels of mouth and
+        brows, which random erasing and wide shifts remove. Measured on 2,800 synthetic faces, CNN-AM, SGD
+        Nesterov 0.05, 5 epochs: light 0.75, light + 10 % shifts 0.68, light + erasing 0.57, strong 0.40 (held-out
+        accuracy). The generator already draws its own occlusions and lighting. Imports `models` (and so torch)
+        on first use, so reading settings stays light.
         """
         import dataclasses as dc
 
@@ -241,6 +246,8 @@ class RunSettings:
             "class_balance": self.class_balance if self.class_balance != RECIPE else None,
             "flip_tta": self.flip_tta == "on" if self.flip_tta != RECIPE else None,
         }
+        if synthetic and given["augment"] is None and base.augment == "strong":
+            given["augment"] = "light"
         return dc.replace(base, **{key: value for key, value in given.items() if value is not None})
 
     @property

@@ -94,7 +94,7 @@ class FerClient(NumPyClient):
             result, privacy = self._fit_private(model, optimizer, dataset, server_round)
         else:
             local = task.prepare_training(
-                model, data.train_images, data.train_labels, recipe=self.settings.recipe(),
+                model, data.train_images, data.train_labels, recipe=self.settings.recipe(synthetic=data.synthetic),
                 batch_size=self.setup.batch_size, seed=seed, server_round=server_round,
                 num_rounds=self.settings.num_server_rounds,
             )

@@ -49,7 +49,8 @@ def run_centralized(
     run_dir.write_partition(federation_stats(settings))
     images, labels = pooled_training_data(settings)
     test_set = load_server_test_set(settings)
-    recipe = settings.recipe()
+    synthetic = any(p.dataset_spec.startswith("synthetic") for p in federation_plan(settings))
+    recipe = settings.recipe(synthetic=synthetic)
     evaluator = ServerEvaluator(model_name=settings.model, images=test_set[0], labels=test_set[1],
                                 flip_tta=recipe.flip_tta) if test_set else None
 
@@ -90,7 +91,7 @@ def run_centralized(
                        extra=data_meta(settings), round=settings.num_server_rounds)
     summary = summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings)
     summary.update(mode="centralized", train_examples=int(len(labels)),
-                   synthetic=any(p.dataset_spec.startswith("synthetic") for p in federation_plan(settings)))
+                   synthetic=synthetic)
     run_dir.write_summary(summary)
     write_report(run_dir.path)
     return summary

@@ -192,6 +192,15 @@ def test_each_recipe_key_overrides_the_registry():
                                                class_balance="weights", flip_tta=False)
 
 
+def test_synthetic_faces_train_strong_augmentation_as_light_unless_asked():
+    """On synthetic faces the recipe's unasked-for 'strong' becomes 'light'; an explicit --augment is kept."""
+    assert model_recipe("cnn_am").augment == "strong"
+
+    assert RunSettings().recipe(synthetic=True).augment == "light"
+    assert RunSettings().recipe(synthetic=False).augment == "strong"
+    assert RunSettings(augment="strong").recipe(synthetic=True).augment == "strong"
+
+
 def test_dp_runs_keep_their_own_optimiser_and_rate():
     """Under DP-SGD the local optimiser and rate are dp-optimizer and dp-lr, not the recipe's."""
     settings = RunSettings(dp_epsilon=8.0)
@@ -235,3 +244,22 @@ def test_class_balanced_sampling_draws_the_rare_class_as_often_as_the_others():
     drawn = np.concatenate([drawn] + [labels[np.array(list(sampler))] for _ in range(9)])
 
     assert abs((drawn == 2).mean() - 1 / 3) < 0.05
+
+
+def test_prepare_training_builds_what_the_recipe_says():
+    """prepare_training: Nesterov SGD with the recipe's decay, smoothed loss, and round 2 of 4's slice of the curve."""
+    images, labels = _make_faces(20)
+    chosen = _make_recipe(class_balance="weights")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48 * 48, 7))
+
+    local = task.prepare_training(model, images, labels, recipe=chosen, batch_size=8, seed=0, server_round=2,
+                                  num_rounds=4)
+
+    group = local.optimizer.param_groups[0]
+    assert isinstance(local.optimizer, torch.optim.SGD) and group["nesterov"] and group["momentum"] == 0.9
+    assert group["weight_decay"] == chosen.weight_decay
+    assert local.criterion.label_smoothing == chosen.label_smoothing
+    assert torch.equal(local.criterion.weight, task.class_weights(labels, num_classes=7))
+    assert local.lr_at(0.0) == pytest.approx(_golden_warmup_cosine(0.25, peak=0.1, warmup=0.2))
+    assert local.lr_at(0.5) == pytest.approx(_golden_warmup_cosine(0.375, peak=0.1, warmup=0.2))
+    assert local.loader.batch_size == 8 and len(local.loader.dataset) == 20

@@ -20,7 +20,6 @@ DEMO_SETTINGS = RunSettings(
     num_server_rounds=4,
     local_epochs=3,
     batch_size=32,
-    lr=3e-4,
     strategy="fedavg",
     min_clients=4,
 )
