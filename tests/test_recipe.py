@@ -263,3 +263,17 @@ def test_prepare_training_builds_what_the_recipe_says():
     assert local.lr_at(0.0) == pytest.approx(_golden_warmup_cosine(0.25, peak=0.1, warmup=0.2))
     assert local.lr_at(0.5) == pytest.approx(_golden_warmup_cosine(0.375, peak=0.1, warmup=0.2))
     assert local.loader.batch_size == 8 and len(local.loader.dataset) == 20
+
+
+@pytest.mark.slow
+def test_default_run_learns_synthetic_faces(tmp_path):
+    """`fer-sim run` with no options (RunSettings' defaults) reaches at least 0.60 on its synthetic test faces."""
+    from server.rundir import RunDirectory
+    from simulation.runner import run_simulation
+
+    settings = RunSettings(out_dir=str(tmp_path / "run"))
+
+    summary = run_simulation(settings, run_dir=RunDirectory(tmp_path / "run"), num_cpus=2)
+
+    assert summary["initial_accuracy"] < 0.2
+    assert summary["final_accuracy"] >= 0.60
