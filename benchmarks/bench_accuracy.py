@@ -33,7 +33,7 @@ from client.data.labels import EMOTIONS
 from client.data.preprocess import FERTorchDataset
 from models import count_params, create_model, model_recipe
 from models.layers import batch_norm, group_norm
-from privacy.atomic import atomic_write
+from privacy.atomic import atomic_write, atomic_write_with
 from server.metrics import classification_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,9 +174,7 @@ def _plot(curve: list[dict], path: Path, *, title: str) -> None:
     axes.set(xlabel="training time (min)", ylabel="validation accuracy", title=title)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    atomic_write_png = path.with_suffix(".png.tmp")
-    figure.savefig(atomic_write_png, format="png")
-    atomic_write_png.replace(path)
+    atomic_write_with(path, lambda handle: figure.savefig(handle, format="png"))
 
 
 if __name__ == "__main__":
