@@ -7,13 +7,18 @@ federated and a centralised result can only come from federation itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+from client.data.labels import NUM_CLASSES
+from client.data.preprocess import FERTorchDataset, make_augment
+from models.recipe import TrainingRecipe
 
 
 @dataclass(frozen=True)
@@ -36,13 +41,75 @@ class EvalResult:
 
 
 def make_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Builds the local optimiser. Adam is the CNN-AM paper's choice; SGD is the usual choice under DP-SGD."""
+    """Builds the local optimiser. Adam is the CNN-AM paper's choice; SGD is the usual choice under DP-SGD;
+    SGD with Nesterov momentum is the recipes' choice (models/recipe.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; known: adam, sgd")
+    if name in ("sgd", "sgd-nesterov"):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=name == "sgd-nesterov")
+    raise ValueError(f"unknown optimizer {name!r}; known: adam, sgd, sgd-nesterov")
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What `train` needs for one round of a recipe (non-private runs; DP-SGD builds its own through Opacus)."""
+
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    lr_at: Callable[[float], float]
+
+
+def prepare_training(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, recipe: TrainingRecipe,
+                     batch_size: int, seed: int, server_round: int, num_rounds: int) -> LocalTraining:
+    """The loader, optimiser, loss and round schedule of `recipe` for round `server_round` of `num_rounds`.
+
+    One implementation for federated clients (client.trainer) and the centralised baseline (simulation.centralized),
+    so a gap between them can only come from federation. The augmentation is seeded by `seed` (the same seed gives
+    the same batches), class balancing uses these labels only (the site's own data), and the optimiser is built
+    fresh, as every client builds it each round; its momentum restarts with the round.
+    """
+    augment = make_augment(recipe.augment)
+    dataset = FERTorchDataset(images, labels, augment=augment, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = class_balanced_sampler(labels, generator=generator) if recipe.class_balance == "sampling" else None
+    loader = DataLoader(dataset, batch_size=min(batch_size, max(1, len(dataset))), shuffle=sampler is None,
+                        sampler=sampler, generator=generator if sampler is None else None)
+    weights = class_weights(labels, num_classes=NUM_CLASSES) if recipe.class_balance == "weights" else None
+    return LocalTraining(
+        loader=loader,
+        optimizer=make_optimizer(model, name=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay),
+        criterion=make_criterion(label_smoothing=recipe.label_smoothing, class_weights=weights),
+        lr_at=lambda f: recipe.round_lr(server_round=server_round, num_rounds=num_rounds, fraction=f),
+    )
+
+
+def make_criterion(*, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> nn.Module:
+    """The training loss: cross-entropy with the recipe's label smoothing and optional class weights."""
+    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+
+
+def class_weights(labels: np.ndarray, *, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency loss weights, normalised to mean 1 over the classes present (absent classes weigh 0).
+
+    A class with n_c of N examples weighs N / (K · n_c), K the number of present classes: every present class then
+    contributes equally to the loss, which is what makes FER2013's 1.5 % disgust visible to the gradient.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def class_balanced_sampler(labels: np.ndarray, *, generator: torch.Generator) -> torch.utils.data.Sampler:
+    """Draws len(labels) examples per epoch with replacement, each class equally likely (the rare class repeats)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels)
+    weights = torch.tensor(1.0 / counts[labels], dtype=torch.double)
+    return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(labels), replacement=True,
+                                                  generator=generator)
 
 
 def train(
@@ -54,6 +121,7 @@ def train(
     criterion: nn.Module | None = None,
     proximal_mu: float = 0.0,
     reference: Sequence[torch.Tensor] | None = None,
+    lr_at: Callable[[float], float] | None = None,
     device: str = "cpu",
 ) -> TrainResult:
     """Trains `model` in place for `epochs` passes over `loader`.
@@ -68,6 +136,10 @@ def train(
         criterion: the loss; defaults to cross-entropy (Opacus's ghost clipping supplies its own wrapper).
         proximal_mu: FedProx's μ; adds μ/2·‖w − w_global‖² so heterogeneous clients drift less from the global model.
         reference: the global parameters the proximal term pulls towards (same order as `model.parameters()`).
+        lr_at: the learning-rate schedule over this call: lr_at(f) is the rate of the step taken when a fraction f
+            of this call's steps is done (set on every parameter group before each step); None keeps the
+            optimiser's rate. Callers map f to their own progress (a round's slice of the run, see
+            client.trainer.round_schedule).
         device: torch device.
     """
     if proximal_mu > 0 and reference is None:
@@ -76,9 +148,14 @@ def train(
     model.train()
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     params = [p for p in model.parameters() if p.requires_grad]
+    total_steps = max(1, epochs * len(loader)) if lr_at is not None else 1
     for _ in range(epochs):
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
+            if lr_at is not None:
+                lr = lr_at(min(steps / total_steps, 1.0))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             logits = model(images)
             loss = criterion(logits, labels)
@@ -99,16 +176,19 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, *, device: str = "cpu") -> EvalResult:
-    """Evaluates `model` on `loader`: mean cross-entropy, accuracy, and every prediction for richer metrics."""
-    criterion = nn.CrossEntropyLoss(reduction="sum")
+def evaluate(model: nn.Module, loader: DataLoader, *, flip_tta: bool = False, device: str = "cpu") -> EvalResult:
+    """Evaluates `model` on `loader`: mean cross-entropy, accuracy, and every prediction for richer metrics.
+
+    With `flip_tta` each face is scored by the mean of the softmax of the face and of its mirror image (expressions
+    are nearly symmetric, so the two views are two honest guesses), and the loss is the negative log of that mean.
+    """
     model.eval()
     total_loss, preds, targets = 0.0, [], []
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        total_loss += float(criterion(logits, labels))
-        preds.append(logits.argmax(1).cpu().numpy())
+        log_probs = predict_log_proba(model, images, flip_tta=flip_tta)
+        total_loss += float(nn.functional.nll_loss(log_probs, labels, reduction="sum"))
+        preds.append(log_probs.argmax(1).cpu().numpy())
         targets.append(labels.cpu().numpy())
     if not targets:
         return EvalResult(float("nan"), 0.0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -120,3 +200,14 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: str = "cpu") -> Ev
         predictions=y_pred.astype(np.int64),
         targets=y_true.astype(np.int64),
     )
+
+
+@torch.no_grad()
+def predict_log_proba(model: nn.Module, images: torch.Tensor, *, flip_tta: bool = False) -> torch.Tensor:
+    """Log class probabilities of `images` (B, C, H, W); with `flip_tta`, the log of the mean of the softmax of the
+    images and of their mirrors (computed as a log-sum-exp, so confident predictions do not underflow)."""
+    log_probs = torch.log_softmax(model(images), dim=1)
+    if flip_tta:
+        mirrored = torch.log_softmax(model(torch.flip(images, dims=(-1,))), dim=1)
+        log_probs = torch.logsumexp(torch.stack((log_probs, mirrored)), dim=0) - math.log(2.0)
+    return log_probs

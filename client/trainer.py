@@ -20,8 +20,8 @@ from flwr.client import NumPyClient
 from torch.utils.data import DataLoader
 
 from client import replay, task, wire
-from client.config import RunSettings
-from client.data.preprocess import Augment, FERTorchDataset
+from client.config import RECIPE, RunSettings
+from client.data.preprocess import FERTorchDataset, make_augment
 from client.dp_training import open_dp_client
 from client.node_config import NodeSettings
 from client.node_setup import NodeSetup
@@ -85,27 +85,31 @@ class FerClient(NumPyClient):
         model = self._model()
         wire.set_weights(model, parameters)
         data = self.setup.data
-        dataset = FERTorchDataset(data.train_images, data.train_labels, augment=Augment(), seed=seed)
-        loader = DataLoader(
-            dataset,
-            batch_size=min(self.setup.batch_size, max(1, len(dataset))),
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        optimizer = task.make_optimizer(model, name=self.settings.train_optimizer, lr=self.settings.train_lr)
         privacy: dict = {}
         if self.settings.dp_enabled:
+            # DP-SGD keeps its own recipe (dp-optimizer, a constant dp-lr, the light augmentation, which runs in
+            # the data loader, before per-sample clipping); the model's recipe is for non-private training.
+            augment = make_augment(self.settings.augment if self.settings.augment != RECIPE else "light")
+            dataset = FERTorchDataset(data.train_images, data.train_labels, augment=augment, seed=seed)
+            optimizer = task.make_optimizer(model, name=self.settings.train_optimizer, lr=self.settings.train_lr)
             result, privacy = self._fit_private(model, optimizer, dataset, server_round)
         else:
+            local = task.prepare_training(
+                model, data.train_images, data.train_labels, recipe=self.settings.recipe(synthetic=data.synthetic),
+                batch_size=self.setup.batch_size, seed=seed, server_round=server_round,
+                num_rounds=self.settings.num_server_rounds,
+            )
             proximal_mu = float(config.get("proximal-mu", 0.0))
             reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
             result = task.train(
                 model,
-                loader,
+                local.loader,
                 epochs=self.setup.local_epochs,
-                optimizer=optimizer,
+                optimizer=local.optimizer,
+                criterion=local.criterion,
                 proximal_mu=proximal_mu,
                 reference=reference,
+                lr_at=local.lr_at,
             )
         new_weights = wire.get_weights(model)
         delta = [new - np.asarray(old, dtype=np.float32) for new, old in zip(new_weights, parameters)]
@@ -164,7 +168,7 @@ class FerClient(NumPyClient):
         model = self._model()
         wire.set_weights(model, parameters)
         loader = DataLoader(FERTorchDataset(data.test_images, data.test_labels), batch_size=256)
-        result = task.evaluate(model, loader)
+        result = task.evaluate(model, loader, flip_tta=self.settings.recipe().flip_tta)
         return result.loss, result.num_examples, {"client-id": data.client_id, "accuracy": result.accuracy}
 
 

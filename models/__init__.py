@@ -17,12 +17,15 @@ from models._registry import (
     load_state_dict_file,
     model_info,
     model_options,
+    model_recipe,
     register_model,
 )
 from models.complexity import complexity, count_macs, count_params
+from models.recipe import TrainingRecipe
 
 __all__ = [
     "ModelInfo",
+    "TrainingRecipe",
     "complexity",
     "count_macs",
     "count_params",
@@ -31,5 +34,6 @@ __all__ = [
     "load_state_dict_file",
     "model_info",
     "model_options",
+    "model_recipe",
     "register_model",
 ]

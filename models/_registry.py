@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from models.layers import batch_norm, group_norm
+from models.recipe import TrainingRecipe
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 _INFOS: dict[str, ModelInfo] = {}
@@ -39,6 +40,7 @@ class ModelInfo:
             `grad_sample_mode`, or "bk" for privacy.bookkeeping): the fastest one that
             `benchmarks/bench_models.py` measured for it (results in docs/benchmarks.md).
         default_cfg: the options (cfg) the default build uses.
+        recipe: how the model trains by default (optimiser, schedule, augmentation, ...; models/recipe.py).
     """
 
     paper: str
@@ -50,6 +52,7 @@ class ModelInfo:
     deviation: str = ""
     dp_engine: str = "hooks"
     default_cfg: dict[str, Any] = field(default_factory=dict)
+    recipe: TrainingRecipe = field(default_factory=TrainingRecipe)
 
 
 def register_model(fn: Callable[..., nn.Module] | None = None, /, *, info: ModelInfo | None = None):
@@ -73,7 +76,7 @@ def register_model(fn: Callable[..., nn.Module] | None = None, /, *, info: Model
         cfg = {
             key: p.default for key, p in params.items() if key not in _FRAMEWORK_ARGS and p.default is not p.empty
         }
-        _INFOS[name] = ModelInfo(**{**asdict(base), "default_cfg": cfg})
+        _INFOS[name] = replace(base, default_cfg=cfg)
         return factory
 
     return decorator(fn) if fn is not None else decorator
@@ -94,6 +97,11 @@ def _factory(name: str) -> Callable[..., nn.Module]:
 def model_options(name: str) -> dict[str, Any]:
     """The options (cfg keys) `name` accepts, with their defaults."""
     return dict(_INFOS[_factory(name).__name__].default_cfg)
+
+
+def model_recipe(name: str) -> TrainingRecipe:
+    """The training recipe `name` was measured with (what RunSettings's "recipe" defaults resolve to)."""
+    return _INFOS[_factory(name).__name__].recipe
 
 
 def model_info(name: str) -> dict[str, Any]:

@@ -21,15 +21,18 @@ class ServerEvaluator:
         model_name: registry name of the federation's model (DP build, as clients use).
         images: uint8 (N, H, W) test faces.
         labels: int64 (N,) labels.
+        flip_tta: score each face by the mean softmax of the face and its mirror (the run's recipe says).
     """
 
-    def __init__(self, *, model_name: str, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> None:
+    def __init__(self, *, model_name: str, images: np.ndarray, labels: np.ndarray, flip_tta: bool = False,
+                 batch_size: int = 256) -> None:
         self.model = create_model(model_name, dp=True)
         self.loader = DataLoader(FERTorchDataset(images, labels), batch_size=batch_size)
+        self.flip_tta = flip_tta
 
     def __call__(self, server_round: int, weights: list[np.ndarray]) -> tuple[float, dict[str, Any]]:
         wire.set_weights(self.model, weights)
         with torch.inference_mode():
-            result = task.evaluate(self.model, self.loader)
+            result = task.evaluate(self.model, self.loader, flip_tta=self.flip_tta)
         metrics = classification_metrics(result.targets, result.predictions)
         return result.loss, metrics

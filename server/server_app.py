@@ -137,7 +137,8 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
     test_set = load_server_test_set(settings)
     evaluator = None
     if test_set is not None:
-        evaluator = ServerEvaluator(model_name=settings.model, images=test_set[0], labels=test_set[1])
+        evaluator = ServerEvaluator(model_name=settings.model, images=test_set[0], labels=test_set[1],
+                                    flip_tta=settings.recipe().flip_tta)
     return GuardedStrategy(
         inner,
         ledgers=NodeLedgers(Path(settings.ledger_registry) if settings.ledger_registry else None),

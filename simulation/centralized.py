@@ -13,11 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from client import task, wire
 from client.config import RunSettings
-from client.data.preprocess import Augment, FERTorchDataset
 from client.node_data import cached_dataset, node_data_from_indices
 from models import create_model
 from server.evaluation import ServerEvaluator
@@ -52,16 +50,17 @@ def run_centralized(
     run_dir.write_partition(federation_stats(settings))
     images, labels = pooled_training_data(settings)
     test_set = load_server_test_set(settings)
-    evaluator = ServerEvaluator(model_name=settings.model, images=test_set[0], labels=test_set[1]) if test_set else None
+    synthetic = any(p.dataset_spec.startswith("synthetic") for p in federation_plan(settings))
+    recipe = settings.recipe(synthetic=synthetic)
+    evaluator = ServerEvaluator(model_name=settings.model, images=test_set[0], labels=test_set[1],
+                                flip_tta=recipe.flip_tta) if test_set else None
 
     model = create_model(settings.model, dp=True)
     wire.set_weights(model, initial_weights(settings))
-    optimizer = task.make_optimizer(model, name=settings.optimizer, lr=settings.lr)
-    dataset = FERTorchDataset(images, labels, augment=Augment(), seed=settings.seed)
-    loader = DataLoader(
-        dataset, batch_size=settings.batch_size, shuffle=True,
-        generator=torch.Generator().manual_seed(settings.seed),
-    )
+    # The recipe's schedule runs over the same "rounds" (groups of local-epochs epochs) as the federation's; one
+    # optimiser for the whole run (its momentum carries on, as centralised training's does).
+    local = task.prepare_training(model, images, labels, recipe=recipe, batch_size=settings.batch_size,
+                                  seed=settings.seed, server_round=1, num_rounds=settings.num_server_rounds)
 
     def record(server_round: int, seconds: float, train_loss: float | None) -> None:
         server = None
@@ -79,17 +78,18 @@ def run_centralized(
     record(0, 0.0, None)
     for server_round in range(1, settings.num_server_rounds + 1):
         round_started = time.perf_counter()
-        result = task.train(model, loader, epochs=settings.local_epochs, optimizer=optimizer)
+        result = task.train(
+            model, local.loader, epochs=settings.local_epochs, optimizer=local.optimizer, criterion=local.criterion,
+            lr_at=lambda f, r=server_round: recipe.round_lr(server_round=r, num_rounds=settings.num_server_rounds,
+                                                             fraction=f),
+        )
         record(server_round, time.perf_counter() - round_started, result.loss)
         run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},
                            round=server_round, checkpoint=True, **data_meta(settings))
     run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},
                        round=settings.num_server_rounds, **data_meta(settings))
     summary = summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings,
-                        mode="centralized").replace(
-        train_examples=int(len(labels)),
-        synthetic=any(p.dataset_spec.startswith("synthetic") for p in federation_plan(settings)),
-    )
+                        mode="centralized").replace(train_examples=int(len(labels)), synthetic=synthetic)
     run_dir.write_summary(summary)
     write_report(run_dir.path)
     return summary

@@ -17,10 +17,9 @@ DEMO_SETTINGS = RunSettings(
     partition="dirichlet",
     alpha=1.0,
     model="cnn_am",
-    num_server_rounds=4,
-    local_epochs=3,
+    num_server_rounds=8,
+    local_epochs=4,
     batch_size=32,
-    lr=3e-4,
     strategy="fedavg",
     min_clients=4,
 )

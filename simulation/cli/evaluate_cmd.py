@@ -11,12 +11,14 @@ import typer
 
 
 def evaluate_saved_model(
-    *, model_path: Path, dataset: str, split: str, image_size: int | None = None, seed: int | None = None
+    *, model_path: Path, dataset: str, split: str, image_size: int | None = None, seed: int | None = None,
+    flip_tta: bool | None = None,
 ) -> dict[str, Any]:
     """Loads `model.pt` (+ its `model.json`) and returns accuracy, macro-F1, per-class recall and confusion matrix.
 
     `image_size` and `seed` (which synthetic faces to generate) default to the run's, recorded in `model.json`, so
-    evaluating a run's model on `synthetic=N` scores the same test faces its server did.
+    evaluating a run's model on `synthetic=N` scores the same test faces its server did. `flip_tta` (averaging
+    each face with its mirror) defaults to the model's recipe, as the server's evaluation does.
 
     Raises:
         click.ClickException: a missing or unreadable model file, or a dataset problem, in one line.
@@ -26,7 +28,7 @@ def evaluate_saved_model(
     from client import task
     from client.data.formats import DatasetError, load_dataset
     from client.data.preprocess import FERTorchDataset
-    from models import create_model
+    from models import create_model, model_recipe
     from server.metrics import classification_metrics
 
     from models.card import SchemaVersionError
@@ -54,7 +56,8 @@ def evaluate_saved_model(
         raise click.ClickException(f"--split {split!r}: {dataset} has splits {', '.join(sorted(data.splits))}")
     part = data.splits[split]
     loader = DataLoader(FERTorchDataset(part.images, part.labels), batch_size=256)
-    result = task.evaluate(model, loader)
+    flip_tta = model_recipe(name).flip_tta if flip_tta is None else flip_tta
+    result = task.evaluate(model, loader, flip_tta=flip_tta)
     metrics = classification_metrics(result.targets, result.predictions)
     return {
         "model": name,
@@ -63,6 +66,7 @@ def evaluate_saved_model(
         "synthetic": data.synthetic,
         "num_examples": result.num_examples,
         "loss": result.loss,
+        "flip_tta": flip_tta,
         **metrics,
     }
 

@@ -48,7 +48,23 @@ def _make_command(mode: str):
         model: Annotated[StrOpt, typer.Option(help="Model name (`fer-sim models` lists them).")] = None,
         rounds: Annotated[IntOpt, typer.Option(help="Server rounds.")] = None,
         local_epochs: Annotated[IntOpt, typer.Option(help="Local epochs per round.")] = None,
-        lr: Annotated[FloatOpt, typer.Option(help="Local learning rate.")] = None,
+        lr: Annotated[FloatOpt, typer.Option(help="Peak local learning rate (default: the model's recipe).")] = None,
+        optimizer: Annotated[StrOpt, typer.Option(help="adam | sgd | sgd-nesterov (default: the recipe's).")] = None,
+        lr_schedule: Annotated[
+            StrOpt, typer.Option(help="constant | warmup-cosine | step, run over the rounds (default: the recipe's).")
+        ] = None,
+        warmup: Annotated[FloatOpt, typer.Option(help="Fraction of the run spent warming up the rate.")] = None,
+        weight_decay: Annotated[FloatOpt, typer.Option(help="Optimiser weight decay.")] = None,
+        label_smoothing: Annotated[FloatOpt, typer.Option(help="Cross-entropy label smoothing.")] = None,
+        augment: Annotated[
+            StrOpt, typer.Option(help="none | light | strong (strong adds random erasing and wider shifts).")
+        ] = None,
+        class_balance: Annotated[
+            StrOpt, typer.Option(help="Rare classes: none | weights (inverse-frequency loss) | sampling.")
+        ] = None,
+        flip_tta: Annotated[
+            StrOpt, typer.Option(help="on | off: evaluate on the mean softmax of each face and its mirror.")
+        ] = None,
         batch_size: Annotated[IntOpt, typer.Option(help="Local batch size.")] = None,
         strategy: Annotated[
             StrOpt, typer.Option(help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum.")
@@ -85,6 +101,14 @@ def _make_command(mode: str):
             "num-server-rounds": rounds,
             "local-epochs": local_epochs,
             "lr": lr,
+            "optimizer": optimizer,
+            "lr-schedule": lr_schedule,
+            "warmup": warmup,
+            "weight-decay": weight_decay,
+            "label-smoothing": label_smoothing,
+            "augment": augment,
+            "class-balance": class_balance,
+            "flip-tta": flip_tta,
             "batch-size": batch_size,
             "strategy": strategy,
             "proximal-mu": proximal_mu,
