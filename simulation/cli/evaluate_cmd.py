@@ -49,7 +49,8 @@ def evaluate_saved_model(
     image_size = image_size or card.image_size or 48
     seed = (card.data_seed or 0) if seed is None else seed
     try:
-        data = load_dataset(dataset, image_size=image_size, seed=seed)
+        # Scoring needs only the split scored on: image folders may hold test/ alone, or bare <emotion>/ folders.
+        data = load_dataset(dataset, image_size=image_size, seed=seed, test_only=split != "train")
     except DatasetError as err:
         raise click.ClickException(str(err)) from None
     if split not in data.splits:

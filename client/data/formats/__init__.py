@@ -63,7 +63,7 @@ def parse_dataset_spec(spec: str) -> tuple[str, str | None]:
     return kind, os.path.expanduser(arg)
 
 
-def load_dataset(spec: str, *, image_size: int = 48, seed: int = 0) -> FERDataset:
+def load_dataset(spec: str, *, image_size: int = 48, seed: int = 0, test_only: bool = False) -> FERDataset:
     """Loads the dataset named by `spec` into memory, every face resized to `image_size` x `image_size`.
 
     Args:
@@ -72,6 +72,8 @@ def load_dataset(spec: str, *, image_size: int = 48, seed: int = 0) -> FERDatase
             "synthetic" or "synthetic=N" (N training faces, default 3500, plus N//5 test faces).
         image_size: side of the square faces returned.
         seed: seed of the synthetic generator; file-based datasets are deterministic without one.
+        test_only: the data is for scoring a model (`fer-sim evaluate`): image folders may hold `test/` alone,
+            and bare `<emotion>/` folders are read as the test split.
 
     Raises:
         DatasetError: the data cannot be used; the message names the file (and row).
@@ -89,7 +91,7 @@ def load_dataset(spec: str, *, image_size: int = 48, seed: int = 0) -> FERDatase
         csv_file = _fer2013_csv_in(root)
         if csv_file is not None:
             return _load_fer2013_csv(csv_file, root_arg=arg, image_size=image_size)
-        return _load_labelled_tree(kind, arg, image_size=image_size, detect_faces=False)
+        return _load_labelled_tree(kind, arg, image_size=image_size, detect_faces=False, test_only=test_only)
     if kind == "rafdb":
         return _load_rafdb(arg, image_size=image_size)
-    return _load_labelled_tree(kind, arg, image_size=image_size, detect_faces=kind == "folder")
+    return _load_labelled_tree(kind, arg, image_size=image_size, detect_faces=kind == "folder", test_only=test_only)

@@ -155,10 +155,13 @@ def _audit(contents: dict[str, _SplitContent]) -> dict:
 
 
 def _finish(kind: str, fmt: str, root: str | None, contents: dict[str, _SplitContent], loaded: _LoadProblems,
-            native_sizes: Counter[str]) -> FERDataset:
-    """Drops empty optional splits, audits the content and assembles the dataset."""
+            native_sizes: Counter[str], *, required: str = "train") -> FERDataset:
+    """Drops empty optional splits, audits the content and assembles the dataset (`required`: the split that must
+    hold images: the training split, or the test split of data loaded only to score a model)."""
     where = root or "synthetic data"
-    if not contents.get("train") or len(contents["train"].sources) == 0:
+    if not contents.get(required) or len(contents[required].sources) == 0:
+        if any(len(c.sources) for c in contents.values()) and required == "test":
+            raise DatasetError(f"{where}: no readable test images (test split is empty)")
         if any(len(c.sources) for c in contents.values()):
             raise DatasetError(f"{where}: no readable training images (train split is empty)")
         raise DatasetError(f"{where}: no readable images found ({loaded.unreadable.count} unreadable, "

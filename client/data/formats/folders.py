@@ -40,8 +40,13 @@ def _scan_emotion_folders(root: Path, folder: str, split_of: Callable[[str], str
     return found
 
 
-def _load_labelled_tree(kind: str, root_arg: str, *, image_size: int, detect_faces: bool) -> FERDataset:
-    """Loads `<root>/<emotion>/...` or `<root>/{train,test}/<emotion>/...` image folders."""
+def _load_labelled_tree(kind: str, root_arg: str, *, image_size: int, detect_faces: bool,
+                        test_only: bool = False) -> FERDataset:
+    """Loads `<root>/<emotion>/...` or `<root>/{train,test}/<emotion>/...` image folders.
+
+    With `test_only` (scoring a model on held-out faces), a tree may hold `test/` without `train/`, and bare
+    `<emotion>/` folders are the test split rather than the training split.
+    """
     root = Path(root_arg)
     if not root.is_dir():
         raise DatasetError(f"{root_arg}: is a file, expected {_EXPECTED[kind]}")
@@ -50,11 +55,13 @@ def _load_labelled_tree(kind: str, root_arg: str, *, image_size: int, detect_fac
     top = _subdirs(root)
     split_dirs = {e.name.lower(): e for e in top if e.name.lower() in ("train", "test")}
     if split_dirs or kind == "fer2013":
-        if "train" not in split_dirs:
+        if "train" not in split_dirs and not (test_only and "test" in split_dirs):
             raise DatasetError(f"{root_arg}: no train/ folder (expected {_EXPECTED[kind]})")
         for entry in top:
-            if entry.name.lower() not in split_dirs:
+            if entry.name.lower() not in ("train", "test"):
                 loaded.unknown_folders[entry.name] = len(_files_under(root, entry.name))
+        if test_only and "test" in split_dirs:
+            split_dirs.pop("train", None)  # scoring a model reads only what it is scored on
         for name, entry in sorted(split_dirs.items(), key=lambda kv: SPLIT_ORDER.index(kv[0])):
             if name == "test" and kind == "fer2013":
                 split_of = _fer2013_test_split
@@ -64,7 +71,8 @@ def _load_labelled_tree(kind: str, root_arg: str, *, image_size: int, detect_fac
                 raise DatasetError(f"{entry.path}: no emotion folders ({', '.join(EMOTIONS)}) inside")
         fmt = "fer2013-folder" if kind == "fer2013" else kind
     else:
-        if _scan_emotion_folders(root, "", lambda _filename: "train", loaded, items) == 0:
+        bare_split = "test" if test_only else "train"
+        if _scan_emotion_folders(root, "", lambda _filename: bare_split, loaded, items) == 0:
             raise DatasetError(f"{root_arg}: no emotion folders ({', '.join(EMOTIONS)}) and no train/ test/ "
                                f"folders inside (expected {_EXPECTED[kind]})")
         fmt = kind
@@ -75,4 +83,5 @@ def _load_labelled_tree(kind: str, root_arg: str, *, image_size: int, detect_fac
     native_sizes: Counter[str] = Counter()
     contents = _decode_items(root, items, image_size=image_size, detect_faces=detect_faces, loaded=loaded,
                              native_sizes=native_sizes)
-    return _finish(kind, fmt, root_arg, contents, loaded, native_sizes)
+    required = "test" if test_only else "train"
+    return _finish(kind, fmt, root_arg, contents, loaded, native_sizes, required=required)
