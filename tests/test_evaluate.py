@@ -55,6 +55,37 @@ def test_a_test_set_alone_scores_as_the_test_split_of_a_full_dataset(tmp_path, l
     for key in ("accuracy", "macro_f1", "per_class_recall", "loss"):
         assert scored[key] == pytest.approx(reference[key]), key
     assert sum(map(sum, scored["confusion_matrix"])) == count
+    assert set(scored["flip_averaging"]) == {"off", "on"}
+    headline = scored["flip_averaging"]["on" if scored["flip_tta"] else "off"]
+    assert headline["accuracy"] == scored["accuracy"] and headline["confusion_matrix"] == scored["confusion_matrix"]
+
+
+def test_both_flip_readings_are_the_plain_and_the_flip_averaged_evaluation(tmp_path):
+    """`flip_averaging` holds the evaluation without and with flip averaging, each as task.evaluate computes it."""
+    # Prepare
+    from torch.utils.data import DataLoader
+
+    from client import task
+    from client.data.formats import load_dataset
+    from client.data.preprocess import FERTorchDataset
+    from models.files import load_model
+
+    path = _make_model(tmp_path)
+    _write_faces(tmp_path / "alone")
+    state, _ = load_model(path)
+    model = create_model("cnn_am", dp=True)
+    model.load_state_dict(state)
+    part = load_dataset(f"faces={tmp_path / 'alone'}", test_only=True).splits["test"]
+    loader = DataLoader(FERTorchDataset(part.images, part.labels), batch_size=256)
+
+    # Execute
+    scored = evaluate_saved_model(model_path=path, dataset=f"faces={tmp_path / 'alone'}", split="test")
+
+    # Assert
+    for key, tta in (("off", False), ("on", True)):
+        expected = task.evaluate(model, loader, flip_tta=tta)
+        assert scored["flip_averaging"][key]["loss"] == pytest.approx(expected.loss)
+    assert scored["flip_averaging"]["off"]["loss"] != pytest.approx(scored["flip_averaging"]["on"]["loss"])
 
 
 def test_a_training_split_is_still_required_for_training_data(tmp_path):

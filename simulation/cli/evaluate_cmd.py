@@ -14,7 +14,8 @@ def evaluate_saved_model(
     *, model_path: Path, dataset: str, split: str, image_size: int | None = None, seed: int | None = None,
     flip_tta: bool | None = None,
 ) -> dict[str, Any]:
-    """Loads `model.pt` (+ its `model.json`) and returns accuracy, macro-F1, per-class recall and confusion matrix.
+    """Loads `model.pt` (+ its `model.json`) and returns accuracy, macro-F1, per-class recall and confusion matrix,
+    with flip averaging as the model's recipe says (or `flip_tta`), and under `flip_averaging` both readings.
 
     `image_size` and `seed` (which synthetic faces to generate) default to the run's, recorded in `model.json`, so
     evaluating a run's model on `synthetic=N` scores the same test faces its server did. `flip_tta` (averaging
@@ -58,8 +59,15 @@ def evaluate_saved_model(
     part = data.splits[split]
     loader = DataLoader(FERTorchDataset(part.images, part.labels), batch_size=256)
     flip_tta = model_recipe(name).flip_tta if flip_tta is None else flip_tta
-    result = task.evaluate(model, loader, flip_tta=flip_tta)
+    # Both readings, so a reader sees what flip averaging buys; the headline figures are the recipe's (or --flip-tta).
+    results = {tta: task.evaluate(model, loader, flip_tta=tta) for tta in (False, True)}
+    result = results[flip_tta]
     metrics = classification_metrics(result.targets, result.predictions)
+    readings = {}
+    for tta, reading in results.items():
+        scored = classification_metrics(reading.targets, reading.predictions)
+        readings["on" if tta else "off"] = {"loss": reading.loss, **{key: scored[key] for key in (
+            "accuracy", "macro_f1", "per_class_recall", "confusion_matrix")}}
     return {
         "model": name,
         "dataset": dataset,
@@ -69,6 +77,7 @@ def evaluate_saved_model(
         "loss": result.loss,
         "flip_tta": flip_tta,
         **metrics,
+        "flip_averaging": readings,
     }
 
 
