@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.client import ClientApp
 
 from client.config import RunSettings
-from client.delivery import receive_final_model
+from client.delivery_mod import receive_final_model
 from client.node_config import NodeSettings, secagg_options
 from client.node_data import load_node_data
 from client.node_setup import NodeSetup
@@ -96,7 +96,7 @@ def make_client_app(
 
         return FerClient(setup=setup, settings=settings, node=node).to_client()
 
-    # Every ClientApp answers the coordinator's delivery of the final model (client/delivery.py); a run that
+    # Every ClientApp answers the coordinator's delivery of the final model (client/delivery_mod.py); a run that
     # never sends one (fer-sim) never reaches it.
     return ClientApp(client_fn=client_fn, mods=[*mods, receive_final_model])
 

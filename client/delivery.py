@@ -2,8 +2,8 @@
 
 When a run ends the coordinator's ServerApp sends the final global weights, with a card saying what they are, to
 each participating node over the federation itself (server/delivery.py): one extra EVALUATE message whose config
-carries `deliver-final-model` and the card as JSON. The node's ClientApp answers it here, in a client mod, instead
-of evaluating: it checks the weights and stores them in its state directory as `models/<run>-r<round>.pt` (a plain
+carries `deliver-final-model` and the card as JSON. The node's ClientApp answers it in a client mod (client/delivery_mod.py) that calls
+`accept_delivery` here instead of evaluating: it checks the weights and stores them in its state directory as `models/<run>-r<round>.pt` (a plain
 state_dict that loads with `weights_only=True`) with the card beside it (`.json`), both written atomically.
 
 Why the node may trust what it stores: the message came over the node's authenticated channel (TLS to the
@@ -38,14 +38,13 @@ from typing import Any
 import numpy as np
 
 from client.data.labels import EMOTIONS
+from client.delivery_mod import CARD_KEY, DELIVER_KEY  # noqa: F401 - the wire keys, re-exported
 from client.replay import global_digest
 from models.card import ModelCard
 from privacy.atomic import atomic_write
 
 log = logging.getLogger("fer_fl.client")
 
-DELIVER_KEY = "deliver-final-model"
-CARD_KEY = "final-model-card"
 MODELS_DIR = "models"
 # A run id becomes a file name: letters, digits, '.', '_' and '-' only, so a card can never name a path elsewhere.
 _RUN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
@@ -248,40 +247,7 @@ def site_epsilon(node) -> float | None:
     return rounds[-1].epsilon_after if rounds else 0.0
 
 
-def receive_final_model(msg, ctxt, call_next):
-    """Client mod: stores the final model the coordinator delivers; every other message passes through.
-
-    The delivery is an EVALUATE message whose config holds `deliver-final-model` (server/delivery.py). The reply is
-    an EvaluateRes with no loss and no examples, whose metrics say `delivered` (1 or 0) and, when refused, why.
-    Anything that goes wrong is one logged line and a refusal in the reply, never an error that stops the node.
-    """
-    from flwr.app import Message, MessageType
-    from flwr.common import Code, EvaluateRes, Status
-    from flwr.compat.common import recorddict_compat as compat
-
-    if msg.metadata.message_type != MessageType.EVALUATE:
-        return call_next(msg, ctxt)
-    config = msg.content.config_records.get("evaluateins.config")
-    if config is None or not config.get(DELIVER_KEY):
-        return call_next(msg, ctxt)
-    try:
-        stored = _accept(msg, ctxt)
-        metrics: dict[str, Any] = {"delivered": int(stored is not None)}
-        if stored is None:
-            metrics["reason"] = "simulated node: the run directory holds the model"
-        else:
-            metrics["sha256"] = stored.card.weights_sha256
-            log.info("stored the final model of run %s (round %d) in %s", stored.card.run_id, stored.card.round,
-                     stored.path)
-    except Exception as err:  # noqa: BLE001 - a delivery must never stop the node; the reason is logged and sent
-        reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
-        log.warning("refused the delivered final model: %s", reason)
-        metrics = {"delivered": 0, "reason": reason[:300]}
-    res = EvaluateRes(status=Status(code=Code.OK, message=""), loss=0.0, num_examples=0, metrics=metrics)
-    return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
-
-
-def _accept(msg, ctxt) -> DeliveredModel | None:
+def accept_delivery(msg, ctxt) -> DeliveredModel | None:
     """Checks and stores the delivered model; None for a simulated node (it stores nothing)."""
     from flwr.common import parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
