@@ -99,6 +99,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small slice, 2 epochs: checks the script")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--save-model", type=Path, default=None, metavar="DIR",
+                        help="also write the trained model as DIR/model.pt + model.json (a run's model format, so "
+                             "`fer-sim evaluate`, `fer-client predict --model` and `fer-client export` take it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,6 +159,14 @@ def main() -> None:
     for name, block in final.items():
         print(f"PublicTest {name}: accuracy {block['accuracy']:.4f}, macro-F1 {block['macro_f1']:.4f}, recall "
               + ", ".join(f"{k} {v:.2f}" for k, v in block["per_class_recall"].items() if v is not None))
+    if args.save_model is not None:
+        from server.rundir import RunDirectory
+
+        # The GroupNorm build is the federated (dp=True) one; BatchNorm is the plain build.
+        RunDirectory(args.save_model).save_model(model.state_dict(), model_name=args.model,
+                                                 model_cfg={"dp": args.norm == "gn"}, round=epoch, image_size=48,
+                                                 dataset=f"fer2013={args.data}")
+        print(f"saved the model in {args.save_model}/model.pt", flush=True)
     out = args.out or RESULTS / f"bench_accuracy_{args.model}{'_quick' if args.quick else ''}.json"
     atomic_write(out, json.dumps(results, indent=2) + "\n")
     _plot(curve, out.with_suffix(".png"), title=f"{args.model} ({args.norm}), validation accuracy")
