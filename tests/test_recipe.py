@@ -275,5 +275,5 @@ def test_default_run_learns_synthetic_faces(tmp_path):
 
     summary = run_simulation(settings, run_dir=RunDirectory(tmp_path / "run"), num_cpus=2)
 
-    assert summary["initial_accuracy"] < 0.2
-    assert summary["final_accuracy"] >= 0.60
+    assert summary.initial_accuracy < 0.2
+    assert summary.final_accuracy >= 0.60
