@@ -40,6 +40,7 @@ from client.inference.model import ModelSpec, TorchClassifier, load_classifier, 
 from client.inference.pipeline import FramePipeline  # noqa: E402
 from client.inference.tracking import FaceTracker  # noqa: E402
 from models import create_model, list_models  # noqa: E402
+from privacy.atomic import atomic_write  # noqa: E402
 from tests.inference_builds import pick_faces, write_video  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "bench_inference.json"
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="a trained model.pt for the int8 accuracy row")
     parser.add_argument("--fer2013", type=Path, default=REPO.parent / "shared" / "data" / "fer2013")
     parser.add_argument("--threads", type=int, default=None, help="torch/ORT intra-op threads (default: library's)")
+    parser.add_argument("--out", type=Path, default=RESULT, help="the JSON to write")
     args = parser.parse_args()
     import torch
 
@@ -170,9 +172,9 @@ def main() -> None:
         "frames": args.frames, "frame_size": [640, 480], "batch": 1, "detector": "haar",
         "rows": rows, "int8_cost": costs,
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULT}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
