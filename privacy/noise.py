@@ -45,7 +45,10 @@ class _SecureRandom:
         self._rekey()
 
     def _rekey(self) -> None:
-        cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
+        # cryptography's 16-byte ChaCha20 nonce is RFC 7539's 32-bit block counter (little-endian) then a 96-bit
+        # nonce. A random counter overflows after as few as one block (ValueError mid-step, seen in CI: a node
+        # crashing 1 key in ~256 before its 1 GiB rekey); starting at 0 leaves 2^32 blocks (256 GiB) per key.
+        cipher = Cipher(algorithms.ChaCha20(os.urandom(32), bytes(4) + os.urandom(12)), mode=None)
         self._stream = cipher.encryptor()
         self._used = 0
         self._zeros = bytearray()

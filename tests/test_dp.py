@@ -323,6 +323,22 @@ def test_noise_has_standard_deviation_sigma_times_clip(tmp_path, secure):
     assert abs(noise.mean().item()) < 5 * expected_sd / math.sqrt(noise.numel())
 
 
+def test_secure_random_never_runs_out_of_chacha20_counter_whatever_the_os_returns(monkeypatch):
+    """The keystream's 32-bit block counter starts at 0 whatever os.urandom returns, so a node draws its noise
+    (here 1 MB, ~16,000 blocks) without ChaCha20's counter overflowing (a random start crashed 1 key in ~256)."""
+    # Prepare: the OS returns the worst bytes for the counter (0xff...: one block before the 2^32 limit)
+    import privacy.noise as noise
+
+    monkeypatch.setattr(noise.os, "urandom", lambda n: b"\xff" * n)
+    rng = _SecureRandom()
+
+    # Execute
+    draws = rng.uniform(128 * 1024)
+
+    # Assert
+    assert draws.shape == (128 * 1024,) and 0.0 < draws.min() and draws.max() < 1.0
+
+
 def test_secure_random_is_gaussian_and_independent_of_torch_seed():
     """Secure-mode noise is N(0, 1) and does not repeat when torch's global seed is reset."""
     # Prepare
