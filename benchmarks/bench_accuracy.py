@@ -135,8 +135,7 @@ def main() -> None:
         epoch += 1
         tick = time.perf_counter()
         result = task.train(model, local.loader, epochs=1, optimizer=local.optimizer, criterion=local.criterion,
-                            lr_at=lambda f, e=epoch, n=epochs: recipe.round_lr(server_round=e, num_rounds=n,
-                                                                               fraction=f))
+                            lr_at=recipe.round_schedule(server_round=epoch, num_rounds=epochs))
         train_seconds += time.perf_counter() - tick
         val = task.evaluate(model, val_loader, flip_tta=recipe.flip_tta)
         curve.append({"epoch": epoch, "train_loss": result.loss, "val_accuracy": val.accuracy,

@@ -81,7 +81,7 @@ def prepare_training(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
         loader=loader,
         optimizer=make_optimizer(model, name=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay),
         criterion=make_criterion(label_smoothing=recipe.label_smoothing, class_weights=weights),
-        lr_at=lambda f: recipe.round_lr(server_round=server_round, num_rounds=num_rounds, fraction=f),
+        lr_at=recipe.round_schedule(server_round=server_round, num_rounds=num_rounds),
     )
 
 
@@ -139,7 +139,7 @@ def train(
         lr_at: the learning-rate schedule over this call: lr_at(f) is the rate of the step taken when a fraction f
             of this call's steps is done (set on every parameter group before each step); None keeps the
             optimiser's rate. Callers map f to their own progress (a round's slice of the run, see
-            client.trainer.round_schedule).
+            models.recipe.TrainingRecipe.round_schedule).
         device: torch device.
     """
     if proximal_mu > 0 and reference is None:

@@ -15,6 +15,7 @@ Imports nothing, as everything in `models/` beside torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SCHEDULES = ("constant", "warmup-cosine", "step")
@@ -81,6 +82,11 @@ class TrainingRecipe:
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         return self.lr_at((server_round - 1 + fraction) / num_rounds)
+
+    def round_schedule(self, *, server_round: int, num_rounds: int) -> Callable[[float], float]:
+        """`round_lr` of one round as a function of the fraction of that round done (what `client.task.train`'s
+        `lr_at` takes)."""
+        return lambda fraction: self.round_lr(server_round=server_round, num_rounds=num_rounds, fraction=fraction)
 
 
 def scheduled_lr(*, schedule: str, peak: float, warmup: float, progress: float) -> float:

@@ -80,8 +80,7 @@ def run_centralized(
         round_started = time.perf_counter()
         result = task.train(
             model, local.loader, epochs=settings.local_epochs, optimizer=local.optimizer, criterion=local.criterion,
-            lr_at=lambda f, r=server_round: recipe.round_lr(server_round=r, num_rounds=settings.num_server_rounds,
-                                                             fraction=f),
+            lr_at=recipe.round_schedule(server_round=server_round, num_rounds=settings.num_server_rounds),
         )
         record(server_round, time.perf_counter() - round_started, result.loss)
         run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},
