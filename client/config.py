@@ -60,6 +60,9 @@ class RunSettings:
     local_test_fraction: float = 0.2
     # Model and local training
     model: str = "cnn_am"
+    # A model to start round 0 from instead of the seeded random one: a shipped reference (`fer_vgg@fer2013`,
+    # models/reference.py) or a saved model.pt; its architecture must be `model` (server/init_model.py). "" = none
+    init_model: str = ""
     local_epochs: int = 3
     batch_size: int = 32
     # The training recipe (models/recipe.py). Each key left at "recipe" (or a negative number; lr 0) takes the

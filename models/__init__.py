@@ -10,6 +10,7 @@ Every model takes (B, in_chans, 48, 48) standardized grayscale faces and returns
 
 from models import cnn_am as _cnn_am  # noqa: F401  (registers cnn_am)
 from models import dmsnet as _dmsnet  # noqa: F401  (registers dmsnet_*)
+from models import fer_vgg as _fer_vgg  # noqa: F401  (registers fer_vgg)
 from models._registry import (
     ModelInfo,
     create_model,

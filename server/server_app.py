@@ -36,6 +36,7 @@ from privacy.central import CentralDP
 from privacy.report import PrivacyReport, privacy_report
 from server.delivery import deliver_at_end
 from server.evaluation import ServerEvaluator
+from server.init_model import init_model_weights
 from server.ledger_registry import NodeLedgers
 from server.records import RoundRecord, build_round, format_round, summarize
 from server.replies import is_finite_number
@@ -84,7 +85,10 @@ def weighted_mean_of(key: str) -> Callable[[list[tuple[int, dict[str, Any]]]], d
 
 
 def initial_weights(settings: RunSettings) -> list[np.ndarray]:
-    """The seeded initial global model, so the same seed gives the same run."""
+    """Round 0's global model: the one `init-model` names (server/init_model.py), else a seeded random one, so the
+    same seed gives the same run."""
+    if settings.init_model:
+        return init_model_weights(settings)
     torch.manual_seed(settings.seed)
     return wire.get_weights(create_model(settings.model, dp=True))
 

@@ -25,7 +25,9 @@ from client.data.labels import EMOTIONS
 RuntimeOption = Annotated[str, typer.Option("--runtime", help="torch (model.pt) or onnx (a `fer-client export`ed "
                                                              ".onnx).")]
 ModelOption = Annotated[Path | None, typer.Option(
-    "--model", "-m", help="A run's model.pt (model.json beside it), or a .onnx with --runtime onnx.")]
+    "--model", "-m", help="A run's model.pt (model.json beside it), a shipped reference (fer_vgg@fer2013), or a "
+                          ".onnx with --runtime onnx. Default: the latest delivered model, else the best shipped "
+                          "reference.")]
 StateDirOption = Annotated[Path, typer.Option(help="This node's state directory (where delivered models will be "
                                                    "looked for).")]
 PersonalOption = Annotated[str | None, typer.Option(

@@ -66,9 +66,10 @@ class ModelSpec:
 def resolve_model(*, model: Path | None, runtime: str = "torch", state_dir: Path | None = None) -> Path:
     """Returns the weights file to run, trying the sources in order of preference.
 
-    Order: `model` (an explicit --model PATH); then the latest model delivered to `state_dir` by a federation
-    (PyTorch runtime); then, once they exist, the reference weights shipped with the package. Without any, the
-    answer is a one-line error naming the fix.
+    Order: `model` (an explicit --model PATH, or a shipped reference's name such as `fer_vgg@fer2013`); then the
+    latest model delivered to `state_dir` by a federation (PyTorch runtime); then the most accurate reference
+    weights shipped with the package (models/reference.py). Without any, the answer is a one-line error naming the
+    fix.
 
     Raises:
         ModelUnavailable: no source gives a model, or the named file does not fit the runtime.
@@ -76,10 +77,17 @@ def resolve_model(*, model: Path | None, runtime: str = "torch", state_dir: Path
     if runtime not in RUNTIMES:
         raise ModelUnavailable(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     if model is not None:
+        from models.reference import UnknownReferenceError, resolve_model_file
+
+        try:
+            model = resolve_model_file(model)
+        except UnknownReferenceError as err:
+            raise ModelUnavailable(f"--model: {err}") from None
         if not model.is_file():
             raise ModelUnavailable(f"--model {model}: no such file")
         if (model.suffix == ONNX_SUFFIX) != (runtime == "onnx"):
-            wanted = "an exported .onnx file (fer-client export)" if runtime == "onnx" else "a run's model.pt"
+            wanted = ("an exported .onnx file (fer-client export)" if runtime == "onnx"
+                      else "a run's model.pt or a reference name")
             raise ModelUnavailable(f"--model {model}: --runtime {runtime} needs {wanted}")
         return model
     for candidate in (_delivered_model(state_dir, runtime), _reference_weights(runtime)):
@@ -102,8 +110,14 @@ def _delivered_model(state_dir: Path | None, runtime: str) -> Path | None:
 
 
 def _reference_weights(runtime: str) -> Path | None:
-    """Reference weights shipped with the package (the accuracy issue's; not built yet)."""
-    return None
+    """The shipped reference with the best FER2013 PublicTest accuracy (models/reference.py), for the PyTorch
+    runtime; None when none is installed."""
+    if runtime != "torch":
+        return None
+    from models.reference import best_reference, reference_path
+
+    name = best_reference()
+    return None if name is None else reference_path(name)
 
 
 class Classifier(Protocol):
@@ -166,11 +180,9 @@ def onnx_sidecar(path: Path) -> Path:
 
 def build_torch_model(card: ModelSpec):
     """The registered architecture the card names, with the options it was trained with (no weights)."""
-    from models import create_model, model_options
+    from models.files import build_model
 
-    options = model_options(card.name)
-    extra = {key: value for key, value in card.cfg.items() if key in options}
-    return create_model(card.name, dp=bool(card.cfg.get("dp", True)), **extra)
+    return build_model(card)
 
 
 def load_torch_model(path: Path):

@@ -74,6 +74,9 @@ def start(
         str | None, typer.Option(help="The server's held-out test data, KIND=PATH (default: synthetic).")
     ] = None,
     model: Annotated[str | None, typer.Option(help="Model name.")] = None,
+    init_model: Annotated[str | None, typer.Option(
+        help="Start round 0 from these weights: a shipped reference (fer_vgg@fer2013) or a model.pt. Sets --model "
+             "to its architecture.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Server rounds.")] = None,
     min_clients: Annotated[int | None, typer.Option(help="Wait for this many nodes before round 1.")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
@@ -97,7 +100,7 @@ def start(
     except (FileExistsError, ConfigError) as err:
         raise click.ClickException(str(err)) from None
     overrides = {
-        "dataset": dataset, "model": model, "num-server-rounds": rounds, "min-clients": min_clients,
+        "dataset": dataset, "model": model, "init-model": init_model, "num-server-rounds": rounds, "min-clients": min_clients,
         "local-epochs": local_epochs, "strategy": strategy, "secagg-timeout": secagg_timeout,
         "round-timeout": round_timeout, "seed": seed, **privacy.overrides(),
     }
@@ -106,6 +109,10 @@ def start(
     run_config["resume-from"] = ""
     try:
         settings = with_default_timeouts(RunSettings.from_run_config(run_config))
+        if settings.init_model:
+            from server.init_model import with_init_model
+
+            settings = with_init_model(settings, model_given="model" in run_config)
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
     launch(settings=settings, listen=listen)

@@ -29,18 +29,18 @@ def evaluate_saved_model(
     from client import task
     from client.data.formats import DatasetError, load_dataset
     from client.data.preprocess import FERTorchDataset
-    from models import create_model, model_recipe
+    from models import model_recipe
     from server.metrics import classification_metrics
 
     from models.card import SchemaVersionError
-    from models.files import load_model
+    from models.files import build_model, load_model
 
     try:
         # load_model reads with weights_only=True and checks the sha256 recorded beside the file: a checkpoint is
         # data, never code, and a truncated or replaced file is refused rather than evaluated.
         state, card = load_model(model_path)
         name = card.name
-        model = create_model(name, dp=bool(card.cfg.get("dp", True)))
+        model = build_model(card)
         model.load_state_dict(state)
     except (FileNotFoundError, SchemaVersionError) as err:
         raise click.ClickException(str(err)) from None
@@ -82,7 +82,7 @@ def evaluate_saved_model(
 
 
 def evaluate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="A run's model.pt (model.json must sit beside it).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="A run's model.pt (model.json must sit beside it), or a shipped reference (fer_vgg@fer2013).")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="KIND=PATH, or synthetic.")],
     split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
     seed: Annotated[

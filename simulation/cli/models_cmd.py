@@ -57,7 +57,23 @@ def describe(name: str) -> dict[str, Any]:
         "at_built_for": {"input_size": list(built_for), **native},
         "paper_figures": {"params": info["paper_params"], "flops": info["paper_flops"], "fps": info["paper_fps"]},
         "deviation": info["deviation"],
+        "references": references_of(name),
     }
+
+
+def references_of(name: str) -> list[dict[str, Any]]:
+    """The shipped reference weights of architecture `name` (models/reference.py) with what they score."""
+    from models.reference import list_references, read_reference_info
+
+    rows = []
+    for reference in list_references():
+        if reference.split("@")[0] != name:
+            continue
+        info = read_reference_info(reference)
+        rows.append({"name": reference, "public_test": info.public_test.to_json(),
+                     "validation": info.validation.to_json(), "epochs": info.epochs,
+                     "train_minutes": info.train_minutes, "hardware": info.hardware, "terms": info.terms})
+    return rows
 
 
 def _count(value: float | None, *, unit: float, suffix: str) -> str:
@@ -71,7 +87,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
     table = Table(title="MACs: multiply-accumulates per image, what FER papers call FLOPs")
     for column in ("model", "params", "MMACs 48²", "built for", "params there", "MMACs there",
-                   "paper params", "paper MFLOPs", "paper FPS"):
+                   "paper params", "paper MFLOPs", "paper FPS", "FER2013 test"):
         table.add_column(column, justify="left" if column in ("model", "built for") else "right", no_wrap=True)
     for row in rows:
         ours, native, paper = row["at_48x48"], row["at_built_for"], row["paper_figures"]
@@ -85,6 +101,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             _count(paper["params"], unit=1e6, suffix="M"),
             _count(paper["flops"], unit=1e6, suffix=""),
             "-" if paper["fps"] is None else f"{paper['fps']:.0f}",
+            " ".join(f"{ref['public_test']['flip_accuracy']:.3f}" for ref in row["references"]) or "-",
         )
     console = Console(width=max(Console().width, 120))
     console.print(table)
@@ -93,3 +110,11 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         console.print(f"[bold]{row['name']}[/bold]: {escape(row['summary'])}")
         if row["deviation"]:
             console.print(f"  vs the paper: {escape(row['deviation'])}")
+        for ref in row["references"]:
+            test = ref["public_test"]
+            console.print(f"  reference weights {ref['name']} (--model / --init-model {ref['name']}): FER2013 "
+                          f"PublicTest {test['flip_accuracy']:.3f} with flip averaging ({test['accuracy']:.3f} "
+                          f"without), macro-F1 {test['flip_macro_f1']:.3f}; {ref['epochs']} epochs in "
+                          f"{ref['train_minutes']:.0f} min on {ref['hardware']}; research use only")
+    if any(row["references"] for row in rows):
+        console.print("FER2013 test: PublicTest accuracy of the shipped reference weights (flip-averaged)")

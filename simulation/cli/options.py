@@ -11,7 +11,8 @@ from client.config import ConfigError, RunSettings, read_run_config_file
 
 
 def resolve_settings(*, config_file: Path | None, overrides: dict[str, Any]) -> RunSettings:
-    """Defaults, then the TOML file, then every command-line option that was given.
+    """Defaults, then the TOML file, then every command-line option that was given; an `init-model` is checked
+    (and names the model where neither the file nor the command line does).
 
     Raises:
         click.ClickException: an invalid value, naming the key (and the file when it came from one).
@@ -28,6 +29,11 @@ def resolve_settings(*, config_file: Path | None, overrides: dict[str, Any]) -> 
             raise click.ClickException(f"{config_file}: {err}") from None
     merged.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return RunSettings.from_run_config(merged)
+        settings = RunSettings.from_run_config(merged)
+        if settings.init_model:
+            from server.init_model import with_init_model
+
+            settings = with_init_model(settings, model_given="model" in merged)
+        return settings
     except ConfigError as err:
         raise click.ClickException(str(err)) from None

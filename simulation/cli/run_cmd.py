@@ -46,6 +46,9 @@ def _make_command(mode: str):
         classes_per_client: Annotated[IntOpt, typer.Option(help="Classes per client for 'pathological'.")] = None,
         profiles: Annotated[StrOpt, typer.Option(help="Client profile mix, e.g. hospital=0.3,iot=0.7.")] = None,
         model: Annotated[StrOpt, typer.Option(help="Model name (`fer-sim models` lists them).")] = None,
+        init_model: Annotated[StrOpt, typer.Option(
+            help="Start from these weights instead of a random model: a shipped reference (fer_vgg@fer2013; "
+                 "`fer-sim models` lists them) or a model.pt. Sets --model to its architecture.")] = None,
         rounds: Annotated[IntOpt, typer.Option(help="Server rounds.")] = None,
         local_epochs: Annotated[IntOpt, typer.Option(help="Local epochs per round.")] = None,
         lr: Annotated[FloatOpt, typer.Option(help="Peak local learning rate (default: the model's recipe).")] = None,
@@ -98,6 +101,7 @@ def _make_command(mode: str):
             "classes-per-client": classes_per_client,
             "profile-mix": profiles,
             "model": model,
+            "init-model": init_model,
             "num-server-rounds": rounds,
             "local-epochs": local_epochs,
             "lr": lr,

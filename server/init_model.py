@@ -1,0 +1,74 @@
+"""`init-model`: start a federation (or its centralised baseline) from trained weights instead of a seeded random
+model: a shipped reference (`fer_vgg@fer2013`, public pretraining on FER2013) or a run's model.pt.
+
+Checked once, where the run starts (`fer-sim run`, `fer-server start`), so a mistake is one line before any node is
+contacted; read again by the ServerApp when it builds round 0's model (`server_app.initial_weights`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from client import wire
+from client.config import ConfigError, RunSettings
+from models import create_model
+from models.card import ModelCard
+from models.reference import is_reference_name
+
+
+def with_init_model(settings: RunSettings, *, model_given: bool) -> RunSettings:
+    """`settings` with `init-model` checked and made absolute (the ServerApp may run in another folder).
+
+    Args:
+        settings: the run's settings.
+        model_given: whether the user named a model; if not, the init model's architecture becomes the run's.
+
+    Raises:
+        ConfigError: the model cannot be read, or does not fit the run (one line naming `init-model`).
+    """
+    if not settings.init_model:
+        return settings
+    spec = settings.init_model
+    if not is_reference_name(spec) or Path(spec).exists():
+        spec = str(Path(spec).resolve())
+    settings = settings.replace(init_model=spec)
+    card = _read(settings)[1]
+    if not model_given and card.name != settings.model:
+        settings = settings.replace(model=card.name)
+    init_model_weights(settings)
+    return settings
+
+
+def init_model_weights(settings: RunSettings) -> list[np.ndarray]:
+    """The weights `init-model` names, as the run's model (the GroupNorm build every federation trains) holds them.
+
+    Raises:
+        ConfigError: unreadable, another architecture or options, or weights that do not fit.
+    """
+    state, card = _read(settings)
+    if card.name != settings.model:
+        raise ConfigError(f"init-model {settings.init_model} is a {card.name}; this run trains {settings.model} "
+                          f"(set model = {card.name!r}, or leave --model out)")
+    options = {key: value for key, value in card.cfg.items() if key != "dp"}
+    if options or not card.cfg.get("dp", True):
+        build = "the BatchNorm build" if not card.cfg.get("dp", True) else f"options {options}"
+        raise ConfigError(f"init-model {settings.init_model} was trained with {build}; a federation trains the "
+                          f"default GroupNorm build of {card.name}")
+    model = create_model(settings.model, dp=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(f"init-model {settings.init_model}: its weights do not fit {settings.model} "
+                          f"({str(err).splitlines()[0]})") from None
+    return wire.get_weights(model)
+
+
+def _read(settings: RunSettings) -> tuple[dict, ModelCard]:
+    from models.files import load_model
+
+    try:
+        return load_model(settings.init_model)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"init-model: {str(err).splitlines()[0]}") from None
