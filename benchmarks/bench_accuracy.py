@@ -168,7 +168,8 @@ def main() -> None:
 
     final = score(model, x_test, y_test)
     results = {
-        "model": args.model, "cfg": cfg, "norm": args.norm, "channels_last": args.channels_last, "params": count_params(model), "recipe": dataclasses.asdict(recipe),
+        "model": args.model, "cfg": cfg, "norm": args.norm, "channels_last": args.channels_last,
+        "params": count_params(model), "recipe": dataclasses.asdict(recipe),
         "batch_size": args.batch_size, "epochs": epoch, "minutes_budget": args.minutes, "quick": args.quick,
         "threads": torch.get_num_threads(), "train_examples": len(fit_idx), "val_examples": len(val_idx),
         "test_examples": len(y_test), "train_seconds": round(train_seconds, 1), "curve": curve,

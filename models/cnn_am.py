@@ -38,7 +38,7 @@ from models._registry import ModelInfo, register_model
 from models.layers import NormLayer, make_divisible
 from models.recipe import TrainingRecipe
 
-__all__ = ["CNNAM", "SpatialAttention", "cnn_am"]
+__all__ = ["CNNAM", "SpatialAttention", "cnn_am", "cnn_am_deep"]
 
 
 class SpatialAttention(nn.Module):
@@ -173,3 +173,31 @@ def cnn_am(
         num_classes=num_classes, in_chans=in_chans, norm_layer=norm_layer, width=width, depth=depth,
         attn_dim=attn_dim, hidden_dim=hidden_dim, drop_rate=drop_rate, img_size=img_size,
     )
+
+
+@register_model(
+    info=ModelInfo(
+        paper="Recognition on IoT-enabled facial expression for healthcare in Industry 5.0 (CNN-AM), its table's "
+              "'CNN layers: 5'",
+        summary=("CNN-AM with five convs: 2× [conv3×3 + ReLU + maxpool] + 3× conv3×3/64 at 12×12 → attention → "
+                 "FC128 → FC7"),
+        input_size=(1, 48, 48),
+        dp_engine="bk",
+        # The same recipe as cnn_am (its FER2013 run: docs/benchmarks.md "Training recipes on FER2013").
+        recipe=TrainingRecipe(),
+        deviation="cnn_am(depth=5) under its own name, so a federation (which builds default options) can train it",
+    )
+)
+def cnn_am_deep(
+    *,
+    num_classes: int = 7,
+    in_chans: int = 1,
+    norm_layer: NormLayer,
+    width: float = 1.0,
+    attn_dim: int = 8,
+    hidden_dim: int = 128,
+    drop_rate: float = 0.5,
+) -> CNNAM:
+    """CNN-AM's deeper build: `cnn_am(depth=5)` (same layers and parameter names), registered under its own name."""
+    return cnn_am(num_classes=num_classes, in_chans=in_chans, norm_layer=norm_layer, width=width, depth=5,
+                  attn_dim=attn_dim, hidden_dim=hidden_dim, drop_rate=drop_rate)

@@ -35,7 +35,7 @@ class ConvStage(nn.Sequential):
         layers: list[nn.Module] = []
         for i in range(depth):
             layers += [nn.Conv2d(in_chs if i == 0 else out_chs, out_chs, 3, padding=1, bias=False),
-                       norm_layer(out_chs), nn.ReLU(inplace=True)]
+                       norm_layer(out_chs), nn.ReLU()]  # not in place: Opacus hooks refuse it
         layers.append(nn.MaxPool2d(2))
         super().__init__(*layers)
 

@@ -151,11 +151,11 @@ def test_predict_refuses_a_missing_path_or_an_empty_folder_before_starting(bedsi
 
 
 def test_resolve_model_without_any_model_is_one_clear_line(tmp_path):
-    """No --model, nothing delivered, no reference weights: one line that says what to pass."""
+    """--runtime onnx with no --model (references and deliveries are PyTorch files): one line that says what to pass."""
     with pytest.raises(ModelUnavailable) as caught:
-        resolve_model(model=None, runtime="torch", state_dir=tmp_path)
+        resolve_model(model=None, runtime="onnx", state_dir=tmp_path)
     message = caught.value.format_message()
-    assert "\n" not in message and message.startswith("no model available: pass --model PATH")
+    assert "\n" not in message and message.startswith("no model available: --runtime onnx needs --model FILE.onnx")
 
 
 @pytest.mark.parametrize(("name", "runtime", "needs"), [("model.pt", "onnx", ".onnx"),

@@ -24,6 +24,7 @@ from models import (
 )
 from models.backbones import resnet50_backbone, vgg16_backbone
 from models.layers import batch_norm
+from models.reference import list_references, read_reference_info
 
 from tests.model_builds import SMALL_CFG
 
@@ -355,6 +356,9 @@ def test_models_command_json_reports_each_models_figures(capsys):
     assert rows["dmsnet_light"]["paper_figures"] == {"params": 5.6e6, "flops": 100.8e6, "fps": 30.0}
     assert rows["dmsnet_heavy"]["at_built_for"]["input_size"] == [3, 224, 224]
     assert all(row["deviation"] for row in rows.values())
+    shipped = {ref["name"]: ref for row in rows.values() for ref in row["references"]}
+    assert set(shipped) == set(list_references())
+    assert all(ref["public_test"] == read_reference_info(name).public_test.to_json() for name, ref in shipped.items())
 
 
 def test_models_command_table_and_unknown_model(capsys):

@@ -93,6 +93,9 @@ def resolve_model(*, model: Path | None, runtime: str = "torch", state_dir: Path
     for candidate in (_delivered_model(state_dir, runtime), _reference_weights(runtime)):
         if candidate is not None:
             return candidate
+    if runtime == "onnx":
+        raise ModelUnavailable("no model available: --runtime onnx needs --model FILE.onnx (`fer-client export` "
+                               "writes one from a delivered model or a shipped reference such as fer_vgg@fer2013)")
     raise ModelUnavailable(
         "no model available: pass --model PATH (a run's model.pt, or a .onnx from `fer-client export` with "
         "--runtime onnx); no federation has delivered one to this node and no reference weights are installed"

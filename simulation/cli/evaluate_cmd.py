@@ -82,7 +82,9 @@ def evaluate_saved_model(
 
 
 def evaluate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="A run's model.pt (model.json must sit beside it), or a shipped reference (fer_vgg@fer2013).")],
+    model: Annotated[Path, typer.Option(
+        "--model", "-m",
+        help="A run's model.pt (model.json must sit beside it), or a shipped reference (fer_vgg@fer2013).")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="KIND=PATH, or synthetic.")],
     split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
     seed: Annotated[

@@ -1,0 +1,126 @@
+"""Federated against centralised accuracy on FER2013 at the same number of passes over the data (issue 12 item 3).
+
+    .venv/bin/python benchmarks/bench_fed_accuracy.py --model fer_vgg --rounds 10 \\
+        [--setups central,dirichlet-0.5,dirichlet-0.1,profiles] [--strategy fedavg] [--cpus 1] [--quick]
+
+Each setup trains the model with its registered recipe from the same seeded initial model for `--rounds` passes:
+`central` is `fer-sim centralized` on the pooled training data (one epoch a "round", the schedule over the same
+rounds); the federated setups are `fer-sim run` with 10 sites, one local epoch a round, Dirichlet label skew
+(alpha 0.5 or 0.1) or the hospital/IoT profile mix (hospital=0.3,iot=0.7 on Dirichlet 0.5). All are scored by
+the server on FER2013 PublicTest after every round (reported, never tuned on). Writes
+benchmarks/results/bench_fed_accuracy_<model>.json (each run's accuracy per round and wall-clock seconds, and
+each federated run's ratio to `central`) and a PNG of accuracy against wall-clock minutes beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from client.config import RunSettings  # noqa: E402
+from privacy.atomic import atomic_write, atomic_write_with  # noqa: E402
+from server.rundir import RunDirectory  # noqa: E402
+
+SETUPS = {
+    "central": {},
+    "dirichlet-0.5": {"partition": "dirichlet", "alpha": 0.5},
+    "dirichlet-0.1": {"partition": "dirichlet", "alpha": 0.1},
+    "profiles": {"partition": "dirichlet", "alpha": 0.5, "profile_mix": "hospital=0.3,iot=0.7"},
+}
+
+
+def settings_for(setup: str, *, dataset: str, model: str, rounds: int, strategy: str, seed: int,
+                 out_dir: Path) -> RunSettings:
+    """One setup's RunSettings: 10 sites, one local epoch a round, the model's recipe (issue 12's federation)."""
+    return RunSettings(dataset=dataset, num_clients=10, min_clients=10, model=model, num_server_rounds=rounds,
+                       local_epochs=1, strategy=strategy, seed=seed, out_dir=str(out_dir), **SETUPS[setup])
+
+
+def run_setup(settings: RunSettings, *, central: bool, cpus: int) -> dict:
+    """Runs one setup; returns its summary figures and per-round accuracy against elapsed seconds."""
+    from simulation.centralized import run_centralized
+    from simulation.runner import run_simulation
+
+    run_dir = RunDirectory(settings.out_dir)
+    started = time.perf_counter()
+    if central:
+        summary = run_centralized(settings, run_dir=run_dir)
+    else:
+        summary = run_simulation(settings, run_dir=run_dir, num_cpus=cpus)
+    elapsed, curve = 0.0, []
+    for record in run_dir.rounds():
+        elapsed += record.seconds or 0.0
+        curve.append({"round": record.round, "accuracy": record.server_accuracy, "seconds": round(elapsed, 1)})
+    return {"final_accuracy": summary.final_accuracy, "best_accuracy": summary.best_accuracy,
+            "macro_f1": summary.macro_f1, "wall_seconds": round(time.perf_counter() - started, 1), "curve": curve}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
+    parser.add_argument("--model", default="fer_vgg")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--setups", default="central,dirichlet-0.5,dirichlet-0.1,profiles")
+    parser.add_argument("--strategy", default="fedavg")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs Ray may use for the simulated sites")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--quick", action="store_true", help="synthetic faces, 2 rounds: checks the script")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    setups = args.setups.split(",")
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown:
+        raise SystemExit(f"--setups: unknown {', '.join(unknown)}; known: {', '.join(SETUPS)}")
+    dataset = "synthetic=2800" if args.quick else f"fer2013={args.data}"
+    rounds = 2 if args.quick else args.rounds
+    name = f"bench_fed_accuracy_{args.model}{'_quick' if args.quick else ''}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / name
+    work = Path(tempfile.mkdtemp(prefix="bench-fed-acc-"))
+    results: dict = {"dataset": dataset, "model": args.model, "rounds": rounds, "local_epochs": 1, "sites": 10,
+                     "strategy": args.strategy, "seed": args.seed, "cpus": args.cpus,
+                     "note": "server accuracy on FER2013 PublicTest after each round (with the recipe's flip "
+                             "averaging); same initial model and recipe in every setup", "runs": {}}
+    for setup in setups:
+        settings = settings_for(setup, dataset=dataset, model=args.model, rounds=rounds, strategy=args.strategy,
+                                seed=args.seed, out_dir=work / setup)
+        results["runs"][setup] = run_setup(settings, central=setup == "central", cpus=args.cpus)
+        run = results["runs"][setup]
+        print(f"{setup}: final {run['final_accuracy']:.4f}, best {run['best_accuracy']:.4f}, macro-F1 "
+              f"{run['macro_f1']:.4f}, {run['wall_seconds'] / 60:.1f} min", flush=True)
+        central = results["runs"].get("central")
+        if central and setup != "central":
+            run["ratio_to_central"] = round(run["final_accuracy"] / central["final_accuracy"], 4)
+            print(f"  {run['ratio_to_central']:.3f} x centralised", flush=True)
+        atomic_write(out, json.dumps(results, indent=2) + "\n")  # after every setup: a long run keeps what it has
+    _plot(results, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+def _plot(results: dict, path: Path) -> None:
+    """Server accuracy against wall-clock minutes, one line per setup (Agg, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.5, 3.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for setup, run in results["runs"].items():
+        points = [p for p in run["curve"] if p["accuracy"] is not None]
+        axes.plot([p["seconds"] / 60 for p in points], [p["accuracy"] for p in points], marker="o", label=setup)
+    axes.set(xlabel="wall-clock time (min)", ylabel="PublicTest accuracy",
+             title=f"{results['model']}: federated (10 sites) vs centralised")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    atomic_write_with(path, lambda handle: figure.savefig(handle, format="png"))
+
+
+if __name__ == "__main__":
+    main()
