@@ -20,6 +20,7 @@ from models._registry import (
     model_options,
     model_recipe,
     register_model,
+    register_variant,
 )
 from models.complexity import complexity, count_macs, count_params
 from models.recipe import TrainingRecipe
@@ -37,4 +38,5 @@ __all__ = [
     "model_options",
     "model_recipe",
     "register_model",
+    "register_variant",
 ]

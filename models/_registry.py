@@ -82,6 +82,29 @@ def register_model(fn: Callable[..., nn.Module] | None = None, /, *, info: Model
     return decorator(fn) if fn is not None else decorator
 
 
+def register_variant(name: str, *, base: Callable[..., nn.Module], info: ModelInfo,
+                     **fixed: Any) -> Callable[..., nn.Module]:
+    """Registers `name` as the registered factory `base` with the options `fixed` (timm's `model_args`).
+
+    The variant has `base`'s layers and parameter names, so weights move between the two, and its own name, so a
+    federation, which builds a model's default options, can train it (`--model NAME`, `--init-model NAME@DATA`).
+    Its options are `base`'s minus the fixed ones, with `base`'s defaults.
+    """
+    params = inspect.signature(base).parameters
+    unknown = sorted(set(fixed) - set(params))
+    if unknown or set(fixed) & set(_FRAMEWORK_ARGS):
+        raise TypeError(f"variant {name!r}: {base.__name__} has no option {', '.join(map(repr, unknown))}"
+                        if unknown else f"variant {name!r} cannot fix {', '.join(_FRAMEWORK_ARGS)}")
+
+    def factory(**kwargs: Any) -> nn.Module:
+        return base(**fixed, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"{base.__name__} with {', '.join(f'{k}={v!r}' for k, v in fixed.items())}."
+    factory.__signature__ = inspect.Signature([p for key, p in params.items() if key not in fixed])
+    return register_model(factory, info=info)
+
+
 def list_models() -> list[str]:
     """Registered model names, sorted."""
     return sorted(_FACTORIES)

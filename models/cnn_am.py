@@ -34,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from models._registry import ModelInfo, register_model
+from models._registry import ModelInfo, register_model, register_variant
 from models.layers import NormLayer, make_divisible
 from models.recipe import TrainingRecipe
 
@@ -175,7 +175,10 @@ def cnn_am(
     )
 
 
-@register_model(
+cnn_am_deep = register_variant(
+    "cnn_am_deep",
+    base=cnn_am,
+    depth=5,
     info=ModelInfo(
         paper="Recognition on IoT-enabled facial expression for healthcare in Industry 5.0 (CNN-AM), its table's "
               "'CNN layers: 5'",
@@ -186,18 +189,5 @@ def cnn_am(
         # The same recipe as cnn_am (its FER2013 run: docs/benchmarks.md "Training recipes on FER2013").
         recipe=TrainingRecipe(),
         deviation="cnn_am(depth=5) under its own name, so a federation (which builds default options) can train it",
-    )
+    ),
 )
-def cnn_am_deep(
-    *,
-    num_classes: int = 7,
-    in_chans: int = 1,
-    norm_layer: NormLayer,
-    width: float = 1.0,
-    attn_dim: int = 8,
-    hidden_dim: int = 128,
-    drop_rate: float = 0.5,
-) -> CNNAM:
-    """CNN-AM's deeper build: `cnn_am(depth=5)` (same layers and parameter names), registered under its own name."""
-    return cnn_am(num_classes=num_classes, in_chans=in_chans, norm_layer=norm_layer, width=width, depth=5,
-                  attn_dim=attn_dim, hidden_dim=hidden_dim, drop_rate=drop_rate)

@@ -14,6 +14,7 @@ from torch import nn
 from client.cli.runner import run_cli
 
 from models import (
+    ModelInfo,
     complexity,
     count_params,
     create_model,
@@ -21,8 +22,10 @@ from models import (
     load_state_dict_file,
     model_info,
     model_options,
+    register_variant,
 )
 from models.backbones import resnet50_backbone, vgg16_backbone
+from models.cnn_am import cnn_am
 from models.layers import batch_norm
 from models.reference import list_references, read_reference_info
 
@@ -58,6 +61,21 @@ def test_registry_lists_the_paper_models_sorted():
     assert names == sorted(names)
     assert {"cnn_am", "dmsnet_heavy", "dmsnet_light", "dmsnet_iot"} <= set(names)
     assert set(SMALL_CFG) == set(names)
+
+
+def test_a_variant_is_its_base_with_fixed_options():
+    """cnn_am_deep is cnn_am(depth=5): the same parameters and values from one seed, and depth is not its option."""
+    # Execute
+    torch.manual_seed(0)
+    variant = create_model("cnn_am_deep", dp=True).state_dict()
+    torch.manual_seed(0)
+    base = create_model("cnn_am", dp=True, depth=5).state_dict()
+    # Assert
+    assert list(variant) == list(base) and all(torch.equal(variant[k], base[k]) for k in base)
+    assert "depth" not in model_options("cnn_am_deep") and model_options("cnn_am")["depth"] == 2
+    with pytest.raises(TypeError, match="has no option 'depht'"):
+        register_variant("cnn_am_typo", base=cnn_am, depht=5,
+                         info=ModelInfo(paper="", summary="", input_size=(1, 48, 48)))
 
 
 def test_unknown_model_name_lists_the_known_ones():
