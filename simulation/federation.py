@@ -20,7 +20,6 @@ from client.node_data import cached_dataset, node_data_from_indices, parse_datas
 from client.node_setup import NodeSetup
 from client.profiles import ClientProfile, assign_profiles, parse_profile_mix
 from simulation.attacks import ATTACK_REGISTRY, attacker_partitions, flip_labels
-from server.public_pretrain import public_slices, public_split
 from simulation.partition import partition_labels, partition_stats
 
 
@@ -52,6 +51,8 @@ def clients_per_dataset(settings: RunSettings) -> list[tuple[str, int]]:
 @functools.lru_cache(maxsize=2)
 def federation_plan(settings: RunSettings) -> tuple[ClientPlan, ...]:
     """The whole federation's layout for these settings."""
+    from server.public_pretrain import public_split  # torch: the ClientApp imports this module and stays light
+
     layout = clients_per_dataset(settings)
     total = sum(n for _, n in layout)
     profiles: list[ClientProfile | None] = [None] * total
@@ -100,6 +101,8 @@ def federation_stats(settings: RunSettings) -> dict:
                 "size": int(len(plan.indices)),
                 "attacker": plan.client_id in hostile,
             }
+    from server.public_pretrain import public_slices
+
     slices = public_slices(settings)
     if slices:
         stats["public_slice"] = {
