@@ -182,6 +182,9 @@ class RunSettings:
             raise ConfigError("warmup and label-smoothing must be below 1 (negative = the model's recipe)")
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("dp-train", self.dp_train, DP_TRAIN_MODES)
+        if self.dp_train != "all" and not self.dp_enabled:
+            # Non-private training trains every parameter; accepting the key would claim a fine-tuning that never ran.
+            raise ConfigError(f"dp-train {self.dp_train!r} chooses what DP-SGD trains: it needs dp-epsilon > 0")
         if not 0 <= self.public_fraction < 1:
             raise ConfigError(f"public-fraction must be in [0, 1) (0 = no public pretraining), got {self.public_fraction}")
         _choice("attack", self.attack, ATTACKS)

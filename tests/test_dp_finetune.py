@@ -50,7 +50,10 @@ def test_config_and_models_list_the_same_modes():
     """client.config mirrors models.finetune's modes (it cannot import torch), and validates dp-train by name."""
     assert CONFIG_MODES == DP_TRAIN_MODES
     with pytest.raises(ConfigError, match="dp-train"):
-        RunSettings(dp_train="encoder").validate()
+        RunSettings(dp_train="encoder", dp_epsilon=3.0).validate()
+    with pytest.raises(ConfigError, match="dp-train 'head' .* needs dp-epsilon"):
+        RunSettings(dp_train="head").validate()
+    RunSettings(dp_train="head", dp_epsilon=3.0).validate()
 
 
 @pytest.mark.parametrize("name", MODELS)
