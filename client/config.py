@@ -31,10 +31,14 @@ AUGMENTS = ("none", "light", "strong")
 CLASS_BALANCES = ("none", "weights", "sampling")
 ON_OFF = ("on", "off")
 ACCOUNTANTS = ("rdp", "prv")
+# Which parameters DP-SGD trains: every one, the classifier only, or the last block and the head. Mirrors
+# models.finetune.DP_TRAIN_MODES without importing torch (tests/test_dp_finetune.py pins them equal).
+DP_TRAIN_MODES = ("all", "head", "last")
 # Hostile behaviours a simulated site can play (simulation/attacks.py implements them, in this order).
 ATTACKS = ("scale", "sign-flip", "lie-count", "noise", "label-flip")
 # Run-config keys whose values must be positive.
 _POSITIVE = ("num-clients", "num-server-rounds", "local-epochs", "batch-size", "dp-lr", "dp-batch-size", "alpha",
+             "public-epochs",
              "image-size", "max-update-norm", "max-examples", "min-clients")
 
 
@@ -63,6 +67,11 @@ class RunSettings:
     # A model to start round 0 from instead of the seeded random one: a shipped reference (`fer_vgg@fer2013`,
     # models/reference.py) or a saved model.pt; its architecture must be `model` (server/init_model.py). "" = none
     init_model: str = ""
+    # Public pretraining (server/public_pretrain.py): before round 1 the server trains round 0's model (after
+    # init-model, on top of it) for public-epochs epochs on a stratified slice of this fraction of the run's
+    # training data, seeded by `seed`. The slice belongs to no site, is unprotected, and costs no epsilon. 0 = none
+    public_fraction: float = 0.0
+    public_epochs: int = 2
     local_epochs: int = 3
     batch_size: int = 32
     # The training recipe (models/recipe.py). Each key left at "recipe" (or a negative number; lr 0) takes the
@@ -106,6 +115,9 @@ class RunSettings:
     dp_optimizer: str = "sgd"
     dp_lr: float = 0.05
     dp_batch_size: int = 128
+    # Which parameters train under DP-SGD (models.finetune): all | head (the classifier) | last (the model's last
+    # block and its head). The rest are frozen before Opacus wraps the model: no gradient, no noise, sent unchanged.
+    dp_train: str = "all"
     accountant: str = "rdp"
     secure_agg: bool = False
     secagg_shares: int = 3
@@ -169,6 +181,12 @@ class RunSettings:
         if not self.warmup < 1 or not self.label_smoothing < 1:
             raise ConfigError("warmup and label-smoothing must be below 1 (negative = the model's recipe)")
         _choice("accountant", self.accountant, ACCOUNTANTS)
+        _choice("dp-train", self.dp_train, DP_TRAIN_MODES)
+        if self.dp_train != "all" and not self.dp_enabled:
+            # Non-private training trains every parameter; accepting the key would claim a fine-tuning that never ran.
+            raise ConfigError(f"dp-train {self.dp_train!r} chooses what DP-SGD trains: it needs dp-epsilon > 0")
+        if not 0 <= self.public_fraction < 1:
+            raise ConfigError(f"public-fraction must be in [0, 1) (0 = no public pretraining), got {self.public_fraction}")
         _choice("attack", self.attack, ATTACKS)
         for key in _POSITIVE:
             value = getattr(self, key.replace("-", "_"))

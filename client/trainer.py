@@ -25,7 +25,7 @@ from client.data.preprocess import FERTorchDataset, make_augment
 from client.dp_training import open_dp_client
 from client.node_config import NodeSettings
 from client.node_setup import NodeSetup
-from models import create_model, model_info
+from models import create_model, freeze_for_dp, model_info
 from privacy.guard import UpdateRejected, scale_update, update_norm
 from privacy.report import dp_metrics
 
@@ -91,8 +91,14 @@ class FerClient(NumPyClient):
             # the data loader, before per-sample clipping); the model's recipe is for non-private training.
             augment = make_augment(self.settings.augment if self.settings.augment != RECIPE else "light")
             dataset = FERTorchDataset(data.train_images, data.train_labels, augment=augment, seed=seed)
+            # dp-train: what is not trained is frozen before the optimiser and Opacus see the model, so it gets
+            # no gradient and no noise and goes back unchanged (a zero delta).
+            size = self.settings.image_size
+            counts = freeze_for_dp(model, self.settings.dp_train, input_size=(1, size, size))
             optimizer = task.make_optimizer(model, name=self.settings.train_optimizer, lr=self.settings.train_lr)
             result, privacy = self._fit_private(model, optimizer, dataset, server_round)
+            privacy = {**privacy, "dp_train": self.settings.dp_train, "trainable_params": counts.trainable,
+                       "frozen_params": counts.frozen}
         else:
             local = task.prepare_training(
                 model, data.train_images, data.train_labels, recipe=self.settings.recipe(synthetic=data.synthetic),

@@ -23,9 +23,14 @@ from models._registry import (
     register_variant,
 )
 from models.complexity import complexity, count_macs, count_params
+from models.finetune import DP_TRAIN_MODES, ParameterCounts, dp_trainable_names, freeze_for_dp
 from models.recipe import TrainingRecipe
 
 __all__ = [
+    "DP_TRAIN_MODES",
+    "ParameterCounts",
+    "dp_trainable_names",
+    "freeze_for_dp",
     "ModelInfo",
     "TrainingRecipe",
     "complexity",

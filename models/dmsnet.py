@@ -138,6 +138,11 @@ class DMSNet(nn.Module):
         x = self.drop(self.act(self.fc(self.pool(x).flatten(1))))
         return x if pre_logits else self.classifier(x)
 
+    def last_block(self) -> nn.Module:
+        """The last block of `forward_features` (models.finetune, dp-train "last"): every branch's decoder and the
+        fusion gates, which the branches feed in parallel; the last-called module alone would be one 1x1 gate."""
+        return nn.ModuleList([*(branch.decoder for branch in self.branches), *self.fusion_gates])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 

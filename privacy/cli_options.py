@@ -36,6 +36,10 @@ class PrivacyOptions:
     dp_batch_size: Annotated[
         int | None, _option("Expected (Poisson) batch size under DP-SGD (--batch-size is the non-private one).")
     ] = None
+    dp_train: Annotated[
+        str | None, _option("Which parameters DP-SGD trains: all (default) | head (the classifier) | last (the "
+                            "last block and the head); the rest stay frozen: no gradient, no noise.")
+    ] = None
     secure_agg: Annotated[bool | None, _option("Flower's SecAgg+: the server sees only the sum.")] = None
     secagg_shares: Annotated[int | None, _option("SecAgg+ secret shares per client (> 2).")] = None
     secagg_threshold: Annotated[

@@ -60,6 +60,10 @@ DP_METRIC_KEYS = {
     "ledger_seq": "dp-ledger-seq",
     "ledger_id": "dp-ledger-id",
     "secure_mode": "dp-secure-mode",
+    # Which parameters trained under DP-SGD (dp-train) and how many values that is; the rest were frozen, unnoised.
+    "dp_train": "dp-train",
+    "trainable_params": "dp-trainable-params",
+    "frozen_params": "dp-frozen-params",
 }
 
 
@@ -109,6 +113,9 @@ class ClientPrivacy:
     secure_mode: bool | None = None
     ledger_seq: int | None = None
     ledger_id: str | None = None
+    dp_train: str | None = None
+    trainable_params: int | None = None
+    frozen_params: int | None = None
 
     @property
     def budget_exhausted(self) -> bool:
@@ -132,7 +139,8 @@ class ClientPrivacy:
             client_id=str(status.get("client_id", index)), steps=int(_number(status["steps"], f"clients[{index}].steps")),
             accountant=status["accountant"], rounds_charged=status.get("rounds_charged"),
             secure_mode=status.get("secure_mode"), ledger_seq=status.get("ledger_seq"),
-            ledger_id=status.get("ledger_id"), **numbers,
+            ledger_id=status.get("ledger_id"), dp_train=status.get("dp_train"),
+            trainable_params=status.get("trainable_params"), frozen_params=status.get("frozen_params"), **numbers,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -182,6 +190,96 @@ class CentralPrivacy:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
 
+PUBLIC_DATA_PROTECTION = (
+    "none: public data is used in the clear, by the server, and no epsilon covers it (it needs none, being public; "
+    "nothing about it is private either)"
+)
+
+
+@dataclass(frozen=True)
+class PublicSlice:
+    """The public slice of one dataset's training split (server/public_pretrain.py): set aside before the sites'
+    partition, held by no site, trained on by the server without DP."""
+
+    dataset: str
+    faces: int
+    per_class: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "faces": self.faces, "per_class": list(self.per_class)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PublicSlice:
+        return cls(dataset=str(data["dataset"]), faces=int(data["faces"]),
+                   per_class=tuple(int(n) for n in data["per_class"]))
+
+
+@dataclass(frozen=True)
+class PublicData:
+    """What round 0's model learnt from outside the private federation, in the clear.
+
+    Attributes:
+        slices: the public slice of each dataset (public-fraction), empty when none.
+        pretrain_epochs: epochs the server pretrained on the slices (public-epochs); None without slices.
+        init_model: the init-model round 0 started from (before any pretraining), or None.
+        init_model_dataset: the dataset its card says it was trained on (None when unknown).
+        warning: set when the init model was trained on the same dataset the sites hold (it has seen their faces:
+            not a fair public start); server/init_model.py `public_start_warning`.
+        protection: what protects this data (nothing).
+    """
+
+    slices: tuple[PublicSlice, ...] = ()
+    pretrain_epochs: int | None = None
+    init_model: str | None = None
+    init_model_dataset: str | None = None
+    warning: str | None = None
+    protection: str = PUBLIC_DATA_PROTECTION
+
+    @property
+    def faces(self) -> int:
+        return sum(s.faces for s in self.slices)
+
+    def describe(self) -> str:
+        """One line naming the public data, for the epsilon scope and report.md."""
+        parts = []
+        if self.init_model:
+            parts.append(f"init-model {self.init_model} (trained on {self.init_model_dataset or 'unknown data'})")
+        if self.slices:
+            where = ", ".join(f"{s.faces} of {s.dataset}" for s in self.slices)
+            parts.append(f"a public slice of {self.faces} faces ({where}) the server pretrained on for "
+                         f"{self.pretrain_epochs} epochs")
+        return " and ".join(parts) or "none"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"slices": [s.to_json() for s in self.slices], "faces": self.faces,
+                "pretrain_epochs": self.pretrain_epochs, "init_model": self.init_model,
+                "init_model_dataset": self.init_model_dataset, "warning": self.warning, "protection": self.protection}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PublicData:
+        return cls(slices=tuple(PublicSlice.from_json(s) for s in data.get("slices") or []),
+                   pretrain_epochs=data.get("pretrain_epochs"), init_model=data.get("init_model"),
+                   init_model_dataset=data.get("init_model_dataset"), warning=data.get("warning"),
+                   protection=str(data.get("protection", PUBLIC_DATA_PROTECTION)))
+
+
+def epsilon_scope(clients: Sequence[ClientPrivacy], public: PublicData | None) -> str:
+    """What the reported epsilons cover, in words: the private DP-SGD steps only, on which parameters; never the
+    public data or its pretraining steps."""
+    if clients:
+        trained = sorted({f"{c.dp_train} ({c.trainable_params} values trained, {c.frozen_params} frozen)"
+                          for c in clients if c.dp_train is not None})
+        text = ("Each site's epsilon covers only the private part: its own DP-SGD steps on its own data (the `steps` "
+                "the accountant counted), which trained " + ("; ".join(trained) if trained else "every parameter")
+                + ". Frozen parameters got no gradient and no noise and went back unchanged.")
+    else:
+        text = "No site trained under local DP-SGD: no epsilon covers the sites' data."
+    if public is not None:
+        text += (f" Public data used in the clear: {public.describe()}. Its pretraining steps are not private and "
+                 "are not counted in any epsilon.")
+    return text
+
+
 @dataclass(frozen=True)
 class PrivacyReport:
     """privacy.json: who spent which ε, the central ε, SecAgg+ and its quantisation cost, and the threat model.
@@ -193,6 +291,8 @@ class PrivacyReport:
             _quantization_entry); None without SecAgg+.
         seeded_noise_caveat: present when any client's noise was seeded (not private against whoever knows the
             seed).
+        public_data: what round 0's model learnt in the clear (public slice, init-model), None when nothing.
+        epsilon_scope: what the epsilons cover (the private DP-SGD steps only) and what they do not.
     """
 
     secure_aggregation: bool
@@ -202,6 +302,8 @@ class PrivacyReport:
     local_dp_noise: str | None = None
     secure_aggregation_quantization: dict[str, Any] | None = None
     seeded_noise_caveat: str | None = None
+    public_data: PublicData | None = None
+    epsilon_scope: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -226,6 +328,10 @@ class PrivacyReport:
         }
         if self.seeded_noise_caveat:
             report["seeded_noise_caveat"] = self.seeded_noise_caveat
+        # New keys only (older readers ignore them), so the schema version stays.
+        report["public_data"] = None if self.public_data is None else self.public_data.to_json()
+        if self.epsilon_scope:
+            report["epsilon_scope"] = self.epsilon_scope
         return report
 
     @classmethod
@@ -239,6 +345,8 @@ class PrivacyReport:
             local_dp_noise=d.get("local_dp_noise"),
             secure_aggregation_quantization=d.get("secure_aggregation_quantization"),
             seeded_noise_caveat=d.get("seeded_noise_caveat"),
+            public_data=None if d.get("public_data") is None else PublicData.from_json(d["public_data"]),
+            epsilon_scope=d.get("epsilon_scope"),
         ))
 
 
@@ -248,6 +356,7 @@ def privacy_report(
     central: Mapping[str, Any] | None,
     secure_aggregation: bool,
     secagg_quantization: Sequence[Mapping[str, Any]] | None = None,
+    public_data: PublicData | None = None,
 ) -> PrivacyReport:
     """Builds the ``privacy.json`` record.
 
@@ -262,6 +371,7 @@ def privacy_report(
         secagg_quantization: Under SecAgg+, one `server.secagg.QuantizationCost.to_json()` per aggregated
             round: the error the integer encoding adds to each value of the decoded average (worst case and
             expected RMS) and to one update. Summarised under ``secure_aggregation_quantization``.
+        public_data: What round 0's model learnt in the clear (public slice, init-model), or None.
 
     Returns:
         The report; its ``to_json()`` is privacy.json.
@@ -284,6 +394,8 @@ def privacy_report(
         local_dp_noise=_noise_source(entries, seeded),
         secure_aggregation_quantization=_quantization_entry(secagg_quantization),
         seeded_noise_caveat=caveat,
+        public_data=public_data,
+        epsilon_scope=epsilon_scope(entries, public_data) if entries or public_data is not None else None,
     )
 
 

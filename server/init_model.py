@@ -1,12 +1,17 @@
 """`init-model`: start a federation (or its centralised baseline) from trained weights instead of a seeded random
 model: a shipped reference (`fer_vgg@fer2013`, public pretraining on FER2013) or a run's model.pt.
 
+Round 0 starts from these weights; public pretraining (server/public_pretrain.py, `public-fraction`) then trains
+on top of them when both are set: the reference supplies general features, the public slice adapts them to the
+study's faces, and both are public, so neither costs epsilon (privacy.json names them).
+
 Checked once, where the run starts (`fer-sim run`, `fer-server start`), so a mistake is one line before any node is
 contacted; read again by the ServerApp when it builds round 0's model (`server_app.initial_weights`).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +43,40 @@ def with_init_model(settings: RunSettings, *, model_given: bool) -> RunSettings:
     if not model_given and card.name != settings.model:
         settings = settings.replace(model=card.name)
     init_model_weights(settings)
+    warning = public_start_warning(settings)
+    if warning:
+        # Loud, once, where the run starts; report.md repeats it (privacy.json's public_data.warning).
+        sys.stderr.write(f"WARNING: {warning}\n")
     return settings
+
+
+def init_model_dataset(settings: RunSettings) -> str | None:
+    """The dataset the init-model's card says it was trained on (a reference's "fer2013", a run's `dataset`)."""
+    return _read(settings)[1].dataset
+
+
+def public_start_warning(settings: RunSettings) -> str | None:
+    """One line when the init-model was trained on a dataset the run's sites hold too, else None.
+
+    Reference weights trained on FER2013's training split have seen every face of a FER2013 study's sites: as a
+    start for such a study they are not public pretraining, and a private fine-tuning from them overstates what a
+    private federation achieves (issue 13). Compared by dataset kind (fer2013, rafdb, ...); synthetic faces are
+    left out (each seed draws other faces).
+    """
+    if not settings.init_model:
+        return None
+    trained_on = _kinds(init_model_dataset(settings) or "")
+    shared = sorted((trained_on & _kinds(settings.dataset)) - {"synthetic"})
+    if not shared:
+        return None
+    return (f"init-model {settings.init_model} was trained on {', '.join(shared)}, which this run's sites hold too: "
+            "it has seen their faces, so it is not a fair public start (use it when sites hold other data)")
+
+
+def _kinds(datasets: str) -> set[str]:
+    """The dataset kinds of a `dataset` string ("fer2013=/d@6;rafdb=/r" -> {"fer2013", "rafdb"}; "fer2013" alone
+    is a kind too, as a reference's card writes it)."""
+    return {entry.strip().partition("=")[0].strip() for entry in datasets.split(";") if entry.strip()}
 
 
 def init_model_weights(settings: RunSettings) -> list[np.ndarray]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from client.config import DP_TRAIN_MODES
 from privacy.accounting import ACCOUNTANTS
 from privacy.guard import UpdateRejected, update_norm
 from privacy.report import DP_METRIC_KEYS
@@ -116,6 +117,9 @@ _DP_RULES: dict[str, _Rule] = {
     "accountant": (f"one of {', '.join(ACCOUNTANTS)}", lambda v: isinstance(v, str) and v in ACCOUNTANTS),
     "rounds_charged": _COUNT,
     "secure_mode": _FLAG,
+    "dp_train": (f"one of {', '.join(DP_TRAIN_MODES)}", lambda v: isinstance(v, str) and v in DP_TRAIN_MODES),
+    "trainable_params": _COUNT,
+    "frozen_params": _COUNT,
 }
 DP_METRICS: dict[str, _Rule] = {DP_METRIC_KEYS[name]: rule for name, rule in _DP_RULES.items()}
 EVALUATE_METRICS: dict[str, _Rule] = {

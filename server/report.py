@@ -17,7 +17,7 @@ from client.config import RunSettings
 from client.data.labels import EMOTIONS
 from client.node_data import parse_dataset_list
 from privacy.atomic import atomic_write
-from privacy.report import PrivacyReport
+from privacy.report import PrivacyReport, PublicData
 from server import plots
 from server.plots import PLOTS, PartitionView, privacy_clients
 from server.records import RoundRecord, RunSummary, summarize
@@ -86,6 +86,9 @@ def _markdown(name: str, settings: RunSettings | None, rounds: Sequence[RoundRec
     if synthetic:
         out += ["> **Synthetic data.** This run used the procedurally generated synthetic FER dataset; its numbers "
                 "show that the system works, not how well it recognises real faces.", ""]
+    public = privacy.public_data if privacy is not None else None
+    if public is not None and public.warning:
+        out += [f"> **Warning.** {public.warning}.", ""]
     if summary:
         out += ["## Summary", "", *_table(["", "value"], _summary_rows(summary)), ""]
         out += _failed_rounds(summary, rounds)
@@ -217,15 +220,32 @@ def _privacy_section(privacy: PrivacyReport, plot: str | None) -> list[str]:
         lines += [*_table(columns, [[_cell(e[k]) for k in columns] for e in entries]), ""]
     document = privacy.to_json()
     prose = [(k, v) for k, v in document.items() if isinstance(v, str) and len(v) > 80]
-    facts = [(k, v) for k, v in _flat_scalars({k: v for k, v in document.items() if k != "clients"})
+    facts = [(k, v) for k, v in _flat_scalars({k: v for k, v in document.items() if k not in ("clients", "public_data")})
              if not (isinstance(v, str) and len(v) > 80)]
     lines += [f"- {key}: {_cell(value)}" for key, value in facts]
     if facts:
         lines.append("")
+    if privacy.public_data is not None:
+        lines += _public_data_lines(privacy.public_data)
     for key, text in prose:
         lines += [f"**{key.replace('_', ' ').capitalize()}.** {text}", ""]
     if plot:
         lines += [f"![privacy spend per client]({plot})", ""]
+    return lines
+
+
+def _public_data_lines(public: PublicData) -> list[str]:
+    """What round 0's model learnt in the clear: each public slice (faces per class), the init-model and its data."""
+    lines = ["### Public data (used in the clear, counted in no epsilon)", ""]
+    for item in public.slices:
+        classes = ", ".join(f"{name} {n}" for name, n in zip(EMOTIONS, item.per_class))
+        lines.append(f"- public slice of {item.dataset}: {item.faces} faces ({classes}), held by no site; the server "
+                     f"pretrained on it for {public.pretrain_epochs} epochs")
+    if public.init_model:
+        lines.append(f"- init-model: {public.init_model} (trained on {public.init_model_dataset or 'unknown data'})")
+    if public.warning:
+        lines.append(f"- warning: {public.warning}")
+    lines += [f"- protection: {public.protection}", ""]
     return lines
 
 

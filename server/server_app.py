@@ -37,6 +37,7 @@ from privacy.report import PrivacyReport, privacy_report
 from server.delivery import deliver_at_end
 from server.evaluation import ServerEvaluator
 from server.init_model import init_model_weights
+from server.public_pretrain import pretrain_on_public, public_data
 from server.ledger_registry import NodeLedgers
 from server.records import RoundRecord, build_round, format_round, summarize
 from server.replies import is_finite_number
@@ -86,11 +87,14 @@ def weighted_mean_of(key: str) -> Callable[[list[tuple[int, dict[str, Any]]]], d
 
 def initial_weights(settings: RunSettings) -> list[np.ndarray]:
     """Round 0's global model: the one `init-model` names (server/init_model.py), else a seeded random one, so the
-    same seed gives the same run."""
+    same seed gives the same run; then, with `public-fraction`, pretrained on the public slice
+    (server/public_pretrain.py), once, here, before round 1."""
     if settings.init_model:
-        return init_model_weights(settings)
-    torch.manual_seed(settings.seed)
-    return wire.get_weights(create_model(settings.model, dp=True))
+        weights = init_model_weights(settings)
+    else:
+        torch.manual_seed(settings.seed)
+        weights = wire.get_weights(create_model(settings.model, dp=True))
+    return pretrain_on_public(settings, weights)
 
 
 def load_server_test_set(settings: RunSettings) -> tuple[np.ndarray, np.ndarray, bool] | None:
@@ -299,7 +303,9 @@ def run_federation(
         **data_meta(settings),
     )
     # strategy.privacy also holds nodes that imposed DP-SGD on a run without it (their own budget binds them).
-    if settings.dp_enabled or strategy.privacy or settings.secure_agg or settings.central_dp_enabled:
+    # Public data (a public slice, an init-model) is named in privacy.json even without DP: what was not private.
+    if (settings.dp_enabled or strategy.privacy or settings.secure_agg or settings.central_dp_enabled
+            or settings.public_fraction > 0 or settings.init_model):
         quantization = list(getattr(fit_workflow, "quantization", {}).values())
         run_dir.write_privacy(build_privacy_report(settings, strategy, quantization=quantization))
     run_dir.write_summary(summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings))
@@ -310,7 +316,7 @@ def build_privacy_report(
     settings: RunSettings, strategy: GuardedStrategy, *, quantization: list[QuantizationCost] | None = None
 ) -> PrivacyReport:
     """privacy.json: each node's cumulative ε as it last reported it, the central ε, whether SecAgg+ was on and
-    what its quantisation cost each round."""
+    what its quantisation cost each round, and which data was public (used in the clear, counted in no ε)."""
     central = None
     if settings.central_dp_enabled:
         central = {
@@ -324,6 +330,7 @@ def build_privacy_report(
     return privacy_report(
         clients=list(strategy.privacy.values()), central=central, secure_aggregation=settings.secure_agg,
         secagg_quantization=[cost.to_json() for cost in quantization or []] if settings.secure_agg else None,
+        public_data=public_data(settings),
     )
 
 

@@ -2,7 +2,8 @@
 
 Same model, same loops (`client.task`), same training data (the union of the federated clients' local training
 sets, so the comparison isolates federation itself), same number of passes over each sample
-(rounds × local epochs), same held-out test set and the same run-directory outputs, one "round" per
+(rounds × local epochs), same held-out test set, the same round 0 (init-model and public pretraining:
+server_app.initial_weights) and the same run-directory outputs, one "round" per
 `local-epochs` epochs.
 """
 
@@ -18,7 +19,9 @@ from client import task, wire
 from client.config import RunSettings
 from client.node_data import cached_dataset, node_data_from_indices
 from models import create_model
+from privacy.report import privacy_report
 from server.evaluation import ServerEvaluator
+from server.public_pretrain import public_data
 from server.report import write_report
 from server.records import RoundRecord, RoundReport, RunSummary, build_round, summarize
 from server.rundir import RunDirectory
@@ -87,6 +90,10 @@ def run_centralized(
                            round=server_round, checkpoint=True, **data_meta(settings))
     run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},
                        round=settings.num_server_rounds, **data_meta(settings))
+    public = public_data(settings)
+    if public is not None:
+        # The baseline trains without DP; privacy.json then only says which data round 0 learnt from in the clear.
+        run_dir.write_privacy(privacy_report(clients=[], central=None, secure_aggregation=False, public_data=public))
     summary = summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings,
                         mode="centralized").replace(train_examples=int(len(labels)), synthetic=synthetic)
     run_dir.write_summary(summary)

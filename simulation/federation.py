@@ -51,6 +51,8 @@ def clients_per_dataset(settings: RunSettings) -> list[tuple[str, int]]:
 @functools.lru_cache(maxsize=2)
 def federation_plan(settings: RunSettings) -> tuple[ClientPlan, ...]:
     """The whole federation's layout for these settings."""
+    from server.public_pretrain import public_split  # torch: the ClientApp imports this module and stays light
+
     layout = clients_per_dataset(settings)
     total = sum(n for _, n in layout)
     profiles: list[ClientProfile | None] = [None] * total
@@ -59,10 +61,12 @@ def federation_plan(settings: RunSettings) -> tuple[ClientPlan, ...]:
     plans, offset = [], 0
     for spec, count in layout:
         labels = cached_dataset(spec, settings.image_size, settings.seed).splits["train"].labels
+        # The public slice (public-fraction) belongs to no site: the partitioner sees only the rest.
+        private = public_split(settings, spec).private
         block = profiles[offset : offset + count]
         weights = [p.data_weight for p in block] if settings.profile_mix else None
         parts = partition_labels(
-            labels,
+            labels[private],
             num_partitions=count,
             scheme=settings.partition,
             alpha=settings.alpha,
@@ -72,14 +76,15 @@ def federation_plan(settings: RunSettings) -> tuple[ClientPlan, ...]:
         )
         for local_index, indices in enumerate(parts):
             client = offset + local_index
-            plans.append(ClientPlan(f"client-{client:03d}", spec, np.asarray(indices), block[local_index]))
+            plans.append(ClientPlan(f"client-{client:03d}", spec, private[np.asarray(indices)], block[local_index]))
         offset += count
     return tuple(plans)
 
 
 def federation_stats(settings: RunSettings) -> dict:
     """Per-client label counts and skew for partition.json and the report's partition plot; hostile sites
-    (simulation.attacks) are marked `attacker`."""
+    (simulation.attacks) are marked `attacker`; with public-fraction, `public_slice` records the public slice (its
+    faces count as `unassigned` in each dataset's block: no site holds them)."""
     plans = federation_plan(settings)
     hostile = {plans[i].client_id for i in attacker_partitions(settings, num_sites=len(plans))}
     stats: dict = {"clients": {}, "datasets": {}}
@@ -96,6 +101,20 @@ def federation_stats(settings: RunSettings) -> dict:
                 "size": int(len(plan.indices)),
                 "attacker": plan.client_id in hostile,
             }
+    from server.public_pretrain import public_slices
+
+    slices = public_slices(settings)
+    if slices:
+        stats["public_slice"] = {
+            "public": True,
+            "note": "held by no site; the server pretrained round 0's model on it in the clear (no DP, no epsilon)",
+            "fraction": settings.public_fraction,
+            "seed": settings.seed,
+            "pretrain_epochs": settings.public_epochs,
+            "faces": sum(s.faces for s in slices),
+            "per_class": [int(n) for n in np.sum([s.per_class for s in slices], axis=0)],
+            "datasets": {s.dataset: s.to_json() for s in slices},
+        }
     return stats
 
 

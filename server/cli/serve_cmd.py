@@ -77,6 +77,10 @@ def start(
     init_model: Annotated[str | None, typer.Option(
         help="Start round 0 from these weights: a shipped reference (fer_vgg@fer2013) or a model.pt. Sets --model "
              "to its architecture.")] = None,
+    public_fraction: Annotated[float | None, typer.Option(
+        help="Pretrain round 0 in the clear on this stratified fraction of --dataset's training split (the "
+             "coordinator's own public faces) before round 1. 0 = none.")] = None,
+    public_epochs: Annotated[int | None, typer.Option(help="Epochs of public pretraining (default 2).")] = None,
     rounds: Annotated[int | None, typer.Option(help="Server rounds.")] = None,
     min_clients: Annotated[int | None, typer.Option(help="Wait for this many nodes before round 1.")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
@@ -100,7 +104,8 @@ def start(
     except (FileExistsError, ConfigError) as err:
         raise click.ClickException(str(err)) from None
     overrides = {
-        "dataset": dataset, "model": model, "init-model": init_model, "num-server-rounds": rounds, "min-clients": min_clients,
+        "dataset": dataset, "model": model, "init-model": init_model, "public-fraction": public_fraction,
+        "public-epochs": public_epochs, "num-server-rounds": rounds, "min-clients": min_clients,
         "local-epochs": local_epochs, "strategy": strategy, "secagg-timeout": secagg_timeout,
         "round-timeout": round_timeout, "seed": seed, **privacy.overrides(),
     }

@@ -49,6 +49,10 @@ def _make_command(mode: str):
         init_model: Annotated[StrOpt, typer.Option(
             help="Start from these weights instead of a random model: a shipped reference (fer_vgg@fer2013; "
                  "`fer-sim models` lists them) or a model.pt. Sets --model to its architecture.")] = None,
+        public_fraction: Annotated[FloatOpt, typer.Option(
+            help="Public pretraining: set aside this stratified fraction of the training data (no site gets it) and "
+                 "pretrain round 0's model on it in the clear before round 1 (after --init-model). 0 = none.")] = None,
+        public_epochs: Annotated[IntOpt, typer.Option(help="Epochs of public pretraining (default 2).")] = None,
         rounds: Annotated[IntOpt, typer.Option(help="Server rounds.")] = None,
         local_epochs: Annotated[IntOpt, typer.Option(help="Local epochs per round.")] = None,
         lr: Annotated[FloatOpt, typer.Option(help="Peak local learning rate (default: the model's recipe).")] = None,
@@ -102,6 +106,8 @@ def _make_command(mode: str):
             "profile-mix": profiles,
             "model": model,
             "init-model": init_model,
+            "public-fraction": public_fraction,
+            "public-epochs": public_epochs,
             "num-server-rounds": rounds,
             "local-epochs": local_epochs,
             "lr": lr,

@@ -1,0 +1,110 @@
+"""Public pretraining (`public-fraction`): the server trains round 0's model on a public slice of the run's training
+data before round 1, so the sites fine-tune privately from a model that already knows faces.
+
+For studies without a second dataset, the slice is carved from the run's own training split: a stratified fraction
+F of every class, drawn with the run's seed (client.node_data.stratified_holdout, the split every local test set
+uses). The slice belongs to no site: simulation.federation partitions only the rest, and partition.json records
+the slice (`public_slice`). In a deployment the slice comes from the coordinator's own `dataset` (public faces it
+holds), never from a site.
+
+The pretraining is ordinary, non-private training with the model's recipe (client.task's loops, the ones every
+client and the centralised baseline use): the data is public, so DP-SGD would protect nothing. Those steps are
+therefore not counted in any epsilon, and privacy.json says which data was public (privacy.report.PublicData).
+Plain Python and torch: nothing here knows about Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from client import task, wire
+from client.config import RunSettings
+from client.data.labels import NUM_CLASSES
+from client.node_data import cached_dataset, parse_dataset_list, stratified_holdout
+from models import create_model
+from privacy.report import PublicData, PublicSlice
+
+log = logging.getLogger("fer_fl.server")
+
+
+@dataclass(frozen=True)
+class PublicSplit:
+    """One dataset's training split cut in two: the public slice and what the sites share (indices into the
+    dataset's train split, sorted)."""
+
+    dataset: str
+    public: np.ndarray
+    private: np.ndarray
+
+
+def public_split(settings: RunSettings, spec: str) -> PublicSplit:
+    """The split of dataset `spec` (one entry of the run's `dataset`): a stratified public-fraction of each class
+    is public, seeded by the run's seed and the entry's position; with public-fraction 0 every sample is private."""
+    labels = cached_dataset(spec, settings.image_size, settings.seed).splits["train"].labels
+    if settings.public_fraction <= 0:
+        return PublicSplit(spec, np.zeros(0, np.int64), np.arange(len(labels), dtype=np.int64))
+    position = [entry.spec for entry in parse_dataset_list(settings.dataset)].index(spec)
+    private, public = stratified_holdout(labels, fraction=settings.public_fraction, seed=settings.seed + position)
+    return PublicSplit(spec, public.astype(np.int64), private.astype(np.int64))
+
+
+def public_slices(settings: RunSettings) -> tuple[PublicSlice, ...]:
+    """The public slice of each of the run's datasets, as privacy.json and partition.json record them."""
+    if settings.public_fraction <= 0:
+        return ()
+    slices = []
+    for entry in parse_dataset_list(settings.dataset):
+        split = public_split(settings, entry.spec)
+        labels = cached_dataset(entry.spec, settings.image_size, settings.seed).splits["train"].labels
+        counts = np.bincount(labels[split.public], minlength=NUM_CLASSES)
+        slices.append(PublicSlice(dataset=entry.spec, faces=int(len(split.public)),
+                                  per_class=tuple(int(n) for n in counts)))
+    return tuple(slices)
+
+
+def public_data(settings: RunSettings) -> PublicData | None:
+    """What round 0's model learnt in the clear: the public slices and the init-model, or None for neither."""
+    if settings.public_fraction <= 0 and not settings.init_model:
+        return None
+    from server.init_model import init_model_dataset, public_start_warning
+
+    slices = public_slices(settings)
+    return PublicData(
+        slices=slices, pretrain_epochs=settings.public_epochs if slices else None,
+        init_model=settings.init_model or None,
+        init_model_dataset=init_model_dataset(settings) if settings.init_model else None,
+        warning=public_start_warning(settings),
+    )
+
+
+def pretrain_on_public(settings: RunSettings, weights: list[np.ndarray]) -> list[np.ndarray]:
+    """Round 0's weights after public-epochs epochs of the model's recipe on the public slices, starting from
+    `weights` (the seeded random model or the init-model); `weights` unchanged without a public slice.
+
+    Seeded by the run's seed (the same run gives the same round 0); the recipe's schedule runs over the
+    pretraining as over one round, with the run's batch-size.
+    """
+    if settings.public_fraction <= 0:
+        return weights
+    images, labels, synthetic = [], [], False
+    for entry in parse_dataset_list(settings.dataset):
+        dataset = cached_dataset(entry.spec, settings.image_size, settings.seed)
+        split = public_split(settings, entry.spec)
+        images.append(dataset.splits["train"].images[split.public])
+        labels.append(dataset.splits["train"].labels[split.public])
+        synthetic = synthetic or dataset.synthetic
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    torch.manual_seed(settings.seed)
+    model = create_model(settings.model, dp=True)
+    wire.set_weights(model, weights)
+    local = task.prepare_training(model, images, labels, recipe=settings.recipe(synthetic=synthetic),
+                                  batch_size=settings.batch_size, seed=settings.seed, server_round=1, num_rounds=1)
+    result = task.train(model, local.loader, epochs=settings.public_epochs, optimizer=local.optimizer,
+                        criterion=local.criterion, lr_at=local.lr_at)
+    log.info("public pretraining: %d public faces, %d epochs, %d steps, train loss %.4f (not private, no epsilon)",
+             len(labels), settings.public_epochs, result.steps, result.loss)
+    return wire.get_weights(model)
