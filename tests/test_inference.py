@@ -258,7 +258,10 @@ def test_watch_ctrl_c_stops_cleanly(bedside, tmp_path):
     write_video(long_video, [("neutral", 400)], bedside["faces"])
     command = [str(BIN / "fer-client"), "watch", "--video", str(long_video), "--model", str(bedside["model"])]
     # Execute
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: a runner that started the tests in the background (`cmd &` in a script) passes SIGINT on
+    # ignored, and Python then never turns it into KeyboardInterrupt (a CI run launched that way failed here).
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = process.stdout.readline()
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
