@@ -60,27 +60,27 @@ def stratified_slice(labels: np.ndarray, *, n: int, seed: int) -> np.ndarray:
 
 def parse_recipe(base, pairs: list[str]):
     """The recipe with each KEY=VALUE of `--recipe` applied (values take the type of the field they replace)."""
-    changes = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        key = key.replace("-", "_")
-        if not hasattr(base, key):
-            raise SystemExit(f"--recipe {pair}: no recipe key {key!r}; keys: {', '.join(base.__dataclass_fields__)}")
-        kind = type(getattr(base, key))
-        changes[key] = value.lower() in ("1", "true", "on", "yes") if kind is bool else kind(value)
-    return dataclasses.replace(base, **changes)
+    fields = {name: getattr(base, name) for name in base.__dataclass_fields__}
+    return dataclasses.replace(base, **typed_pairs(pairs, fields, what="--recipe", normalise=True))
 
 
 def parse_cfg(model: str, pairs: list[str]) -> dict:
     """The model options of `--cfg KEY=VALUE` (values take the type of the option's default)."""
-    options, cfg = model_options(model), {}
+    return typed_pairs(pairs, model_options(model), what="--cfg")
+
+
+def typed_pairs(pairs: list[str], defaults: dict, *, what: str, normalise: bool = False) -> dict:
+    """KEY=VALUE pairs as {key: value}, each value of its default's type; an unknown key ends the script in one
+    line naming `what` and the known keys."""
+    out = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in options:
-            raise SystemExit(f"--cfg {pair}: {model} has no option {key!r}; options: {', '.join(options)}")
-        kind = type(options[key])
-        cfg[key] = value.lower() in ("1", "true", "on", "yes") if kind is bool else kind(value)
-    return cfg
+        key = key.replace("-", "_") if normalise else key
+        if key not in defaults:
+            raise SystemExit(f"{what} {pair}: no key {key!r}; keys: {', '.join(defaults)}")
+        kind = type(defaults[key])
+        out[key] = value.lower() in ("1", "true", "on", "yes") if kind is bool else kind(value)
+    return out
 
 
 def score(model, images: np.ndarray, labels: np.ndarray) -> dict:

@@ -39,11 +39,11 @@ def with_init_model(settings: RunSettings, *, model_given: bool) -> RunSettings:
     if not is_reference_name(spec) or Path(spec).exists():
         spec = str(Path(spec).resolve())
     settings = settings.replace(init_model=spec)
-    card = _read(settings)[1]
+    state, card = _read(settings)  # read (and its sha256 checked) once for every check below
     if not model_given and card.name != settings.model:
         settings = settings.replace(model=card.name)
-    init_model_weights(settings)
-    warning = public_start_warning(settings)
+    _fit(settings, state, card)
+    warning = _shared_data_warning(settings, trained_on=card.dataset)
     if warning:
         # Loud, once, where the run starts; report.md repeats it (privacy.json's public_data.warning).
         sys.stderr.write(f"WARNING: {warning}\n")
@@ -65,8 +65,12 @@ def public_start_warning(settings: RunSettings) -> str | None:
     """
     if not settings.init_model:
         return None
-    trained_on = _kinds(init_model_dataset(settings) or "")
-    shared = sorted((trained_on & _kinds(settings.dataset)) - {"synthetic"})
+    return _shared_data_warning(settings, trained_on=init_model_dataset(settings))
+
+
+def _shared_data_warning(settings: RunSettings, *, trained_on: str | None) -> str | None:
+    """public_start_warning, given the dataset the init-model's card names."""
+    shared = sorted((_kinds(trained_on or "") & _kinds(settings.dataset)) - {"synthetic"})
     if not shared:
         return None
     return (f"init-model {settings.init_model} was trained on {', '.join(shared)}, which this run's sites hold too: "
@@ -85,7 +89,11 @@ def init_model_weights(settings: RunSettings) -> list[np.ndarray]:
     Raises:
         ConfigError: unreadable, another architecture or options, or weights that do not fit.
     """
-    state, card = _read(settings)
+    return _fit(settings, *_read(settings))
+
+
+def _fit(settings: RunSettings, state: dict, card: ModelCard) -> list[np.ndarray]:
+    """init_model_weights, given the model already read."""
     if card.name != settings.model:
         raise ConfigError(f"init-model {settings.init_model} is a {card.name}; this run trains {settings.model} "
                           f"(set model = {card.name!r}, or leave --model out)")
