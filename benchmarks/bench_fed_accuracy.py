@@ -1,7 +1,8 @@
 """Federated against centralised accuracy on FER2013 at the same number of passes over the data (issue 12 item 3).
 
     .venv/bin/python benchmarks/bench_fed_accuracy.py --model fer_vgg --rounds 10 \\
-        [--setups central,dirichlet-0.5,dirichlet-0.1,profiles] [--strategy fedavg] [--cpus 1] [--quick]
+        [--setups central,dirichlet-0.5,dirichlet-0.1,profiles] [--strategy fedavg] [--set KEY=VALUE ...]
+        [--cpus 1] [--quick]
 
 Each setup trains the model with its registered recipe from the same seeded initial model for `--rounds` passes:
 `central` is `fer-sim centralized` on the pooled training data (one epoch a "round", the schedule over the same
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from client.config import RunSettings  # noqa: E402
 from privacy.atomic import atomic_write, atomic_write_with  # noqa: E402
 from server.rundir import RunDirectory  # noqa: E402
+from bench_accuracy import typed_pairs  # noqa: E402  (benchmarks/ is the script's own folder on sys.path)
 
 SETUPS = {
     "central": {},
@@ -37,10 +39,12 @@ SETUPS = {
 
 
 def settings_for(setup: str, *, dataset: str, model: str, rounds: int, strategy: str, seed: int,
-                 out_dir: Path) -> RunSettings:
-    """One setup's RunSettings: 10 sites, one local epoch a round, the model's recipe (issue 12's federation)."""
-    return RunSettings(dataset=dataset, num_clients=10, min_clients=10, model=model, num_server_rounds=rounds,
-                       local_epochs=1, strategy=strategy, seed=seed, out_dir=str(out_dir), **SETUPS[setup])
+                 out_dir: Path, extra: dict | None = None) -> RunSettings:
+    """One setup's RunSettings: 10 sites, one local epoch a round, the model's recipe (issue 12's federation),
+    with `extra` (RunSettings fields from --set) on top."""
+    settings = RunSettings(dataset=dataset, num_clients=10, min_clients=10, model=model, num_server_rounds=rounds,
+                           local_epochs=1, strategy=strategy, seed=seed, out_dir=str(out_dir), **SETUPS[setup])
+    return settings.replace(**(extra or {}))
 
 
 def run_setup(settings: RunSettings, *, central: bool, cpus: int) -> dict:
@@ -69,12 +73,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--setups", default="central,dirichlet-0.5,dirichlet-0.1,profiles")
     parser.add_argument("--strategy", default="fedavg")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="a RunSettings field for every setup, e.g. server_lr=1.0 (repeatable)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs Ray may use for the simulated sites")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--quick", action="store_true", help="synthetic faces, 2 rounds: checks the script")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     setups = args.setups.split(",")
+    defaults = {f: getattr(RunSettings(), f) for f in RunSettings.__dataclass_fields__}
+    extra = typed_pairs(args.settings, defaults, what="--set", normalise=True)
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
         raise SystemExit(f"--setups: unknown {', '.join(unknown)}; known: {', '.join(SETUPS)}")
@@ -84,12 +92,12 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / "results" / name
     work = Path(tempfile.mkdtemp(prefix="bench-fed-acc-"))
     results: dict = {"dataset": dataset, "model": args.model, "rounds": rounds, "local_epochs": 1, "sites": 10,
-                     "strategy": args.strategy, "seed": args.seed, "cpus": args.cpus,
+                     "strategy": args.strategy, "settings": extra, "seed": args.seed, "cpus": args.cpus,
                      "note": "server accuracy on FER2013 PublicTest after each round (with the recipe's flip "
                              "averaging); same initial model and recipe in every setup", "runs": {}}
     for setup in setups:
         settings = settings_for(setup, dataset=dataset, model=args.model, rounds=rounds, strategy=args.strategy,
-                                seed=args.seed, out_dir=work / setup)
+                                seed=args.seed, out_dir=work / setup, extra=extra)
         results["runs"][setup] = run_setup(settings, central=setup == "central", cpus=args.cpus)
         run = results["runs"][setup]
         print(f"{setup}: final {run['final_accuracy']:.4f}, best {run['best_accuracy']:.4f}, macro-F1 "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from models.recipe import TrainingRecipe
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 PARTITIONS = ("iid", "dirichlet", "pathological", "quantity")
 OPTIMIZERS = ("adam", "sgd", "sgd-nesterov")
@@ -95,7 +95,12 @@ class RunSettings:
     fraction_evaluate: float = 1.0
     min_clients: int = 2
     proximal_mu: float = 0.01
-    server_lr: float = 0.01
+    # Server optimisers (Reddi et al. 2021): fedavgm takes an SGD step of server-lr with server-momentum along the
+    # averaged update; fedadam / fedyogi an adaptive step of server-lr. 0 = the strategy's default (fedavgm 1.0,
+    # fedadam / fedyogi 0.01). With one local epoch a round, FedAvg moves the global model about as far as one
+    # site's epoch does, so momentum buys back most of the steps averaging spends (docs/benchmarks.md).
+    server_lr: float = 0.0
+    server_momentum: float = 0.9
     trimmed_beta: float = 0.2
     krum_malicious: int = 0
     max_update_norm: float = 100.0
@@ -198,6 +203,9 @@ class RunSettings:
             raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         if not 0 <= self.local_test_fraction < 1:
             raise ConfigError(f"local-test-fraction must be in [0, 1), got {self.local_test_fraction}")
+        if self.server_lr < 0 or not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"server-lr must be >= 0 (0 = the strategy's default) and server-momentum in [0, 1), "
+                              f"got {self.server_lr} and {self.server_momentum}")
         if not 0 <= self.trimmed_beta < 0.5:
             raise ConfigError(f"trimmed-beta must be in [0, 0.5), got {self.trimmed_beta}")
         if self.dp_epsilon < 0 or not 0 < self.dp_delta < 1:

@@ -138,6 +138,7 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
         options={
             "proximal_mu": settings.proximal_mu,
             "server_lr": settings.server_lr,
+            "server_momentum": settings.server_momentum,
             "trimmed_beta": settings.trimmed_beta,
             "krum_malicious": settings.krum_malicious,
         },

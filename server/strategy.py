@@ -31,7 +31,7 @@ from flwr.common import (
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from privacy.central import CentralDP, add_central_noise
 from privacy.guard import guard_update, scale_update, update_norm
@@ -77,7 +77,8 @@ def create_strategy(name: str, *, common: dict[str, Any], options: dict[str, Any
     Args:
         name: registry name, e.g. "fedavg".
         common: keyword arguments every Flower strategy takes (fractions, minimum clients, initial parameters).
-        options: strategy-specific knobs (`proximal_mu`, `server_lr`, `trimmed_beta`, `krum_malicious`).
+        options: strategy-specific knobs (`proximal_mu`, `server_lr`, `server_momentum`, `trimmed_beta`,
+            `krum_malicious`).
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
@@ -92,6 +93,12 @@ def _fedavg(*, common: dict, **_: Any) -> Strategy:
     return FedAvg(**common)
 
 
+@register_strategy("fedavgm")
+def _fedavgm(*, common: dict, server_lr: float, server_momentum: float = 0.9, **_: Any) -> Strategy:
+    # Hsu et al. 2019: SGD with momentum on the server, the averaged update taken as the negative gradient.
+    return FedAvgM(**common, server_learning_rate=server_lr or 1.0, server_momentum=server_momentum)
+
+
 @register_strategy("fedprox")
 def _fedprox(*, common: dict, proximal_mu: float, **_: Any) -> Strategy:
     return FedProx(**common, proximal_mu=proximal_mu)
@@ -100,7 +107,15 @@ def _fedprox(*, common: dict, proximal_mu: float, **_: Any) -> Strategy:
 @register_strategy("fedadam")
 def _fedadam(*, common: dict, server_lr: float, **_: Any) -> Strategy:
     # eta_l is only used by Flower to log; the client's own lr drives local training.
+    server_lr = server_lr or 0.01
     return FedAdam(**common, eta=server_lr, eta_l=server_lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
+
+
+@register_strategy("fedyogi")
+def _fedyogi(*, common: dict, server_lr: float, **_: Any) -> Strategy:
+    # Reddi et al. 2021: Adam's second moment grows additively (sign of v - g^2), so it adapts more gently.
+    server_lr = server_lr or 0.01
+    return FedYogi(**common, eta=server_lr, eta_l=server_lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
 
 
 @register_strategy("fedmedian")

@@ -132,7 +132,10 @@ def test_undecodable_bytes_are_rejected_not_unpickled():
     assert "undecodable" in guard.report(1).rejected[0]["reason"]
 
 
-@pytest.mark.parametrize("name", [name for name in list_strategies() if name != "fedadam"])
+SERVER_OPTIMISERS = ("fedadam", "fedavgm", "fedyogi")  # their step depends on the server lr, not just the average
+
+
+@pytest.mark.parametrize("name", [name for name in list_strategies() if name not in SERVER_OPTIMISERS])
 def test_every_strategy_aggregates_identical_updates_to_that_update(name):
     """Identical accepted deltas must give global + delta under every registered averaging rule."""
     guard = _make_guard(name)
@@ -153,9 +156,39 @@ def test_fedadam_steps_from_its_initial_weights_towards_identical_updates():
     assert all(np.all((a > 0) & (a < 1.5)) for a in parameters_to_ndarrays(parameters))
 
 
+def test_fedavgm_matches_sgd_with_momentum_on_the_averaged_update():
+    """FedAvgM's two rounds equal heavy-ball SGD on the negated average delta, computed here independently."""
+    lr, momentum = 0.5, 0.9
+    guard = _make_guard("fedavgm", server_lr=lr, server_momentum=momentum)
+    guard._global = [np.zeros(s, np.float32) for s in SHAPES]  # the strategy's own initial weights
+    weights = np.zeros(1)
+    velocity = None
+    for server_round, deltas in ((1, (0.2, 0.6)), (2, (-0.1, 0.3))):
+        results = [(_Proxy(str(i)), _make_fitres(_make_delta(d), num_examples=n, client=f"c{i}"))
+                   for i, (d, n) in enumerate(zip(deltas, (10, 30)))]
+
+        parameters, _ = guard.aggregate_fit(server_round, results, [])
+
+        gradient = -(deltas[0] * 10 + deltas[1] * 30) / 40
+        velocity = gradient if velocity is None else momentum * velocity + gradient
+        weights = weights - lr * velocity
+        got = parameters_to_ndarrays(parameters)
+        assert all(np.allclose(a, weights[0], atol=1e-6) for a in got)
+        guard._global = got
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_lr_zero_takes_the_strategys_default(name):
+    """server-lr 0 gives the adaptive optimisers their 0.01 step, the one RunSettings documents."""
+    initial = ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES])
+    strategy = create_strategy(name, common={"initial_parameters": initial}, options={"server_lr": 0.0})
+
+    assert strategy.eta == pytest.approx(0.01)
+
+
 def test_unknown_strategy_lists_known_ones():
     """create_strategy names the known strategies when given an unknown one."""
-    with pytest.raises(ValueError, match="known: fedadam, fedavg"):
+    with pytest.raises(ValueError, match="known: fedadam, fedavg, fedavgm"):
         create_strategy("fedsgd", common={}, options={})
 
 

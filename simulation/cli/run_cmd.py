@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import click
 import typer
 
-from client.config import ConfigError, RunSettings
+from client.config import STRATEGIES, ConfigError, RunSettings
 from client.data.formats import DatasetError
 from client.cli.runner import option_group
 from privacy.cli_options import PrivacyOptions
@@ -74,9 +74,13 @@ def _make_command(mode: str):
         ] = None,
         batch_size: Annotated[IntOpt, typer.Option(help="Local batch size.")] = None,
         strategy: Annotated[
-            StrOpt, typer.Option(help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum.")
+            StrOpt, typer.Option(help=" | ".join(STRATEGIES) + ".")
         ] = None,
         proximal_mu: Annotated[FloatOpt, typer.Option(help="FedProx μ.")] = None,
+        server_lr: Annotated[
+            FloatOpt, typer.Option(help="Server learning rate of fedavgm / fedadam / fedyogi (0 = the strategy's).")
+        ] = None,
+        server_momentum: Annotated[FloatOpt, typer.Option(help="fedavgm's server momentum.")] = None,
         fraction_fit: Annotated[FloatOpt, typer.Option(help="Fraction of clients trained per round.")] = None,
         fraction_evaluate: Annotated[FloatOpt, typer.Option(help="Fraction of clients evaluating per round.")] = None,
         seed: Annotated[IntOpt, typer.Option(help="The same seed gives the same metrics on CPU.")] = None,
@@ -122,6 +126,8 @@ def _make_command(mode: str):
             "batch-size": batch_size,
             "strategy": strategy,
             "proximal-mu": proximal_mu,
+            "server-lr": server_lr,
+            "server-momentum": server_momentum,
             "fraction-fit": fraction_fit,
             "fraction-evaluate": fraction_evaluate,
             "seed": seed,
