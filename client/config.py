@@ -38,7 +38,7 @@ DP_TRAIN_MODES = ("all", "head", "last")
 ATTACKS = ("scale", "sign-flip", "lie-count", "noise", "label-flip")
 # Run-config keys whose values must be positive.
 _POSITIVE = ("num-clients", "num-server-rounds", "local-epochs", "batch-size", "dp-lr", "dp-batch-size", "alpha",
-             "public-epochs",
+             "public-epochs", "aug-mult",
              "image-size", "max-update-norm", "max-examples", "min-clients")
 
 
@@ -123,6 +123,10 @@ class RunSettings:
     # Which parameters train under DP-SGD (models.finetune): all | head (the classifier) | last (the model's last
     # block and its head). The rest are frozen before Opacus wraps the model: no gradient, no noise, sent unchanged.
     dp_train: str = "all"
+    # Augmentation multiplicity (De et al. 2022): DP-SGD averages the gradients of this many augmented views of
+    # each sample before clipping it, so the clipped signal is less noisy for the same epsilon (the bound is still
+    # one sample's). Costs K forward/backward rows per sample; needs a model with the book-keeping DP engine.
+    aug_mult: int = 1
     accountant: str = "rdp"
     secure_agg: bool = False
     secagg_shares: int = 3
@@ -190,6 +194,10 @@ class RunSettings:
         if self.dp_train != "all" and not self.dp_enabled:
             # Non-private training trains every parameter; accepting the key would claim a fine-tuning that never ran.
             raise ConfigError(f"dp-train {self.dp_train!r} chooses what DP-SGD trains: it needs dp-epsilon > 0")
+        if self.aug_mult != 1 and not self.dp_enabled:
+            # Without clipping there is nothing to average before; K views would only cost K times the compute.
+            raise ConfigError(f"aug-mult {self.aug_mult} averages views before DP-SGD's clipping: it needs "
+                              "dp-epsilon > 0")
         if not 0 <= self.public_fraction < 1:
             raise ConfigError(f"public-fraction must be in [0, 1) (0 = no public pretraining), got {self.public_fraction}")
         _choice("attack", self.attack, ATTACKS)

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.config import RunSettings
+from client.config import ConfigError, RunSettings
 from privacy.atomic import atomic_write
 from privacy.ledger import LedgerError, PrivacyLedger, generate_key_file
 
@@ -169,3 +169,22 @@ def open_dp_client(
         local_epochs=local_epochs,
         planned_rounds=settings.num_server_rounds,
     )
+
+
+def check_model_dp_options(settings: RunSettings) -> None:
+    """Refuses, in one line naming the key, DP options the run's model cannot train with (checked where a run
+    starts, before anything is written, instead of failing every site's every round).
+
+    aug-mult > 1 needs the book-keeping engine: it alone averages a sample's views before clipping (Opacus's
+    engines would clip every view as a sample of its own, a K-times weaker bound than the accountant assumes).
+    """
+    if settings.aug_mult == 1:
+        return
+    from models import model_info  # torch: imported only when a check needs it
+
+    engine = model_info(settings.model)["dp_engine"]
+    if engine != "bk":
+        raise ConfigError(f"aug-mult {settings.aug_mult} needs a model with the book-keeping DP engine; "
+                          f"{settings.model} uses {engine!r}")
+    if settings.augment == "none":
+        raise ConfigError(f"aug-mult {settings.aug_mult} averages augmented views: augment 'none' gives K copies")

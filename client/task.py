@@ -146,12 +146,18 @@ def train(
         raise ValueError("proximal_mu > 0 needs the reference (global) parameters")
     criterion = criterion or nn.CrossEntropyLoss()
     model.train()
-    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    total_loss, correct, seen, samples, steps = 0.0, 0, 0, 0, 0
     params = [p for p in model.parameters() if p.requires_grad]
     total_steps = max(1, epochs * len(loader)) if lr_at is not None else 1
     for _ in range(epochs):
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
+            samples += len(labels)
+            if images.dim() == 5:
+                # K augmented views per sample (augmentation multiplicity): rows b*K .. b*K+K-1 are sample b, the
+                # layout privacy.bookkeeping averages per sample before clipping.
+                views = images.shape[1]
+                images, labels = images.flatten(0, 1), labels.repeat_interleave(views)
             if lr_at is not None:
                 lr = lr_at(min(steps / total_steps, 1.0))
                 for group in optimizer.param_groups:
@@ -169,10 +175,10 @@ def train(
                 continue
             total_loss += float(loss.detach()) * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
-            seen += len(labels)
+            seen += len(labels)  # rows: K per sample under augmentation multiplicity
     if seen == 0:
         return TrainResult(loss=float("nan"), accuracy=0.0, num_examples=0, steps=steps)
-    return TrainResult(loss=total_loss / seen, accuracy=correct / seen, num_examples=seen, steps=steps)
+    return TrainResult(loss=total_loss / seen, accuracy=correct / seen, num_examples=samples, steps=steps)
 
 
 @torch.no_grad()

@@ -90,7 +90,8 @@ class FerClient(NumPyClient):
             # DP-SGD keeps its own recipe (dp-optimizer, a constant dp-lr, the light augmentation, which runs in
             # the data loader, before per-sample clipping); the model's recipe is for non-private training.
             augment = make_augment(self.settings.augment if self.settings.augment != RECIPE else "light")
-            dataset = FERTorchDataset(data.train_images, data.train_labels, augment=augment, seed=seed)
+            dataset = FERTorchDataset(data.train_images, data.train_labels, augment=augment, seed=seed,
+                                      views=self.settings.aug_mult)
             # dp-train: what is not trained is frozen before the optimiser and Opacus see the model, so it gets
             # no gradient and no noise and goes back unchanged (a zero delta).
             size = self.settings.image_size
@@ -157,7 +158,7 @@ class FerClient(NumPyClient):
         plan = dp.begin_round(server_round=server_round)
         private = dp.make_private(
             model=model, optimizer=optimizer, dataset=dataset, plan=plan,
-            grad_sample_mode=model_info(self.settings.model)["dp_engine"],
+            grad_sample_mode=model_info(self.settings.model)["dp_engine"], views=self.settings.aug_mult,
         )
         result = task.train(
             private.model, private.loader, epochs=plan.local_epochs, optimizer=private.optimizer,

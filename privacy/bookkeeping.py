@@ -93,18 +93,26 @@ class BookKeepingModule(nn.Module):
     Args:
         module: The model (no BatchNorm: every sample's gradient must depend on that sample only).
         max_grad_norm: The per-sample clipping norm C.
+        views: Augmentation multiplicity K (De et al. 2022, "Unlocking high-accuracy differentially private image
+            classification through scale"): the batch holds K consecutive augmented views of each sample (rows
+            b*K .. b*K+K-1 are sample b), and a sample's gradient is the MEAN of its views' gradients, clipped as
+            one. The clipping bound, and so the sensitivity the accountant assumes, stay those of one sample; the
+            K views only lower the variance of what is clipped.
     """
 
-    def __init__(self, module: nn.Module, *, max_grad_norm: float) -> None:
+    def __init__(self, module: nn.Module, *, max_grad_norm: float, views: int = 1) -> None:
         super().__init__()
         if max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be a positive integer, got {views!r}")
         unsupported = _layers_without_a_rule(module)
         if unsupported:
             raise ValueError(f"book-keeping clipping has no per-sample rule for: {', '.join(unsupported)}")
         release_bookkeeping_hooks(module)
         self._module = module
         self.max_grad_norm = float(max_grad_norm)
+        self.views = views
         self.per_sample_gradient_norms: torch.Tensor | None = None
         self._layers = {layer: _LayerState() for layer in _trainable_layers(module)}
         self._frozen: list[nn.Parameter] = []
@@ -175,17 +183,20 @@ class BookKeepingModule(nn.Module):
         """Backpropagates ``loss_per_sample`` once and sets each parameter's ``.grad`` to the clipped sum.
 
         Args:
-            loss_per_sample: Shape (B,), the per-sample losses of the last forward pass.
+            loss_per_sample: Shape (B*K,), the per-row losses of the last forward pass (K = ``views``).
 
         Returns:
-            The per-sample gradient norms before clipping, shape (B,).
+            The per-sample gradient norms before clipping (of the mean over a sample's views), shape (B,).
         """
         try:
             if loss_per_sample.requires_grad:
                 loss_per_sample.sum().backward()
         finally:
             self._thaw()
-        batch = loss_per_sample.shape[0]
+        rows = loss_per_sample.shape[0]
+        if rows % self.views:
+            self._fail_closed([], reason=f"{rows} rows are not whole groups of {self.views} views")
+        batch = rows // self.views
         if batch == 0:
             # An empty Poisson batch: the clipped sum is zero (Opacus's samplers mis-shape empty inputs).
             for layer, state in self._layers.items():
@@ -205,11 +216,16 @@ class BookKeepingModule(nn.Module):
                 if _own_parameters(layer):
                     unrecorded.append(type(layer).__name__)
                 continue
-            if type(layer) is nn.Linear and len(records) == 1 and records[0].activation.dim() == 2:
+            if (type(layer) is nn.Linear and len(records) == 1 and records[0].activation.dim() == 2
+                    and self.views == 1):
                 norms_sq += _linear_flat_norm_sq(layer, records[0])
                 pending.append((layer, records, None))
             else:
                 per_sample = _per_sample_gradients(layer, records)
+                if self.views > 1:
+                    # A sample's gradient is the mean over its views: the mean of each (B, K, ...) group.
+                    per_sample = {param: grad.reshape(batch, self.views, *grad.shape[1:]).mean(1)
+                                  for param, grad in per_sample.items()}
                 for grad in per_sample.values():
                     norms_sq += grad.reshape(batch, -1).pow(2).sum(1)
                 pending.append((layer, records, per_sample))
@@ -231,12 +247,14 @@ class BookKeepingModule(nn.Module):
         return self.per_sample_gradient_norms
 
 
-    def _fail_closed(self, unrecorded: list[str]) -> None:
+    def _fail_closed(self, unrecorded: list[str], *, reason: str | None = None) -> None:
         for state in self._layers.values():
             state.records.clear()
         for param in self._module.parameters():
             param.grad = None
         self.per_sample_gradient_norms = None
+        if reason is not None:
+            raise ValueError(f"book-keeping clipping: {reason}; refusing to clip a mixed batch")
         raise UnrecordedGradientError(
             f"no per-sample contribution was recorded for trainable layer(s) {', '.join(sorted(set(unrecorded)))} "
             "in this step (a parameter used outside its layer's forward, hooks removed, or an output that never "

@@ -40,6 +40,10 @@ class PrivacyOptions:
         str | None, _option("Which parameters DP-SGD trains: all (default) | head (the classifier) | last (the "
                             "last block and the head); the rest stay frozen: no gradient, no noise.")
     ] = None
+    aug_mult: Annotated[
+        int | None, _option("Augmentation multiplicity K: DP-SGD clips the mean gradient of K augmented views of "
+                            "each sample (1 = off).")
+    ] = None
     secure_agg: Annotated[bool | None, _option("Flower's SecAgg+: the server sees only the sum.")] = None
     secagg_shares: Annotated[int | None, _option("SecAgg+ secret shares per client (> 2).")] = None
     secagg_threshold: Annotated[

@@ -309,6 +309,7 @@ class DPClient:
         criterion: Any = None,
         grad_sample_mode: str = "hooks",
         num_workers: int = 0,
+        views: int = 1,
     ) -> PrivateTraining:
         """Wraps one round's model, optimizer and data for DP-SGD under a charged plan.
 
@@ -322,6 +323,9 @@ class DPClient:
             grad_sample_mode: Per-sample-gradient engine: Opacus's ``"hooks"`` (default), ``"functorch"``
                 or ``"ghost"`` (ghost clipping: less memory), or ``"bk"`` (book-keeping clipping, one backward
                 pass: see :mod:`privacy.bookkeeping`). Ghost and bk need the returned criterion.
+            views: Augmentation multiplicity K: ``dataset`` yields K augmented views per item (K, C, H, W) and
+                each sample's gradient is the mean over its views before clipping. Only ``"bk"`` can average
+                before clipping; Opacus's engines would clip every view as a sample of its own.
             num_workers: DataLoader worker processes.
 
         Returns:
@@ -342,6 +346,9 @@ class DPClient:
             raise ValueError(f"dataset has {len(dataset)} items, the plan was charged for {self._dataset_size}")
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {grad_sample_mode!r}")
+        if views != 1 and grad_sample_mode != "bk":
+            raise ValueError(f"augmentation multiplicity (views={views}) needs grad_sample_mode 'bk', got "
+                             f"{grad_sample_mode!r}: it would clip each view as a sample of its own")
         parameters = {id(p) for p in model.parameters()}
         if any(id(p) not in parameters for group in optimizer.param_groups for p in group["params"]):
             raise ValueError("optimizer holds parameters that are not the model's")
@@ -354,7 +361,7 @@ class DPClient:
         _release_stale_hooks(model)
         if grad_sample_mode == "bk":
             # Each backward pass replaces .grad with one batch's clipped sum, so batches cannot accumulate.
-            private_model = BookKeepingModule(model, max_grad_norm=plan.max_grad_norm)
+            private_model = BookKeepingModule(model, max_grad_norm=plan.max_grad_norm, views=views)
         else:
             extra = {"max_grad_norm": plan.max_grad_norm} if grad_sample_mode == "ghost" else {}
             private_model = prepare_module(

@@ -261,3 +261,61 @@ def test_an_unrecorded_parameter_fails_closed_and_nothing_steps(remove_hooks):
     # Assert: the unclipped autograd gradient (norm far above the 0.08 clip) is not left behind, and nothing moved
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# --- augmentation multiplicity ------------------------------------------------------------------------------------
+
+def _views_reference(model: nn.Module, images, labels, *, views: int, max_grad_norm: float):
+    """Clipped sum and norms of each sample's MEAN view gradient, one sample at a time (the definition)."""
+    norms, total = [], [torch.zeros_like(p) for p in model.parameters()]
+    for b in range(len(labels) // views):
+        rows = slice(b * views, (b + 1) * views)
+        model.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(images[rows]), labels[rows], reduction="sum") / views
+        loss.backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        norms.append(norm)
+        factor = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+        for acc, grad in zip(total, grads):
+            acc.add_(factor * grad)
+    model.zero_grad(set_to_none=True)
+    return total, torch.stack(norms)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_augmentation_multiplicity_clips_the_mean_of_each_samples_views(name):
+    """With K views per sample the clipped sum is sum_b min(1, C/||mean_k g_bk||) mean_k g_bk, and every
+    sample's clipped contribution stays within C (the accountant's sensitivity), for every registered model."""
+    # Prepare: 3 samples x 2 views; C at the median norm of the view means so some are clipped and some are not
+    views = 2
+    model = _make_model(name)
+    images, _ = _make_batch(6)
+    labels = torch.tensor([1, 1, 3, 3, 0, 0])
+    _, norms = _views_reference(model, images, labels, views=views, max_grad_norm=1.0)
+    max_grad_norm = float(norms.median())
+    expected, expected_norms = _views_reference(model, images, labels, views=views, max_grad_norm=max_grad_norm)
+
+    # Execute
+    wrapped = BookKeepingModule(model, max_grad_norm=max_grad_norm, views=views)
+    BookKeepingLoss(wrapped, nn.CrossEntropyLoss())(wrapped(images), labels).backward()
+
+    # Assert
+    torch.testing.assert_close(wrapped.per_sample_gradient_norms, expected_norms, rtol=1e-9, atol=1e-12)
+    for param, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(param.grad, want, rtol=1e-8, atol=1e-12)
+    coefficients = (max_grad_norm / (wrapped.per_sample_gradient_norms + 1e-6)).clamp(max=1.0)
+    assert torch.all(coefficients * wrapped.per_sample_gradient_norms <= max_grad_norm * (1 + 1e-9))
+    assert (coefficients < 1).any() and (coefficients == 1).any()
+
+
+def test_a_batch_that_is_not_whole_groups_of_views_is_refused():
+    """Rows that do not split into K views per sample are refused, with no gradient left behind."""
+    model = _make_model()
+    wrapped = BookKeepingModule(model, max_grad_norm=1.0, views=2)
+    images, labels = _make_batch(5)
+
+    with pytest.raises(ValueError, match="not whole groups of 2 views"):
+        BookKeepingLoss(wrapped, nn.CrossEntropyLoss())(wrapped(images), labels).backward()
+
+    assert all(p.grad is None for p in model.parameters())

@@ -469,3 +469,93 @@ def test_each_sample_contributes_at_most_max_grad_norm(tmp_path, mode):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     total_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in clipped_sum)))
     assert total_norm <= (3 * CLIP + sum(norms[3:])) * (1 + 1e-4)
+
+
+# --- augmentation multiplicity ------------------------------------------------------------------------------------
+
+def _make_face_dataset(*, size: int = 60, views: int = 1):
+    """Random 48x48 faces with the light augmentation, K views per item."""
+    from client.data.preprocess import FERTorchDataset, make_augment
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (size, 48, 48), dtype=np.uint8)
+    return FERTorchDataset(images, rng.integers(0, 7, size), augment=make_augment("light"), seed=3, views=views)
+
+
+def test_augmentation_multiplicity_needs_the_bookkeeping_engine(tmp_path):
+    """Opacus's engines would clip each view as a sample: views > 1 with them is refused before anything trains."""
+    client = _make_client(tmp_path)
+    plan = client.begin_round(server_round=1)
+    model = _make_model()
+
+    with pytest.raises(ValueError, match="needs grad_sample_mode 'bk'"):
+        client.make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                            dataset=_make_dataset(), plan=plan, grad_sample_mode="hooks", views=2)
+
+
+def test_augmentation_multiplicity_trains_the_charged_steps_at_the_same_epsilon(tmp_path):
+    """K views per sample change neither the steps nor the epsilon charged: the accountant sees one sample's
+    sensitivity at the same Poisson rate, and task.train reports samples, not rows."""
+    from client import task
+    from models import create_model
+    from tests.model_builds import SMALL_CFG
+
+    spent, examples = {}, {}
+    for views in (1, 3):
+        # Prepare
+        torch.manual_seed(0)
+        client = _make_client(tmp_path / f"k{views}", batch_size=8)
+        plan = client.begin_round(server_round=1)
+        model = create_model("cnn_am", dp=True, **SMALL_CFG["cnn_am"])
+        before = [p.detach().clone() for p in model.parameters()]
+        private = client.make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                      dataset=_make_face_dataset(views=views), plan=plan, grad_sample_mode="bk",
+                                      views=views)
+
+        # Execute
+        result = task.train(private.model, private.loader, epochs=1, optimizer=private.optimizer,
+                            criterion=private.criterion)
+
+        # Assert
+        assert result.steps == plan.steps
+        examples[views] = result.num_examples
+        assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        spent[views] = client.status()["epsilon_spent"]
+    assert spent[3] == pytest.approx(spent[1], rel=1e-12)
+    # 8 Poisson batches of expected size 8 (64 faces, sd 7.6): each face counted once, not once per view (~190 rows)
+    assert 30 < examples[1] < 100 and 30 < examples[3] < 100
+
+
+def test_face_dataset_views_are_distinct_and_reproducible():
+    """An item with K views is K different augmentations, and the same seed gives the same K views."""
+    first, second = _make_face_dataset(views=3), _make_face_dataset(views=3)
+
+    views, label = first[5]
+    again, _ = second[5]
+
+    assert views.shape == (3, 1, 48, 48) and label.dim() == 0
+    assert torch.equal(views, again)
+    assert not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--aug-mult", "2"], "aug-mult 2 averages views before DP-SGD's clipping: it needs dp-epsilon > 0"),
+    (["--aug-mult", "2", "--dp-epsilon", "3", "--model", "dmsnet_light"],
+     "aug-mult 2 needs a model with the book-keeping DP engine; dmsnet_light uses 'hooks'"),
+    (["--aug-mult", "2", "--dp-epsilon", "3", "--augment", "none"], "augment 'none' gives K copies"),
+    (["--aug-mult", "0", "--dp-epsilon", "3"], "aug-mult must be positive"),
+])
+def test_fer_sim_refuses_aug_mult_it_cannot_honour_in_one_line(tmp_path, capsys, options, message):
+    """fer-sim run refuses an aug-mult the run cannot train with, in one line, before a run directory exists."""
+    from client.cli.runner import run_cli
+    from simulation.cli.main import _register, app
+
+    _register()
+    out = tmp_path / "run"
+
+    code = run_cli(app, "fer-sim", ["run", "--dataset", "synthetic=300", "--out", str(out), *options])
+
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(lines) == 1 and lines[0].startswith("fer-sim: error: ") and message in lines[0]
+    assert not out.exists()

@@ -328,10 +328,13 @@ class FERTorchDataset(Dataset):
         labels: integer (N,) labels in the project's label space.
         augment: training augmentation, or None for evaluation.
         seed: seed for the augmentation generators.
+        views: augmentation multiplicity K: an item is K independently augmented views stacked as (K, 1, H, W),
+            for DP-SGD's per-sample mean over views (privacy.bookkeeping.BookKeepingModule, `aug-mult`); 1
+            returns the usual (1, H, W) tensor.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, augment: Augment | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, views: int = 1) -> None:
         images = np.asarray(images)
         labels = np.asarray(labels)
         if images.dtype != np.uint8 or images.ndim != 3:
@@ -340,10 +343,14 @@ class FERTorchDataset(Dataset):
             raise ValueError(f"expected {len(images)} integer labels, got {labels.dtype} {labels.shape}")
         if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
             raise ValueError(f"labels must lie in 0..{NUM_CLASSES - 1}, got {labels.min()}..{labels.max()}")
+        if views < 1 or (views > 1 and augment is None):
+            raise ValueError(f"views must be 1, or more than 1 with an augment (K copies of one face add nothing); "
+                             f"got {views}")
         self.images = images
         self.labels = labels.astype(np.int64)
         self.augment = augment
         self.seed = seed
+        self.views = views
         self._draws = np.zeros(len(images), dtype=np.int64)
 
     def __len__(self) -> int:
@@ -354,10 +361,16 @@ class FERTorchDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         index %= len(self)
+        label = torch.tensor(self.labels[index], dtype=torch.int64)
+        if self.views > 1:
+            return torch.stack([self._view(index) for _ in range(self.views)]), label
+        return self._view(index), label
+
+    def _view(self, index: int) -> torch.Tensor:
+        """Item `index` as a standardised (1, H, W) tensor, augmented afresh on every call when there is an augment."""
         image = self.images[index]
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, index, int(self._draws[index])))
             self._draws[index] += 1
             image = self.augment(image, rng)
-        tensor = torch.from_numpy(standardize(image[None])[0])
-        return tensor, torch.tensor(self.labels[index], dtype=torch.int64)
+        return torch.from_numpy(standardize(image[None])[0])

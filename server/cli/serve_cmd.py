@@ -95,6 +95,7 @@ def start(
 ) -> None:
     """Start the SuperLink and run the federation to its last round, writing the run directory."""
     from client.config import ConfigError, RunSettings, read_run_config_file
+    from client.dp_training import check_model_dp_options
     from server.rundir import check_new_run_dir
 
     out = (out or Path("runs") / time.strftime("server-%Y%m%d-%H%M%S")).resolve()
@@ -118,6 +119,7 @@ def start(
             from server.init_model import with_init_model
 
             settings = with_init_model(settings, model_given="model" in run_config)
+        check_model_dp_options(settings)
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
     launch(settings=settings, listen=listen)

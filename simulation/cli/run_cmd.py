@@ -162,6 +162,7 @@ def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = F
     """Runs a simulation or its baseline with a per-round progress bar; user mistakes become one-line errors."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from client.dp_training import check_model_dp_options
     from models import list_models
     from server.records import format_round
     from server.rundir import RunDirectory
@@ -175,6 +176,10 @@ def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = F
         raise click.ClickException("fer-sim centralized has no sites to make hostile; drop --attackers")
     if settings.model not in list_models():
         raise click.ClickException(f"--model {settings.model!r} is unknown; known: {', '.join(list_models())}")
+    try:
+        check_model_dp_options(settings)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
     fresh = not Path(settings.out_dir).exists()
     try:
         run_dir = RunDirectory(settings.out_dir)
