@@ -30,12 +30,14 @@ def _make_batch(size: int = 4, *, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     return images, torch.randint(0, NUM_CLASSES, (size,), generator=generator)
 
 
-def _per_sample_reference(model: nn.Module, images, labels, *, max_grad_norm: float):
-    """Clipped sum and norms from one sample at a time: the definition, computed independently."""
+def _per_sample_reference(model: nn.Module, images, labels, *, max_grad_norm: float, views: int = 1):
+    """Clipped sum and norms from one sample at a time: the definition, computed independently. With `views` K,
+    rows b*K .. b*K+K-1 are sample b and its gradient is the mean of theirs (augmentation multiplicity)."""
     norms, total = [], [torch.zeros_like(p) for p in model.parameters()]
-    for i in range(len(labels)):
+    for b in range(len(labels) // views):
+        rows = slice(b * views, (b + 1) * views)
         model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(images[i : i + 1]), labels[i : i + 1], reduction="sum").backward()
+        (nn.functional.cross_entropy(model(images[rows]), labels[rows], reduction="sum") / views).backward()
         grads = [p.grad.detach().clone() for p in model.parameters()]
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         norms.append(norm)
@@ -265,24 +267,6 @@ def test_an_unrecorded_parameter_fails_closed_and_nothing_steps(remove_hooks):
 
 # --- augmentation multiplicity ------------------------------------------------------------------------------------
 
-def _views_reference(model: nn.Module, images, labels, *, views: int, max_grad_norm: float):
-    """Clipped sum and norms of each sample's MEAN view gradient, one sample at a time (the definition)."""
-    norms, total = [], [torch.zeros_like(p) for p in model.parameters()]
-    for b in range(len(labels) // views):
-        rows = slice(b * views, (b + 1) * views)
-        model.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(images[rows]), labels[rows], reduction="sum") / views
-        loss.backward()
-        grads = [p.grad.detach().clone() for p in model.parameters()]
-        norm = torch.sqrt(sum((g**2).sum() for g in grads))
-        norms.append(norm)
-        factor = min(1.0, max_grad_norm / (float(norm) + 1e-6))
-        for acc, grad in zip(total, grads):
-            acc.add_(factor * grad)
-    model.zero_grad(set_to_none=True)
-    return total, torch.stack(norms)
-
-
 @pytest.mark.parametrize("name", list_models())
 def test_augmentation_multiplicity_clips_the_mean_of_each_samples_views(name):
     """With K views per sample the clipped sum is sum_b min(1, C/||mean_k g_bk||) mean_k g_bk, and every
@@ -292,9 +276,10 @@ def test_augmentation_multiplicity_clips_the_mean_of_each_samples_views(name):
     model = _make_model(name)
     images, _ = _make_batch(6)
     labels = torch.tensor([1, 1, 3, 3, 0, 0])
-    _, norms = _views_reference(model, images, labels, views=views, max_grad_norm=1.0)
+    _, norms = _per_sample_reference(model, images, labels, views=views, max_grad_norm=1.0)
     max_grad_norm = float(norms.median())
-    expected, expected_norms = _views_reference(model, images, labels, views=views, max_grad_norm=max_grad_norm)
+    expected, expected_norms = _per_sample_reference(model, images, labels, views=views,
+                                                             max_grad_norm=max_grad_norm)
 
     # Execute
     wrapped = BookKeepingModule(model, max_grad_norm=max_grad_norm, views=views)
