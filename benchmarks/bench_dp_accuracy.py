@@ -59,7 +59,7 @@ def _federate(settings: RunSettings) -> dict:
     }
     if rounds:
         entry["accuracy_per_round"] = [r["server"]["accuracy"] for r in rounds]
-    if privacy:
+    if privacy and privacy.get("clients"):  # a non-private run with public pretraining reports no site
         clients = privacy["clients"]
         entry["epsilon_spent_max"] = max(c["epsilon_spent"] for c in clients)
         entry["noise_multiplier"] = sorted({round(c["noise_multiplier"], 4) for c in clients})
