@@ -92,6 +92,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-dp-acc-"))
     defaults = {f: getattr(RunSettings(), f) for f in RunSettings.__dataclass_fields__}
     extra = typed_pairs(args.settings, defaults, what="--set", normalise=True)
+    if args.quick:
+        extra.setdefault("dp_batch_size", 32)  # --quick's sites hold ~100 faces, fewer than the expected batch of 128
     techniques = {}
     for spec in args.technique:
         label, _, pairs = spec.partition(":")

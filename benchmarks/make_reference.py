@@ -6,10 +6,12 @@
         --bench benchmarks/results/bench_accuracy_fer_vgg.json --name fer_vgg@fer2013
 
 Writes models/weights/NAME.safetensors and NAME.json (the ModelCard plus a "reference" block whose every figure is
-copied from the benchmark's JSON: recipe, epochs, minutes, validation and PublicTest scores per class). Only the
-GroupNorm build (`--norm gn`) with the architecture's default options is accepted, because that is the build a
-federation trains, so the weights can start one (`--init-model NAME`). `--as-model` files the weights under a
-registered variant with the same layers (a `--cfg depth=5` CNN-AM run as `cnn_am_deep`).
+copied from the benchmark's JSON: recipe, epochs, minutes, validation and PublicTest scores per class). The
+architecture's default options are required. The GroupNorm build (`--norm gn`) is the build a federation trains,
+so its weights can start one (`--init-model NAME`); a BatchNorm build (`--norm bn`) is for inference only (the
+bedside default when it scores best) and its name must say so: `MODEL@DATASET-bn` (`fer_vgg@fer2013-bn`), which
+`--init-model` refuses. `--as-model` files the weights under a registered variant with the same layers (a
+`--cfg depth=5` CNN-AM run as `cnn_am_deep`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from models import create_model  # noqa: E402
 from models.card import ModelCard  # noqa: E402
 from models.files import load_model  # noqa: E402
 from models.reference import (  # noqa: E402
+    BN_SUFFIX,
     FER2013_TERMS,
     SAFETENSORS_FORMAT,
     WEIGHTS_DIR,
@@ -61,18 +64,22 @@ def main() -> None:
     bench = json.loads(args.bench.read_text())
     state, saved = load_model(args.saved / "model.pt")
     architecture = args.as_model or saved.name
-    if bench["model"] != saved.name or bench["norm"] != "gn" or bench.get("quick"):
-        raise SystemExit(f"{args.bench}: not the full GroupNorm run of {saved.name} (model {bench['model']}, norm "
+    if bench["model"] != saved.name or bench["norm"] not in ("gn", "bn") or bench.get("quick"):
+        raise SystemExit(f"{args.bench}: not a full run of {saved.name} (model {bench['model']}, norm "
                          f"{bench['norm']}, quick {bench.get('quick')})")
     if not args.name.startswith(architecture + "@"):
         raise SystemExit(f"--name {args.name}: must start with the architecture, {architecture}@")
-    model = create_model(architecture, dp=True)
-    model.load_state_dict(state)  # the weights fit the default GroupNorm build of `architecture`
+    federated_build = bench["norm"] == "gn"
+    if federated_build == args.name.endswith(BN_SUFFIX):
+        raise SystemExit(f"--name {args.name}: a {bench['norm']} build's name "
+                         f"{'must not end' if federated_build else 'must end'} with {BN_SUFFIX}")
+    model = create_model(architecture, dp=federated_build)
+    model.load_state_dict(state)  # the weights fit the default build of `architecture` with this norm
 
     from safetensors.torch import save as save_safetensors
 
     payload = save_safetensors({key: value.detach().contiguous() for key, value in model.state_dict().items()})
-    card = ModelCard(name=architecture, round=0, classes=tuple(EMOTIONS), cfg={"dp": True},
+    card = ModelCard(name=architecture, round=0, classes=tuple(EMOTIONS), cfg={"dp": federated_build},
                      sha256=hashlib.sha256(payload).hexdigest(), image_size=48, dataset="fer2013",
                      format=SAFETENSORS_FORMAT)
     threads = bench["threads"]
@@ -83,7 +90,7 @@ def main() -> None:
         hardware=f"2-core AMD EPYC CPU, {threads} torch thread{'s' if threads > 1 else ''}, no GPU",
         validation=split_score(bench["val"]), public_test=split_score(bench["public_test"]),
         input_format=INPUT_FORMAT, terms=FER2013_TERMS,
-        benchmark=(f"benchmarks/bench_accuracy.py --model {bench['model']} --norm gn --threads {threads} "
+        benchmark=(f"benchmarks/bench_accuracy.py --model {bench['model']} --norm {bench['norm']} --threads {threads} "
                    + " ".join(f"--cfg {k}={v}" for k, v in (bench.get("cfg") or {}).items())).strip(),
     )
     WEIGHTS_DIR.mkdir(exist_ok=True)

@@ -1,6 +1,8 @@
 """Reference weights shipped inside the package: models this project trained on FER2013's training split.
 
-A reference is named `MODEL@DATASET` (`fer_vgg@fer2013`) and lives in `models/weights/` as two files:
+A reference is named `MODEL@DATASET` (`fer_vgg@fer2013`) and lives in `models/weights/` as two files (a name
+ending in `-bn`, `fer_vgg@fer2013-bn`, is the BatchNorm build: for inference only, since federations train the
+GroupNorm build and `--init-model` refuses it):
 
     MODEL@DATASET.safetensors   the state_dict (safetensors: tensors only, nothing to unpickle)
     MODEL@DATASET.json          its ModelCard (what models.files.load_model reads: architecture, options, sha256)
@@ -27,6 +29,7 @@ FER2013_TERMS = (
     "FER2013 (ICML 2013 representation-learning challenge) is distributed for research use only, with no licence "
     "file; weights trained on it inherit that restriction: research and evaluation, not clinical decisions."
 )
+BN_SUFFIX = "-bn"  # names the BatchNorm build of a reference (inference only)
 _NAME = re.compile(r"^(?P<model>[a-z][a-z0-9_]*)@(?P<data>[a-z0-9][a-z0-9_-]*)$")
 
 

@@ -28,7 +28,9 @@ from simulation.cli.demo_cmd import DEMO_SETTINGS
 from simulation.cli.evaluate_cmd import evaluate_saved_model
 
 FER2013 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013"
-SHIPPED = ["cnn_am_deep@fer2013", "fer_vgg@fer2013"]
+FEDERATED_BUILDS = ["cnn_am_deep@fer2013", "fer_vgg@fer2013"]
+BATCHNORM_BUILDS = ["fer_vgg@fer2013-bn"]
+SHIPPED = FEDERATED_BUILDS + BATCHNORM_BUILDS
 FER_VGG = "fer_vgg@fer2013"
 needs_fer2013 = pytest.mark.skipif(not (FER2013 / "test").is_dir(), reason="the real FER2013 folder is not here")
 
@@ -52,7 +54,7 @@ def test_the_reference_weights_are_shipped():
     assert best_reference() in list_references()
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", FEDERATED_BUILDS)
 def test_a_reference_loads_by_name_into_the_federations_build(name):
     """`load_model(NAME)` reads the shipped safetensors, checks its sha256 and fits the default GroupNorm build."""
     # Execute
@@ -63,6 +65,20 @@ def test_a_reference_loads_by_name_into_the_federations_build(name):
     model.load_state_dict(state)  # strict: every key and shape fits
     assert card.name == name.split("@")[0] and card.format == "safetensors" and card.cfg == {"dp": True}
     assert all(torch.isfinite(t.float()).all() for t in state.values())
+
+
+@pytest.mark.parametrize("name", BATCHNORM_BUILDS)
+def test_a_batchnorm_reference_loads_for_inference_and_cannot_start_a_federation(name):
+    """A `-bn` reference fits the BatchNorm build (for the edge), and --init-model refuses it in one line."""
+    # Execute
+    state, card = load_model(name)
+
+    # Assert
+    model = create_model(card.name, dp=False)
+    model.load_state_dict(state)  # strict: the BatchNorm build, running statistics included
+    assert card.cfg == {"dp": False} and any(key.endswith("running_var") for key in state)
+    with pytest.raises(ConfigError, match=f"init-model {name} was trained with the BatchNorm build"):
+        with_init_model(RunSettings(init_model=name), model_given=False)
 
 
 def test_a_tampered_reference_is_refused(tmp_path):
