@@ -60,8 +60,14 @@ def stratified_slice(labels: np.ndarray, *, n: int, seed: int) -> np.ndarray:
 
 def parse_recipe(base, pairs: list[str]):
     """The recipe with each KEY=VALUE of `--recipe` applied (values take the type of the field they replace)."""
+    return dataclasses.replace(base, **field_pairs(pairs, base, what="--recipe"))
+
+
+def field_pairs(pairs: list[str], base, *, what: str) -> dict:
+    """KEY=VALUE pairs naming fields of the dataclass instance `base` (kebab- or snake-case), typed like them;
+    the other benchmarks' `--set` takes RunSettings fields this way."""
     fields = {name: getattr(base, name) for name in base.__dataclass_fields__}
-    return dataclasses.replace(base, **typed_pairs(pairs, fields, what="--recipe", normalise=True))
+    return typed_pairs(pairs, fields, what=what, normalise=True)
 
 
 def parse_cfg(model: str, pairs: list[str]) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_accuracy import typed_pairs  # noqa: E402  (benchmarks/ is the script's own folder on sys.path)
+from bench_accuracy import field_pairs  # noqa: E402  (benchmarks/ is the script's own folder on sys.path)
 from client.config import RunSettings  # noqa: E402
 from privacy.accounting import calibrate_noise_multiplier, central_epsilon  # noqa: E402
 from privacy.atomic import atomic_write  # noqa: E402
@@ -66,8 +66,7 @@ def main() -> None:
     dataset = "synthetic=3000" if args.quick else f"fer2013={args.data}"
     rounds = 2 if args.quick else args.rounds
     per_round = max(1, round(args.sites * args.fraction))
-    defaults = {f: getattr(RunSettings(), f) for f in RunSettings.__dataclass_fields__}
-    extra = typed_pairs(args.settings, defaults, what="--set", normalise=True)
+    extra = field_pairs(args.settings, RunSettings(), what="--set")
     work = Path(tempfile.mkdtemp(prefix="bench-central-dp-"))
     base = RunSettings(dataset=dataset, num_clients=args.sites, min_clients=per_round, fraction_fit=args.fraction,
                        fraction_evaluate=0.0, partition="dirichlet", alpha=0.5, model=args.model,

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 # The sibling script by its own name: Python puts this folder on sys.path when a script in it runs (an unrelated
 # `benchmarks` package in the venv shadows `benchmarks.bench_federated`).
-from bench_accuracy import typed_pairs  # noqa: E402
+from bench_accuracy import field_pairs  # noqa: E402
 from bench_federated import federation  # noqa: E402
 from client.config import RunSettings  # noqa: E402
 from privacy.atomic import atomic_write  # noqa: E402
@@ -90,14 +90,13 @@ def main() -> None:
     dataset = "synthetic=1400" if args.quick else f"fer2013={args.data}"
     rounds = 1 if args.quick else args.rounds
     work = Path(tempfile.mkdtemp(prefix="bench-dp-acc-"))
-    defaults = {f: getattr(RunSettings(), f) for f in RunSettings.__dataclass_fields__}
-    extra = typed_pairs(args.settings, defaults, what="--set", normalise=True)
+    extra = field_pairs(args.settings, RunSettings(), what="--set")
     if args.quick:
         extra.setdefault("dp_batch_size", 32)  # --quick's sites hold ~100 faces, fewer than the expected batch of 128
     techniques = {}
     for spec in args.technique:
         label, _, pairs = spec.partition(":")
-        techniques[label] = typed_pairs(pairs.split(","), defaults, what=f"--technique {label}", normalise=True)
+        techniques[label] = field_pairs(pairs.split(","), RunSettings(), what=f"--technique {label}")
     base = federation(dataset, rounds=rounds, model="cnn_am").replace(**extra)
     results: dict = {"dataset": dataset, "model": base.model, "rounds": rounds, "alpha": base.alpha, "lr": base.lr,
                      "delta": base.dp_delta, "accountant": base.accountant, "settings": extra,

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from client.config import RunSettings  # noqa: E402
 from privacy.atomic import atomic_write, atomic_write_with  # noqa: E402
 from server.rundir import RunDirectory  # noqa: E402
-from bench_accuracy import typed_pairs  # noqa: E402  (benchmarks/ is the script's own folder on sys.path)
+from bench_accuracy import field_pairs  # noqa: E402  (benchmarks/ is the script's own folder on sys.path)
 
 SETUPS = {
     "central": {},
@@ -81,8 +81,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     setups = args.setups.split(",")
-    defaults = {f: getattr(RunSettings(), f) for f in RunSettings.__dataclass_fields__}
-    extra = typed_pairs(args.settings, defaults, what="--set", normalise=True)
+    extra = field_pairs(args.settings, RunSettings(), what="--set")
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
         raise SystemExit(f"--setups: unknown {', '.join(unknown)}; known: {', '.join(SETUPS)}")

@@ -195,7 +195,9 @@ class BookKeepingModule(nn.Module):
             self._thaw()
         rows = loss_per_sample.shape[0]
         if rows % self.views:
-            self._fail_closed([], reason=f"{rows} rows are not whole groups of {self.views} views")
+            self._discard_step()
+            raise ValueError(f"book-keeping clipping: {rows} rows are not whole groups of {self.views} views; "
+                             "refusing to clip a mixed batch")
         batch = rows // self.views
         if batch == 0:
             # An empty Poisson batch: the clipped sum is zero (Opacus's samplers mis-shape empty inputs).
@@ -246,14 +248,16 @@ class BookKeepingModule(nn.Module):
         return self.per_sample_gradient_norms
 
 
-    def _fail_closed(self, unrecorded: list[str], *, reason: str | None = None) -> None:
+    def _discard_step(self) -> None:
+        """Drops this step's records, gradients and norms, so a refused step leaves nothing to apply."""
         for state in self._layers.values():
             state.records.clear()
         for param in self._module.parameters():
             param.grad = None
         self.per_sample_gradient_norms = None
-        if reason is not None:
-            raise ValueError(f"book-keeping clipping: {reason}; refusing to clip a mixed batch")
+
+    def _fail_closed(self, unrecorded: list[str]) -> None:
+        self._discard_step()
         raise UnrecordedGradientError(
             f"no per-sample contribution was recorded for trainable layer(s) {', '.join(sorted(set(unrecorded)))} "
             "in this step (a parameter used outside its layer's forward, hooks removed, or an output that never "

@@ -104,18 +104,19 @@ def _fedprox(*, common: dict, proximal_mu: float, **_: Any) -> Strategy:
     return FedProx(**common, proximal_mu=proximal_mu)
 
 
-@register_strategy("fedadam")
-def _fedadam(*, common: dict, server_lr: float, **_: Any) -> Strategy:
-    # eta_l is only used by Flower to log; the client's own lr drives local training.
-    server_lr = server_lr or 0.01
-    return FedAdam(**common, eta=server_lr, eta_l=server_lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
+def _adaptive(strategy_class: type[Strategy]) -> StrategyFactory:
+    """FedAdam / FedYogi (Reddi et al. 2021; Yogi grows the second moment additively, so it adapts more gently) at
+    server-lr, 0.01 when unset. eta_l is only used by Flower to log; the client's own lr drives local training."""
+
+    def factory(*, common: dict, server_lr: float, **_: Any) -> Strategy:
+        server_lr = server_lr or 0.01
+        return strategy_class(**common, eta=server_lr, eta_l=server_lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
+
+    return factory
 
 
-@register_strategy("fedyogi")
-def _fedyogi(*, common: dict, server_lr: float, **_: Any) -> Strategy:
-    # Reddi et al. 2021: Adam's second moment grows additively (sign of v - g^2), so it adapts more gently.
-    server_lr = server_lr or 0.01
-    return FedYogi(**common, eta=server_lr, eta_l=server_lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
+register_strategy("fedadam")(_adaptive(FedAdam))
+register_strategy("fedyogi")(_adaptive(FedYogi))
 
 
 @register_strategy("fedmedian")
