@@ -102,6 +102,10 @@ class RunSettings:
     # FedAdam 0.335 on FER2013 PublicTest; docs/benchmarks.md).
     server_lr: float = 0.0
     server_momentum: float = 0.9
+    # The average of the global model over rounds (server/ema.py) is what the server evaluates, saves and delivers;
+    # training goes on from the raw model. 0 = off; else the largest decay in (0, 1), warmed up over early rounds.
+    # Post-processing: no privacy cost (De et al. 2022 average DP-SGD iterates the same way).
+    server_ema: float = 0.0
     trimmed_beta: float = 0.2
     krum_malicious: int = 0
     max_update_norm: float = 100.0
@@ -215,6 +219,8 @@ class RunSettings:
         if self.server_lr < 0 or not 0 <= self.server_momentum < 1:
             raise ConfigError(f"server-lr must be >= 0 (0 = the strategy's default) and server-momentum in [0, 1), "
                               f"got {self.server_lr} and {self.server_momentum}")
+        if not 0 <= self.server_ema < 1:
+            raise ConfigError(f"server-ema must be in [0, 1) (0 = off), got {self.server_ema}")
         if not 0 <= self.trimmed_beta < 0.5:
             raise ConfigError(f"trimmed-beta must be in [0, 0.5), got {self.trimmed_beta}")
         if self.dp_epsilon < 0 or not 0 < self.dp_delta < 1:

@@ -35,6 +35,7 @@ from models import create_model
 from privacy.central import CentralDP
 from privacy.report import PrivacyReport, privacy_report
 from server.delivery import deliver_at_end
+from server.ema import ParameterEMA
 from server.evaluation import ServerEvaluator
 from server.init_model import init_model_weights
 from server.public_pretrain import pretrain_on_public, public_data
@@ -162,6 +163,7 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
         ),
         secure_aggregation=settings.secure_agg,
         norm_bound=settings.norm_bound,
+        ema=ParameterEMA(decay=settings.server_ema, weights=weights) if settings.server_ema > 0 else None,
     )
 
 
@@ -296,8 +298,10 @@ def run_federation(
         num_rounds=settings.num_server_rounds, round_timeout=settings.round_timeout or None
     ), strategy=strategy)
     workflow(grid, legacy)
+    # With server-ema the run's model is the average (checkpoints keep the raw model that training resumes from).
+    final_weights = strategy.ema.weights if strategy.ema is not None else workflow.final_weights
     run_dir.save_model(
-        _state_dict(settings, workflow.final_weights),
+        _state_dict(settings, final_weights),
         model_name=settings.model,
         model_cfg={"dp": True},
         round=settings.num_server_rounds,
@@ -310,7 +314,7 @@ def run_federation(
         quantization = list(getattr(fit_workflow, "quantization", {}).values())
         run_dir.write_privacy(build_privacy_report(settings, strategy, quantization=quantization))
     run_dir.write_summary(summarize(run_dir.rounds(), seconds=time.perf_counter() - started, settings=settings))
-    return workflow.final_weights
+    return final_weights
 
 
 def build_privacy_report(

@@ -36,6 +36,7 @@ from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, F
 from privacy.central import CentralDP, add_central_noise
 from privacy.guard import guard_update, scale_update, update_norm
 from privacy.report import dp_status
+from server.ema import ParameterEMA
 from server.ledger_registry import NodeLedgers
 from server.records import RoundReport
 from server.replies import (
@@ -180,6 +181,8 @@ class GuardedStrategy(Strategy):
             deployments, server/ledger_registry.py); None keeps one in memory.
         norm_bound: server-side norm bounding: each accepted delta is scaled down to at most this multiple of
             the round's median delta norm before aggregation (see bound_to_median_norm); 0 for none.
+        ema: the average of the global model over rounds (server/ema.py), updated with every new global model
+            and the model `evaluate` scores; None for none.
     """
 
     inner: Strategy
@@ -192,6 +195,7 @@ class GuardedStrategy(Strategy):
     secure_aggregation: bool = False
     ledgers: NodeLedgers | None = None
     norm_bound: float = 0.0
+    ema: ParameterEMA | None = None
     # What the guard saw, per round; the server-side evaluation per round.
     reports: dict[int, RoundReport] = field(default_factory=dict, init=False)
     server_metrics: dict[int, dict[str, Any]] = field(default_factory=dict, init=False)
@@ -227,6 +231,17 @@ class GuardedStrategy(Strategy):
         return instructions
 
     def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        parameters, metrics = self._aggregate_fit(server_round, results, failures)
+        if parameters is not None and self.ema is not None:
+            self.ema.update(parameters_to_ndarrays(parameters))
+        return parameters, metrics
+
+    def _aggregate_fit(
         self,
         server_round: int,
         results: list[tuple[ClientProxy, FitRes]],
@@ -407,7 +422,8 @@ class GuardedStrategy(Strategy):
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         if self.evaluate_fn is None:
             return None
-        loss, metrics = self.evaluate_fn(server_round, parameters_to_ndarrays(parameters))
+        weights = self.ema.weights if self.ema is not None else parameters_to_ndarrays(parameters)
+        loss, metrics = self.evaluate_fn(server_round, weights)
         self.server_metrics[server_round] = {"loss": loss, **metrics}
         return loss, metrics
 

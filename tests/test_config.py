@@ -45,6 +45,8 @@ def test_round_trip_through_run_config():
         ({"dp-lr": 0.0}, "dp-lr"),
         ({"dp-optimizer": "rmsprop"}, "dp-optimizer"),
         ({"dp-batch-size": 0}, "dp-batch-size"),
+        ({"server-ema": 1.0}, "server-ema"),
+        ({"server-ema": -0.5}, "server-ema"),
     ],
 )
 def test_invalid_values_name_the_key(run_config, names):

@@ -81,6 +81,10 @@ def _make_command(mode: str):
             FloatOpt, typer.Option(help="Server learning rate of fedavgm / fedadam / fedyogi (0 = the strategy's).")
         ] = None,
         server_momentum: Annotated[FloatOpt, typer.Option(help="fedavgm's server momentum.")] = None,
+        server_ema: Annotated[
+            FloatOpt, typer.Option(help="Evaluate, save and deliver the average of the global model over rounds, "
+                                        "at this decay (0 = off; no privacy cost).")
+        ] = None,
         fraction_fit: Annotated[FloatOpt, typer.Option(help="Fraction of clients trained per round.")] = None,
         fraction_evaluate: Annotated[FloatOpt, typer.Option(help="Fraction of clients evaluating per round.")] = None,
         seed: Annotated[IntOpt, typer.Option(help="The same seed gives the same metrics on CPU.")] = None,
@@ -128,6 +132,7 @@ def _make_command(mode: str):
             "proximal-mu": proximal_mu,
             "server-lr": server_lr,
             "server-momentum": server_momentum,
+            "server-ema": server_ema,
             "fraction-fit": fraction_fit,
             "fraction-evaluate": fraction_evaluate,
             "seed": seed,
