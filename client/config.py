@@ -125,8 +125,9 @@ class RunSettings:
     dp_optimizer: str = "sgd"
     dp_lr: float = 0.05
     dp_batch_size: int = 128
-    # Which parameters train under DP-SGD (models.finetune): all | head (the classifier) | last (the model's last
-    # block and its head). The rest are frozen before Opacus wraps the model: no gradient, no noise, sent unchanged.
+    # Which parameters train under DP (models.finetune): all | head (the classifier) | last (the model's last block
+    # and its head). Under DP-SGD the rest are frozen before Opacus wraps the model: no gradient, no noise, sent
+    # unchanged. Under central DP sites train only these, and the server noises only these (privacy/central.py).
     dp_train: str = "all"
     # Augmentation multiplicity (De et al. 2022): DP-SGD averages the gradients of this many augmented views of
     # each sample before clipping it, so the clipped signal is less noisy for the same epsilon (the bound is still
@@ -196,9 +197,10 @@ class RunSettings:
             raise ConfigError("warmup and label-smoothing must be below 1 (negative = the model's recipe)")
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("dp-train", self.dp_train, DP_TRAIN_MODES)
-        if self.dp_train != "all" and not self.dp_enabled:
+        if self.dp_train != "all" and not (self.dp_enabled or self.central_dp_enabled):
             # Non-private training trains every parameter; accepting the key would claim a fine-tuning that never ran.
-            raise ConfigError(f"dp-train {self.dp_train!r} chooses what DP-SGD trains: it needs dp-epsilon > 0")
+            raise ConfigError(f"dp-train {self.dp_train!r} chooses what trains under DP: it needs dp-epsilon > 0 or "
+                              "central-dp-noise > 0")
         if self.aug_mult != 1 and not self.dp_enabled:
             # Without clipping there is nothing to average before; K views would only cost K times the compute.
             raise ConfigError(f"aug-mult {self.aug_mult} averages views before DP-SGD's clipping: it needs "

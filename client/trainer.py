@@ -101,6 +101,9 @@ class FerClient(NumPyClient):
             privacy = {**privacy, "dp_train": self.settings.dp_train, "trainable_params": counts.trainable,
                        "frozen_params": counts.frozen}
         else:
+            if self.settings.dp_train != "all":  # central DP on a part of the model (RunSettings allows no other case)
+                size = self.settings.image_size
+                freeze_for_dp(model, self.settings.dp_train, input_size=(1, size, size))
             local = task.prepare_training(
                 model, data.train_images, data.train_labels, recipe=self.settings.recipe(synthetic=data.synthetic),
                 batch_size=self.setup.batch_size, seed=seed, server_round=server_round,

@@ -92,6 +92,18 @@ def freeze_for_dp(model: nn.Module, mode: str, *, input_size: tuple[int, int, in
     return ParameterCounts(trainable=trainable, frozen=frozen)
 
 
+def trainable_mask(model: nn.Module, mode: str, *, input_size: tuple[int, int, int] = (1, 48, 48)) -> torch.Tensor:
+    """A boolean per value of `model.state_dict()`, flattened in its order (the layout client.wire sends): True
+    where `mode` trains the value. Buffers are never trained. Central DP (privacy/central.py) adds its noise only
+    where this is True and keeps the rest of the global model as it was."""
+    names = dp_trainable_names(model, mode, input_size=input_size)
+    parameters = {name for name, _ in model.named_parameters()}
+    return torch.cat([
+        torch.full((value.numel(),), name in names and name in parameters, dtype=torch.bool)
+        for name, value in model.state_dict().items()
+    ])
+
+
 def _called(model: nn.Module, run: Callable[[], object]) -> list[nn.Module]:
     """The modules owning parameters that `run` calls, in order of first call."""
     order: list[nn.Module] = []

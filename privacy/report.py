@@ -153,7 +153,9 @@ class ClientPrivacy:
 
 @dataclass(frozen=True)
 class CentralPrivacy:
-    """Central (client-level) DP: the server's noise on the clipped mean and the ε it gives."""
+    """Central (client-level) DP: the server's noise on the clipped mean and the ε it gives; with `dp_train` other
+    than "all", the part of the model the sites trained and the server noised (`noised_values` values), the rest
+    being round 0's public model, unchanged."""
 
     noise_multiplier: float
     clipping_norm: float
@@ -162,6 +164,8 @@ class CentralPrivacy:
     delta: float
     accountant: str
     epsilon: float
+    dp_train: str = "all"
+    noised_values: int | None = None
 
     @classmethod
     def from_settings(cls, central: Mapping[str, Any]) -> CentralPrivacy:
@@ -180,14 +184,16 @@ class CentralPrivacy:
             noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"], rounds=entry["rounds"],
             delta=entry["delta"], accountant=accountant,
         )
-        return cls(accountant=accountant, epsilon=epsilon, **entry)
+        return cls(accountant=accountant, epsilon=epsilon, dp_train=str(central.get("dp_train", "all")),
+                   noised_values=central.get("noised_values"), **entry)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CentralPrivacy:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        # privacy.json files written before dp_train / noised_values existed lack them: their runs noised everything.
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 PUBLIC_DATA_PROTECTION = (

@@ -32,6 +32,7 @@ from client import wire
 from client.config import RunSettings
 from client.node_data import cached_dataset, parse_dataset_list
 from models import create_model
+from models.finetune import trainable_mask
 from privacy.central import CentralDP
 from privacy.report import PrivacyReport, privacy_report
 from server.delivery import deliver_at_end
@@ -156,15 +157,22 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
         max_update_norm=settings.max_update_norm,
         max_examples=settings.max_examples,
         evaluate_fn=evaluator,
-        central_dp=(
-            CentralDP(noise_multiplier=settings.central_dp_noise, clipping_norm=settings.central_clip)
-            if settings.central_dp_enabled
-            else None
-        ),
+        central_dp=central_dp_of(settings) if settings.central_dp_enabled else None,
         secure_aggregation=settings.secure_agg,
         norm_bound=settings.norm_bound,
         ema=ParameterEMA(decay=settings.server_ema, weights=weights) if settings.server_ema > 0 else None,
     )
+
+
+def central_dp_of(settings: RunSettings) -> CentralDP:
+    """The server's central-DP settings; with dp-train, the part of the model it trains and noises."""
+    trainable = None
+    if settings.dp_train != "all":
+        size = settings.image_size
+        mask = trainable_mask(create_model(settings.model, dp=True), settings.dp_train, input_size=(1, size, size))
+        trainable = (mask.numpy(),)
+    return CentralDP(noise_multiplier=settings.central_dp_noise, clipping_norm=settings.central_clip,
+                     trainable=trainable)
 
 
 @dataclass(kw_only=True)
@@ -331,6 +339,8 @@ def build_privacy_report(
             # Rounds whose noisy mean was released; a resumed run's earlier rounds count too (round numbers carry on).
             "rounds": max((n for n, r in strategy.reports.items() if r.central_noise_std is not None), default=0),
             "delta": settings.dp_delta,
+            "dp_train": settings.dp_train,
+            "noised_values": strategy.central_dp.noised_values if strategy.central_dp else None,
         }
     return privacy_report(
         clients=list(strategy.privacy.values()), central=central, secure_aggregation=settings.secure_agg,

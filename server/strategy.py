@@ -311,7 +311,7 @@ class GuardedStrategy(Strategy):
         parameters, metrics = self.inner.aggregate_fit(server_round, uniform, failures)
         if parameters is None:
             return None, metrics
-        mean = parameters_to_ndarrays(parameters)
+        mean = self.central_dp.keep_frozen(parameters_to_ndarrays(parameters), self._global)
         noisy = add_central_noise(mean, settings=self.central_dp, num_clients=len(uniform))
         report.central_noise_std = self.central_dp.noise_std(len(uniform))
         return ndarrays_to_parameters(noisy), metrics

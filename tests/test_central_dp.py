@@ -83,6 +83,36 @@ def test_server_reclips_an_over_norm_update_to_the_central_clip():
     assert guard.report(1).reclipped == ["greedy"]
 
 
+def test_frozen_values_keep_the_previous_global_and_get_no_noise():
+    """With dp-train, values outside the trained part stay at the previous global model even when a client moved
+    them, and only the trained values carry noise, of std σC/n."""
+    # Prepare
+    shapes = [(200, 100), (50,)]
+    mask = np.zeros(shapes[0], bool)
+    mask[:100] = True  # half of the first array trains; the second array is frozen
+    trainable = (mask, np.zeros(shapes[1], bool))
+    previous = [np.full(s, 0.5, np.float32) for s in shapes]
+    common = {"min_fit_clients": 1, "min_available_clients": 1, "initial_parameters": _params(previous)}
+    guard = GuardedStrategy(
+        create_strategy("fedavg", common=common, options={}),
+        expected_shapes=shapes, max_update_norm=10.0, max_examples=1000,
+        central_dp=CentralDP(noise_multiplier=0.8, clipping_norm=1.0, trainable=trainable),
+    )
+    guard._global = previous
+    deltas = [[np.full(s, v, np.float32) * 0.001 for s in shapes] for v in (1.0, 2.0, 3.0, 4.0)]
+    results = [(_Proxy(str(i)), _make_fitres(d, client=f"c{i}")) for i, d in enumerate(deltas)]
+
+    # Execute
+    first, second = parameters_to_ndarrays(guard.aggregate_fit(1, results, [])[0])
+
+    # Assert
+    assert np.array_equal(first[~mask], previous[0][~mask])  # moved by every client, kept exactly
+    assert np.array_equal(second, previous[1])
+    noise = first[mask] - (0.5 + 0.0025)
+    assert float(noise.std()) == pytest.approx(0.8 * 1.0 / 4, rel=0.03)
+    assert guard.central_dp.noised_values == 10_000
+
+
 def test_central_dp_noise_on_the_aggregate_matches_its_calibration():
     """The aggregate minus the exact uniform mean has the std σC/n the round reports."""
     big_shapes = [(200, 100), (50,)]
@@ -122,6 +152,26 @@ def test_client_clips_to_central_clip_and_weighs_one(tmp_path):
     assert fitres.metrics["update-clipped"] is True or fitres.metrics["update-clipped"] == 1
     assert fitres.num_examples == 1
     assert fitres.metrics["train-examples"] == 280
+
+
+@pytest.mark.usefixtures("superlink_identity")
+def test_a_site_under_central_dp_on_the_head_changes_only_the_head(tmp_path):
+    """With dp-train head the site trains the classifier alone: its delta is zero everywhere else."""
+    from models import create_model
+    from models.finetune import trainable_mask
+
+    settings = RunSettings(dataset="synthetic=280", model="cnn_am", local_epochs=1, batch_size=32, out_dir="unused",
+                           central_dp_noise=1.0, central_clip=1.0, dp_train="head")
+    context = _make_context(tmp_path)
+    context.run_config.update(settings.to_run_config())
+
+    reply = make_client_app()(_make_message("train", initial_weights(settings), {"server-round": 1,
+                                                                                "proximal-mu": 0.0}), context)
+
+    delta = parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=False).parameters)[0]
+    head = trainable_mask(create_model("cnn_am", dp=True), "head").numpy()
+    assert not delta[~head].any()
+    assert np.abs(delta[head]).max() > 0
 
 
 @pytest.mark.parametrize(
@@ -211,3 +261,36 @@ def test_simulation_with_secure_aggregation_and_central_dp_reports_central_epsil
     assert privacy["central"]["epsilon"] == pytest.approx(
         central_epsilon(noise_multiplier=0.5, sample_rate=1.0, rounds=2, delta=settings.dp_delta)
     )
+
+
+@pytest.mark.slow
+def test_central_dp_on_the_head_trains_and_noises_only_the_head(tmp_path):
+    """A real run under SecAgg+ and central DP with dp-train head: every value outside the head is round 0's, bit
+    for bit, the head moved, and privacy.json names the part and how many values were noised."""
+    import json
+
+    from client import wire
+    from models import create_model
+    from models.files import load_model
+    from models.finetune import trainable_mask
+    from server.rundir import RunDirectory
+    from simulation.runner import run_simulation
+
+    settings = RunSettings(
+        dataset="synthetic=700", num_clients=3, min_clients=3, partition="iid", model="cnn_am", num_server_rounds=2,
+        local_epochs=1, out_dir=str(tmp_path / "run"), secure_agg=True, central_dp_noise=0.5, central_clip=0.5,
+        dp_train="head",
+    )
+
+    run_simulation(settings, run_dir=RunDirectory(tmp_path / "run"), num_cpus=2)
+
+    start = initial_weights(settings)[0]
+    state, _ = load_model(tmp_path / "run" / "model.pt")
+    model = create_model("cnn_am", dp=True)
+    model.load_state_dict(state)
+    final = wire.get_weights(model)[0]
+    head = trainable_mask(model, "head").numpy()
+    assert np.array_equal(final[~head], start[~head])
+    assert not np.allclose(final[head], start[head])
+    central = json.loads((tmp_path / "run" / "privacy.json").read_text())["central"]
+    assert (central["dp_train"], central["noised_values"]) == ("head", int(head.sum()))

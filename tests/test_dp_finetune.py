@@ -7,10 +7,11 @@ import warnings
 import pytest
 import torch
 
-from client import task
+from client import task, wire
 from client.config import DP_TRAIN_MODES as CONFIG_MODES
 from client.config import ConfigError, RunSettings
 from models import DP_TRAIN_MODES, create_model, dp_trainable_names, freeze_for_dp, list_models
+from models.finetune import trainable_mask
 from privacy.dp import DPClient, DPSettings
 from privacy.ledger import PrivacyLedger, generate_key_file
 
@@ -54,6 +55,7 @@ def test_config_and_models_list_the_same_modes():
     with pytest.raises(ConfigError, match="dp-train 'head' .* needs dp-epsilon"):
         RunSettings(dp_train="head").validate()
     RunSettings(dp_train="head", dp_epsilon=3.0).validate()
+    RunSettings(dp_train="head", central_dp_noise=1.0, central_clip=1.0).validate()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -109,3 +111,20 @@ def test_frozen_parameters_get_no_gradient_no_noise_and_stay_bit_identical(tmp_p
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], value) for n, value in frozen.items())
     assert all(not torch.equal(after[n], value) for n, value in trained.items())
+
+
+@pytest.mark.parametrize("mode", DP_TRAIN_MODES)
+@pytest.mark.parametrize("name", MODELS)
+def test_trainable_mask_marks_exactly_what_freeze_for_dp_trains(name, mode):
+    """The flat mask has one entry per value the wire sends and as many True entries as freeze_for_dp trains."""
+    model = create_model(name, dp=True)
+
+    mask = trainable_mask(model, mode)
+    counts = freeze_for_dp(model, mode)
+
+    params = dict(model.named_parameters())
+    expected = torch.cat([torch.full((v.numel(),), k in params and params[k].requires_grad)
+                          for k, v in model.state_dict().items()])
+    assert mask.numel() == wire.get_weights(model)[0].size
+    assert int(mask.sum()) == counts.trainable
+    assert torch.equal(mask, expected)
