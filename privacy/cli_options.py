@@ -37,8 +37,8 @@ class PrivacyOptions:
         int | None, _option("Expected (Poisson) batch size under DP-SGD (--batch-size is the non-private one).")
     ] = None
     dp_train: Annotated[
-        str | None, _option("Which parameters DP-SGD trains: all (default) | head (the classifier) | last (the "
-                            "last block and the head); the rest stay frozen: no gradient, no noise.")
+        str | None, _option("Which parameters train under DP-SGD or central DP: all (default) | head (the "
+                            "classifier) | last (the last block and the head); the rest stay frozen: no noise.")
     ] = None
     aug_mult: Annotated[
         int | None, _option("Augmentation multiplicity K: DP-SGD clips the mean gradient of K augmented views of "
