@@ -29,7 +29,7 @@ from simulation.cli.evaluate_cmd import evaluate_saved_model
 
 FER2013 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013"
 FEDERATED_BUILDS = ["cnn_am_deep@fer2013", "fer_vgg@fer2013"]
-BATCHNORM_BUILDS = ["fer_vgg@fer2013-bn"]
+BATCHNORM_BUILDS = ["fer_vgg@fer2013-bn", "dmsnet_iot@fer2013-bn"]
 SHIPPED = FEDERATED_BUILDS + BATCHNORM_BUILDS
 FER_VGG = "fer_vgg@fer2013"
 needs_fer2013 = pytest.mark.skipif(not (FER2013 / "test").is_dir(), reason="the real FER2013 folder is not here")
