@@ -87,7 +87,7 @@ def _make_command(mode: str):
         ] = None,
         fraction_fit: Annotated[FloatOpt, typer.Option(help="Fraction of clients trained per round.")] = None,
         fraction_evaluate: Annotated[FloatOpt, typer.Option(help="Fraction of clients evaluating per round.")] = None,
-        seed: Annotated[IntOpt, typer.Option(help="The same seed gives the same metrics on CPU.")] = None,
+        seed: Annotated[IntOpt, typer.Option(help="The same seed gives the same metrics on CPU (with --fraction-fit 1).")] = None,
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (new or empty).")] = None,
         privacy: PrivacyOptions = PrivacyOptions(),
         attackers: Annotated[
