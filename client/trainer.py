@@ -86,24 +86,21 @@ class FerClient(NumPyClient):
         wire.set_weights(model, parameters)
         data = self.setup.data
         privacy: dict = {}
+        # dp-train (under DP-SGD or central DP): what is not trained is frozen before the optimiser and Opacus see
+        # the model, so it gets no gradient and no noise and goes back unchanged (a zero delta). "all" freezes nothing.
+        size = self.settings.image_size
+        counts = freeze_for_dp(model, self.settings.dp_train, input_size=(1, size, size))
         if self.settings.dp_enabled:
             # DP-SGD keeps its own recipe (dp-optimizer, a constant dp-lr, the light augmentation, which runs in
             # the data loader, before per-sample clipping); the model's recipe is for non-private training.
             augment = make_augment(self.settings.augment if self.settings.augment != RECIPE else "light")
             dataset = FERTorchDataset(data.train_images, data.train_labels, augment=augment, seed=seed,
                                       views=self.settings.aug_mult)
-            # dp-train: what is not trained is frozen before the optimiser and Opacus see the model, so it gets
-            # no gradient and no noise and goes back unchanged (a zero delta).
-            size = self.settings.image_size
-            counts = freeze_for_dp(model, self.settings.dp_train, input_size=(1, size, size))
             optimizer = task.make_optimizer(model, name=self.settings.train_optimizer, lr=self.settings.train_lr)
             result, privacy = self._fit_private(model, optimizer, dataset, server_round)
             privacy = {**privacy, "dp_train": self.settings.dp_train, "trainable_params": counts.trainable,
                        "frozen_params": counts.frozen}
         else:
-            if self.settings.dp_train != "all":  # central DP on a part of the model (RunSettings allows no other case)
-                size = self.settings.image_size
-                freeze_for_dp(model, self.settings.dp_train, input_size=(1, size, size))
             local = task.prepare_training(
                 model, data.train_images, data.train_labels, recipe=self.settings.recipe(synthetic=data.synthetic),
                 batch_size=self.setup.batch_size, seed=seed, server_round=server_round,
