@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from privacy.atomic import atomic_write
 from client.lifetime import descendants, spawn_supervised, stop_tree  # noqa: F401 - re-exported
+from client.relay import OutputRelay
 
 PRIVATE_KEY = "node.key"
 PUBLIC_KEY = "node.pub"
@@ -184,3 +186,16 @@ def start_supernode(
     with open(log_file, "ab") as log:
         return spawn_supervised(settings.command(), env=settings.env(), stdout=log, stderr=subprocess.STDOUT,
                                 pass_fds=pass_fds)
+
+
+def start_relayed_supernode(
+    settings: SuperNodeSettings, *, log_file: Path, show: Callable[[str], None], pass_fds: tuple[int, ...] = ()
+) -> tuple[subprocess.Popen, OutputRelay]:
+    """Starts the SuperNode as `start_supernode` does, its output (stdout and stderr) piped through an
+    `OutputRelay`: all of it appended to `log_file`, and to `show` line by line with Python tracebacks replaced by
+    one line naming `log_file` (client/relay.py says why). Join the relay after the process has exited."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    process = spawn_supervised(settings.command(), env=settings.env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, pass_fds=pass_fds)
+    relay = OutputRelay(process.stdout, log_file=log_file, show=show, log_name=str(log_file)).start()
+    return process, relay

@@ -16,6 +16,8 @@ import click
 import typer
 
 STATE_LOCK = "fer-client.lock"
+SUPERNODE_LOG = "supernode.log"  # everything the SuperNode printed; its tracebacks go here only (client/relay.py)
+RELAY_DRAIN_SECONDS = 5.0
 INSECURE_WARNING = (
     "WARNING: --insecure: no TLS and no node authentication. Model updates cross the network in the clear. "
     "Use only for a throw-away local test."
@@ -173,15 +175,20 @@ def _run_supernode(settings, *, lock) -> None:
     -INT did nothing). The state directory's lock goes to the supervisor too, so a new fer-client on this folder
     is refused until the last process of this one's tree is gone.
     """
-    from client.deploy import start_supernode
+    from client.deploy import start_relayed_supernode
     from client.lifetime import cmdline, descendants, stop_tree
 
+    def show(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGINT)}
-    process = None
+    process = relay = None
     try:
-        process = start_supernode(settings, pass_fds=(lock.fd,))
+        process, relay = start_relayed_supernode(settings, log_file=settings.state_dir / SUPERNODE_LOG, show=show,
+                                                 pass_fds=(lock.fd,))
         lock.add_helper(process.pid)
         code = process.wait()
+        relay.join(timeout=RELAY_DRAIN_SECONDS)  # the SuperNode's last lines come before ours
     except _Stopped as stop:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -190,6 +197,8 @@ def _run_supernode(settings, *, lock) -> None:
         )
         if process is not None:
             stop_tree(process, timeout=3.0)
+        if relay is not None:
+            relay.join(timeout=RELAY_DRAIN_SECONDS)
         name = signal.Signals(stop.signum).name
         print(f"fer-client: stopped on {name}; {_round_status(in_round)}; {_ledger_status(settings)}",
               file=sys.stderr, flush=True)
