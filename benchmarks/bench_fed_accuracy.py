@@ -4,7 +4,8 @@
         [--setups central,dirichlet-0.5,dirichlet-0.1,profiles] [--strategy fedavg] [--set KEY=VALUE ...]
         [--cpus 1] [--quick]
 
-Each setup trains the model with its registered recipe from the same seeded initial model for `--rounds` passes:
+Each setup trains the model with its registered recipe from the same seeded initial model for `--rounds` passes
+(with `--set local_splits=S` a federated setup runs S x as many rounds, each on 1/S of every site's data):
 `central` is `fer-sim centralized` on the pooled training data (one epoch a "round", the schedule over the same
 rounds); the federated setups are `fer-sim run` with 10 sites, one local epoch a round, Dirichlet label skew
 (alpha 0.5 or 0.1) or the hospital/IoT profile mix (hospital=0.3,iot=0.7 on Dirichlet 0.5). All are scored by
@@ -44,7 +45,12 @@ def settings_for(setup: str, *, dataset: str, model: str, rounds: int, strategy:
     with `extra` (RunSettings fields from --set) on top."""
     settings = RunSettings(dataset=dataset, num_clients=10, min_clients=10, model=model, num_server_rounds=rounds,
                            local_epochs=1, strategy=strategy, seed=seed, out_dir=str(out_dir), **SETUPS[setup])
-    return settings.replace(**(extra or {}))
+    settings = settings.replace(**(extra or {}))
+    # `rounds` counts passes: with local-splits S a federated round is 1/S of a pass, so it runs S x as many
+    # rounds; the centralised baseline trains whole passes (fer-sim centralized refuses local-splits).
+    if setup == "central":
+        return settings.replace(local_splits=1)
+    return settings.replace(num_server_rounds=rounds * settings.local_splits)
 
 
 def run_setup(settings: RunSettings, *, central: bool, cpus: int) -> dict:
@@ -61,7 +67,8 @@ def run_setup(settings: RunSettings, *, central: bool, cpus: int) -> dict:
     elapsed, curve = 0.0, []
     for record in run_dir.rounds():
         elapsed += record.seconds or 0.0
-        curve.append({"round": record.round, "accuracy": record.server_accuracy, "seconds": round(elapsed, 1)})
+        curve.append({"round": record.round, "passes": round(record.round / settings.local_splits, 3),
+                      "accuracy": record.server_accuracy, "seconds": round(elapsed, 1)})
     return {"final_accuracy": summary.final_accuracy, "best_accuracy": summary.best_accuracy,
             "macro_f1": summary.macro_f1, "wall_seconds": round(time.perf_counter() - started, 1), "curve": curve}
 

@@ -85,6 +85,17 @@ def prepare_training(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
     )
 
 
+def round_slice(num_examples: int, *, splits: int, seed: int) -> np.ndarray:
+    """The indices a site trains on in one round under `local-splits`: a random 1/splits of its examples (at least
+    one), without repeats, in ascending order; the same seed gives the same slice. splits 1 = every example."""
+    if splits < 1:
+        raise ValueError(f"splits must be at least 1, got {splits}")
+    if splits == 1:
+        return np.arange(num_examples)
+    size = max(1, round(num_examples / splits))
+    return np.sort(np.random.default_rng(seed).choice(num_examples, size=size, replace=False))
+
+
 def make_criterion(*, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> nn.Module:
     """The training loss: cross-entropy with the recipe's label smoothing and optional class weights."""
     return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)

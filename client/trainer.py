@@ -101,8 +101,12 @@ class FerClient(NumPyClient):
             privacy = {**privacy, "dp_train": self.settings.dp_train, "trainable_params": counts.trainable,
                        "frozen_params": counts.frozen}
         else:
+            images, labels = data.train_images, data.train_labels
+            if self.settings.local_splits > 1:  # this round's slice (RunSettings.local_splits)
+                rows = task.round_slice(len(labels), splits=self.settings.local_splits, seed=seed)
+                images, labels = images[rows], labels[rows]
             local = task.prepare_training(
-                model, data.train_images, data.train_labels, recipe=self.settings.recipe(synthetic=data.synthetic),
+                model, images, labels, recipe=self.settings.recipe(synthetic=data.synthetic),
                 batch_size=self.setup.batch_size, seed=seed, server_round=server_round,
                 num_rounds=self.settings.num_server_rounds,
             )

@@ -55,6 +55,9 @@ def _make_command(mode: str):
         public_epochs: Annotated[IntOpt, typer.Option(help="Epochs of public pretraining (default 2).")] = None,
         rounds: Annotated[IntOpt, typer.Option(help="Server rounds.")] = None,
         local_epochs: Annotated[IntOpt, typer.Option(help="Local epochs per round.")] = None,
+        local_splits: Annotated[
+            IntOpt, typer.Option(help="Shorter rounds: each round trains on a random 1/N of each site's data.")
+        ] = None,
         lr: Annotated[FloatOpt, typer.Option(help="Peak local learning rate (default: the model's recipe).")] = None,
         optimizer: Annotated[StrOpt, typer.Option(help="adam | sgd | sgd-nesterov (default: the recipe's).")] = None,
         lr_schedule: Annotated[
@@ -118,6 +121,7 @@ def _make_command(mode: str):
             "public-epochs": public_epochs,
             "num-server-rounds": rounds,
             "local-epochs": local_epochs,
+            "local-splits": local_splits,
             "lr": lr,
             "optimizer": optimizer,
             "lr-schedule": lr_schedule,
@@ -179,6 +183,9 @@ def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = F
         )
     if mode == "centralized" and settings.attackers:
         raise click.ClickException("fer-sim centralized has no sites to make hostile; drop --attackers")
+    if mode == "centralized" and settings.local_splits != 1:
+        # Its rounds are whole passes over the pooled data: at the same passes, give it --rounds = rounds / splits.
+        raise click.ClickException("fer-sim centralized trains whole passes a round; drop --local-splits")
     if settings.model not in list_models():
         raise click.ClickException(f"--model {settings.model!r} is unknown; known: {', '.join(list_models())}")
     try:
