@@ -1,0 +1,95 @@
+"""Shorter rounds at the same passes, screened Flower-free (issue 12 item 3; what chose `local-splits`).
+
+    .venv/bin/python benchmarks/bench_short_rounds.py --splits 8 --momentum 0.9 --out results/x.json
+
+FedAvg in one process over the sites `fer-sim run` builds (10 sites, Dirichlet label skew, CNN-AM deep, its
+recipe with the schedule over the rounds): each round every site trains 1/splits of an epoch, the next slice of
+its own seeded sequence of epochs (so every face is seen exactly once a pass), and the server takes an SGD step
+along the averaged update with momentum (FedAvgM when momentum > 0). Scored every --eval-every rounds on the
+sites' held-out local splits (carved from train: the validation the settings were chosen on), and on FER2013
+PublicTest once, at the end. ~5 minutes a run on 2 cores. `bench_fed_accuracy.py --set local_splits=S` measures
+the product path (random slices, Flower, the server's evaluation).
+"""
+import argparse, json, sys, time
+from pathlib import Path
+import numpy as np, torch
+from torch.utils.data import DataLoader
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from client import task  # noqa: E402
+from client.config import RunSettings  # noqa: E402
+from client.node_data import cached_dataset, node_data_from_indices  # noqa: E402
+from models import create_model  # noqa: E402
+from models.layers import group_norm  # noqa: E402
+from simulation.federation import federation_plan  # noqa: E402
+from bench_fedbn import accuracy  # noqa: E402  (benchmarks/ is the script's own folder on sys.path)
+
+p = argparse.ArgumentParser()
+p.add_argument("--passes", type=int, default=10)
+p.add_argument("--splits", type=int, default=1, help="a round is 1/splits of an epoch at every site")
+p.add_argument("--server-lr", type=float, default=1.0)
+p.add_argument("--momentum", type=float, default=0.0)
+p.add_argument("--alpha", type=float, default=0.5)
+p.add_argument("--eval-every", type=int, default=5)
+p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
+p.add_argument("--out", required=True)
+a = p.parse_args()
+torch.set_num_threads(2)
+settings = RunSettings(dataset=f"fer2013={a.data}", num_clients=10, min_clients=10,
+                       partition="dirichlet", alpha=a.alpha, model="cnn_am_deep", num_server_rounds=10, local_epochs=1)
+data = cached_dataset(settings.dataset, settings.image_size, settings.seed)
+sites = [node_data_from_indices(data, plan.indices, client_id=plan.client_id, test_fraction=settings.local_test_fraction,
+                                seed=settings.seed + i) for i, plan in enumerate(federation_plan(settings))]
+bs = settings.batch_size
+epoch_steps = [max(1, -(-len(s.train_labels) // bs)) for s in sites]
+mean_epoch = int(np.mean(epoch_steps))
+rounds = a.passes * a.splits
+S = mean_epoch / a.splits
+print(f"steps/epoch per site {epoch_steps}; splits={a.splits}; rounds={rounds}", flush=True)
+recipe = settings.recipe()
+torch.manual_seed(settings.seed)
+g = create_model(settings.model, norm_layer=group_norm)
+gstate = {k: v.clone() for k, v in g.state_dict().items()}
+mom = {k: torch.zeros_like(v) for k, v in gstate.items() if v.is_floating_point()}
+
+def batches(i, r):
+    # site i's share of round r: steps [per*(r-1)/splits, per*r/splits) of its stream of seeded epochs
+    n = len(sites[i].train_labels); per = epoch_steps[i]
+    out = []
+    for step in range(per * (r - 1) // a.splits, per * r // a.splits):
+        e, b = divmod(step, per)
+        perm = np.random.default_rng([settings.seed, i, e]).permutation(n)
+        out.append(perm[b * bs:(b + 1) * bs].tolist())
+    return out
+
+curve, t0 = [], time.perf_counter()
+for r in range(1, rounds + 1):
+    states, weights = [], []
+    for i, s in enumerate(sites):
+        m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(gstate)
+        local = task.prepare_training(m, s.train_images, s.train_labels, recipe=recipe, batch_size=bs,
+                                      seed=settings.seed * 1000 + i * 31 + r, server_round=r, num_rounds=rounds)
+        loader = DataLoader(local.loader.dataset, batch_sampler=batches(i, r))
+        task.train(m, loader, epochs=1, optimizer=local.optimizer, criterion=local.criterion, lr_at=local.lr_at)
+        states.append(m.state_dict()); weights.append(len(s.train_labels))
+    tot = sum(weights)
+    for k in gstate:
+        if gstate[k].is_floating_point():
+            avg = sum(st[k] * (w / tot) for st, w in zip(states, weights))
+            delta = avg - gstate[k]
+            mom[k] = a.momentum * mom[k] + delta
+            gstate[k] = gstate[k] + a.server_lr * mom[k]
+        else:
+            gstate[k] = states[0][k]
+    if r % a.eval_every == 0 or r == rounds:
+        m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(gstate)
+        c = n = 0
+        for s in sites:
+            h, k_ = accuracy(m, s.test_images, s.test_labels, flip_tta=recipe.flip_tta); c += h; n += k_
+        curve.append({"round": r, "passes": round(r / a.splits, 2), "val": c / n,
+                      "seconds": round(time.perf_counter() - t0, 1)})
+        print(curve[-1], flush=True)
+h, n = accuracy(m, data.splits["test"].images, data.splits["test"].labels, flip_tta=recipe.flip_tta)
+res = {"args": vars(a), "S": S, "rounds": rounds, "curve": curve, "publictest": h / n}
+print(res["publictest"], flush=True)
+Path(a.out).write_text(json.dumps(res, indent=1))
