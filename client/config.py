@@ -37,8 +37,8 @@ DP_TRAIN_MODES = ("all", "head", "last")
 # Hostile behaviours a simulated site can play (simulation/attacks.py implements them, in this order).
 ATTACKS = ("scale", "sign-flip", "lie-count", "noise", "label-flip")
 # Run-config keys whose values must be positive.
-_POSITIVE = ("num-clients", "num-server-rounds", "local-epochs", "local-splits", "batch-size", "dp-lr", "dp-batch-size", "alpha",
-             "public-epochs", "aug-mult",
+_POSITIVE = ("num-clients", "num-server-rounds", "local-epochs", "local-splits", "batch-size", "dp-lr", "dp-batch-size",
+             "alpha", "public-epochs", "aug-mult",
              "image-size", "max-update-norm", "max-examples", "min-clients")
 
 
@@ -74,7 +74,7 @@ class RunSettings:
     public_epochs: int = 2
     local_epochs: int = 3
     # Shorter rounds at the same passes: each round a site trains local-epochs passes over a random 1/local-splits
-    # of its training data, drawn afresh each round, so local-splits rounds cost one round's passes of 1. Client
+    # of its training data, drawn afresh each round, so local-splits rounds make the passes of one round. Client
     # drift under label skew grows with the local steps; with server momentum the averaged steps then add up
     # (Flower-free screen, CNN-AM deep, Dirichlet 0.5, 10 passes: 10 rounds 0.361 on PublicTest, 80 rounds of 1/8 with
     # FedAvgM 0.415; docs/benchmarks.md). Not with DP-SGD, whose accountant samples from the whole local dataset.
@@ -209,8 +209,9 @@ class RunSettings:
             raise ConfigError(f"dp-train {self.dp_train!r} chooses what trains under DP: it needs dp-epsilon > 0 or "
                               "central-dp-noise > 0")
         if self.local_splits != 1 and self.dp_enabled:
-            raise ConfigError(f"local-splits {self.local_splits} trains on a slice of each site's data a round, but DP-SGD's "
-                              "accountant assumes Poisson sampling from all of it: use local-splits 1 with dp-epsilon")
+            raise ConfigError(f"local-splits {self.local_splits} trains on a slice of each site's data a round, but "
+                              "DP-SGD's accountant assumes Poisson sampling from all of it: use local-splits 1 with "
+                              "dp-epsilon")
         if self.aug_mult != 1 and not self.dp_enabled:
             # Without clipping there is nothing to average before; K views would only cost K times the compute.
             raise ConfigError(f"aug-mult {self.aug_mult} averages views before DP-SGD's clipping: it needs "

@@ -175,25 +175,13 @@ def flower_env(*, flwr_home: Path | None = None, one_thread: bool = True) -> dic
 
 
 def start_supernode(
-    settings: SuperNodeSettings, *, log_file: Path | None = None, pass_fds: tuple[int, ...] = ()
-) -> subprocess.Popen:
-    """Starts `flower-supernode` under a supervisor (client/lifetime.py: the SuperNode, its SuperExec and every
-    ClientApp die with the caller); its output goes to `log_file` (or is inherited when None). `pass_fds` go to
-    the supervisor only (the state directory's lock, held until the last process of the tree is gone)."""
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    if log_file is None:
-        return spawn_supervised(settings.command(), env=settings.env(), pass_fds=pass_fds)
-    with open(log_file, "ab") as log:
-        return spawn_supervised(settings.command(), env=settings.env(), stdout=log, stderr=subprocess.STDOUT,
-                                pass_fds=pass_fds)
-
-
-def start_relayed_supernode(
     settings: SuperNodeSettings, *, log_file: Path, show: Callable[[str], None], pass_fds: tuple[int, ...] = ()
 ) -> tuple[subprocess.Popen, OutputRelay]:
-    """Starts the SuperNode as `start_supernode` does, its output (stdout and stderr) piped through an
-    `OutputRelay`: all of it appended to `log_file`, and to `show` line by line with Python tracebacks replaced by
-    one line naming `log_file` (client/relay.py says why). Join the relay after the process has exited."""
+    """Starts `flower-supernode` under a supervisor (client/lifetime.py: the SuperNode, its SuperExec and every
+    ClientApp die with the caller), its output (stdout and stderr) piped through an `OutputRelay`: all of it
+    appended to `log_file`, and to `show` line by line with Python tracebacks replaced by one line naming
+    `log_file` (client/relay.py says why). Join the relay after the process has exited. `pass_fds` go to the
+    supervisor only (the state directory's lock, held until the last process of the tree is gone)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     process = spawn_supervised(settings.command(), env=settings.env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, pass_fds=pass_fds)

@@ -103,11 +103,24 @@ class OutputRelay:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        with open(self._log_file, "a", encoding="utf-8", errors="replace") as log:
-            def lines():
-                for raw in self._source:
-                    text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        try:
+            log = open(self._log_file, "a", encoding="utf-8", errors="replace")
+        except OSError as err:
+            # Still relay: a reader that stopped would leave the SuperNode blocked on a full pipe.
+            self._show(f"fer-client: cannot write {self._log_file} ({err.strerror}); the SuperNode's tracebacks are "
+                       "not kept")
+            log = None
+
+        def lines():
+            for raw in self._source:
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if log is not None:
                     log.write(text + "\n")
                     log.flush()
-                    yield text
+                yield text
+
+        try:
             relay_lines(lines(), show=self._show, log_name=self._log_name)
+        finally:
+            if log is not None:
+                log.close()

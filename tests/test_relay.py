@@ -111,3 +111,22 @@ def test_output_relay_logs_everything_and_shows_the_filtered_lines(tmp_path: Pat
     assert logged[1:] == _child_output()
     assert not any("Traceback" in line or line.startswith("  File") for line in shown)
     assert shown[-1] == "INFO :      last line" and len(shown) == 6
+
+
+def test_output_relay_keeps_relaying_when_the_log_cannot_be_written(tmp_path: Path):
+    """A log that cannot be opened is one line; the child's lines still flow (a stalled reader would block it)."""
+    # Prepare
+    log = tmp_path / "missing-folder" / "supernode.log"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    shown: list[str] = []
+
+    # Execute
+    relay = OutputRelay(child.stdout, log_file=log, show=shown.append, log_name=str(log)).start()
+    child.wait(timeout=60)
+    relay.join(timeout=10)
+
+    # Assert
+    assert shown[0].startswith(f"fer-client: cannot write {log} (")
+    assert shown[1:3] == ["INFO :      Starting Flower SuperNode", "ERROR :     Connection refused"]
+    assert shown[-1] == "INFO :      last line" and len(shown) == 7
+    assert not log.exists()

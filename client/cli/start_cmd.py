@@ -79,7 +79,7 @@ def start(
 ) -> None:
     """Check the data, then join the federation and train when the coordinator asks (Ctrl-C leaves)."""
     from client.data.formats import DatasetError
-    from client.deploy import SuperNodeSettings, check_data, free_port, start_supernode
+    from client.deploy import SuperNodeSettings, check_data, free_port
     from client.lifetime import InstanceLock, LockedError
     from client.config import ConfigError
     from client.node_config import NodeSettings
@@ -175,17 +175,20 @@ def _run_supernode(settings, *, lock) -> None:
     -INT did nothing). The state directory's lock goes to the supervisor too, so a new fer-client on this folder
     is refused until the last process of this one's tree is gone.
     """
-    from client.deploy import start_relayed_supernode
+    from client.deploy import start_supernode
     from client.lifetime import cmdline, descendants, stop_tree
 
     def show(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except OSError:
+            pass  # a closed terminal must not stop the relay: the SuperNode would block on a full pipe
 
     previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGINT)}
     process = relay = None
     try:
-        process, relay = start_relayed_supernode(settings, log_file=settings.state_dir / SUPERNODE_LOG, show=show,
-                                                 pass_fds=(lock.fd,))
+        process, relay = start_supernode(settings, log_file=settings.state_dir / SUPERNODE_LOG, show=show,
+                                         pass_fds=(lock.fd,))
         lock.add_helper(process.pid)
         code = process.wait()
         relay.join(timeout=RELAY_DRAIN_SECONDS)  # the SuperNode's last lines come before ours
