@@ -95,12 +95,12 @@ class RunSettings:
     class_balance: str = RECIPE  # none | weights (inverse-frequency loss) | sampling (class-balanced batches)
     flip_tta: str = RECIPE  # on | off: evaluate on the mean softmax of each face and its mirror
     # Federation
-    num_server_rounds: int = 8
-    strategy: str = "fedavg"
-    fraction_fit: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_clients: int = 2
-    proximal_mu: float = 0.01
+    num_server_rounds: int = 8  # rounds after round 0 (the initial model); the schedule runs over them
+    strategy: str = "fedavg"  # server/strategy.py STRATEGIES
+    fraction_fit: float = 1.0  # share of the connected sites trained each round (below 1: not reproducible)
+    fraction_evaluate: float = 1.0  # share of the sites that score the global model on their own test split
+    min_clients: int = 2  # a round waits for this many sites
+    proximal_mu: float = 0.01  # fedprox: weight of the proximal term mu/2 |w - w_global|^2
     # Server optimisers (Reddi et al. 2021): fedavgm takes an SGD step of server-lr with server-momentum along the
     # averaged update; fedadam / fedyogi an adaptive step of server-lr. 0 = the strategy's default (fedavgm 1.0,
     # fedadam / fedyogi 0.01). With one local epoch a round, FedAvg moves the global model about as far as one
@@ -113,25 +113,25 @@ class RunSettings:
     # Post-processing: no privacy cost (De et al. 2022 average DP-SGD iterates the same way). Off by default: over
     # 5 DP rounds at eps 3 it scored 0.355 against 0.357 without (docs/benchmarks.md).
     server_ema: float = 0.0
-    trimmed_beta: float = 0.2
-    krum_malicious: int = 0
-    max_update_norm: float = 100.0
-    max_examples: int = 1_000_000
+    trimmed_beta: float = 0.2  # fedtrimmedavg: fraction of the updates cut at each end, per coordinate
+    krum_malicious: int = 0  # krum: how many sites the selection assumes malicious
+    max_update_norm: float = 100.0  # a site update (delta) with a larger L2 norm is rejected (server/strategy.py)
+    max_examples: int = 1_000_000  # a reply claiming more training examples is rejected (its FedAvg weight)
     # Server-side norm bounding: each accepted update is scaled down to at most this multiple of the round's median
     # update norm (0 = off); it blunts scaled updates whatever the strategy, and needs individual updates.
     norm_bound: float = 0.0
-    seed: int = 42
-    out_dir: str = "runs/latest"
+    seed: int = 42  # round 0, partitions and simulated sites; deployed sites draw from the OS
+    out_dir: str = "runs/latest"  # the run directory (docs/run-directory.md); must be new or empty
     # Privacy (0 disables dp-epsilon and central-dp-noise)
     dp_epsilon: float = 0.0
-    dp_delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5  # delta of local and central DP; keep it below 1 / (examples per site)
+    max_grad_norm: float = 1.0  # DP-SGD per-sample gradient clipping norm
     # Local training under DP-SGD (dp-epsilon > 0) uses its own recipe: with Adam at 3e-4 and batches of 32 the
     # clipped, noised gradients drown the signal and CNN-AM collapses to the majority class at every epsilon; SGD
     # (momentum 0.9) at 0.05 with expected batches of 128 (4x fewer, 4x less noisy steps) learns (docs/benchmarks.md).
-    dp_optimizer: str = "sgd"
-    dp_lr: float = 0.05
-    dp_batch_size: int = 128
+    dp_optimizer: str = "sgd"  # sgd (momentum 0.9) | adam
+    dp_lr: float = 0.05  # constant local rate under DP-SGD
+    dp_batch_size: int = 128  # expected batch of Poisson sampling (rate = dp-batch-size / local examples)
     # Which parameters train under DP (models.finetune): all | head (the classifier) | last (the model's last block
     # and its head). Under DP-SGD the rest are frozen before Opacus wraps the model: no gradient, no noise, sent
     # unchanged. Under central DP sites train only these, and the server noises only these (privacy/central.py).

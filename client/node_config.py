@@ -36,43 +36,29 @@ class NodeConfigError(ConfigError):
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """One node's settings. Field names are the node-config keys with `_` for `-` (`simulated` is not a key).
+    """One node's settings. Field names are the node-config keys with `_` for `-` (`simulated` is not a key); each
+    field's comment is what its key means, as RunSettings' comments are for the run config.
 
-    Attributes:
-        dataset: the node's data, KIND=PATH (required on a deployed node; a simulated node gets a partition).
-        client_id: the node's name in the coordinator's metrics and its ledger (default: its Flower node id).
-        profile: a client profile (client/profiles.py) setting local epochs and batch size.
-        state_dir: the node's private folder: ledger, released update, SecAgg+ contributions.
-        ledger_key: the privacy ledger's key file (default STATE_DIR/ledger.key).
-        ledger_anchor: the ledger's rollback anchor (default STATE_DIR/ledger.anchor).
-        dp_epsilon: the node's own DP budget; it caps the run's and imposes DP-SGD on a run without it.
-        require_secure_agg: refuse to train in a round without SecAgg+.
-        share_metrics: release per-site figures under SecAgg+ or DP-SGD (withheld by default).
-        secagg_min_threshold: the lowest SecAgg+ reconstruction threshold the node accepts.
-        secagg_roster: the coordinator's roster of enrolled sites' keys, pinned by the node.
-        node_key: the node's enrolled private key, with which it signs its SecAgg+ keys.
-        partition_id: set by Flower's simulation engine only: the node's partition.
-        num_partitions: set by Flower's simulation engine only: how many partitions there are.
-        simulated: a node of a simulation (its config came from the simulation engine, which sets partition-id;
-            an operator's `--node-config` never does). A simulated node seeds from the run's seed and keeps its
-            ledger in the run directory; a deployed one draws from the OS and keeps its state on its own machine.
+    `simulated` marks a node of a simulation: its config came from the simulation engine, which sets partition-id
+    (an operator's `--node-config` never does). A simulated node seeds from the run's seed and keeps its ledger in
+    the run directory; a deployed one draws from the OS and keeps its state on its own machine.
     """
 
-    dataset: str | None = None
-    client_id: str | None = None
-    profile: str | None = None
-    state_dir: Path | None = None
-    ledger_key: Path | None = None
-    ledger_anchor: Path | None = None
-    dp_epsilon: float | None = None
-    require_secure_agg: bool = False
-    share_metrics: bool = False
-    secagg_min_threshold: int = DEFAULT_MIN_THRESHOLD
-    secagg_roster: Path | None = None
-    node_key: Path | None = None
-    partition_id: int | None = None
-    num_partitions: int | None = None
-    simulated: bool = False
+    dataset: str | None = None  # KIND=PATH, required on a deployed node (a simulated one gets a partition)
+    client_id: str | None = None  # the name in the coordinator's metrics and the ledger (default: the Flower id)
+    profile: str | None = None  # a client profile (client/profiles.py): local epochs and batch size
+    state_dir: Path | None = None  # the node's private folder: ledger, released update, SecAgg+ contributions
+    ledger_key: Path | None = None  # the privacy ledger's key file (default STATE_DIR/ledger.key)
+    ledger_anchor: Path | None = None  # the ledger's rollback anchor (default STATE_DIR/ledger.anchor)
+    dp_epsilon: float | None = None  # the node's own budget: caps the run's, imposes DP-SGD on a run without one
+    require_secure_agg: bool = False  # refuse to train in a round without SecAgg+
+    share_metrics: bool = False  # release per-site figures under SecAgg+ or DP-SGD (withheld by default)
+    secagg_min_threshold: int = DEFAULT_MIN_THRESHOLD  # the lowest SecAgg+ reconstruction threshold accepted
+    secagg_roster: Path | None = None  # the coordinator's roster of enrolled sites' keys, pinned by the node
+    node_key: Path | None = None  # the node's enrolled private key, which signs its SecAgg+ keys
+    partition_id: int | None = None  # set by Flower's simulation engine only: the node's partition
+    num_partitions: int | None = None  # set by Flower's simulation engine only: how many partitions there are
+    simulated: bool = False  # see above; derived from partition-id by from_node_config
 
     def __post_init__(self) -> None:
         if self.simulated != (self.partition_id is not None):

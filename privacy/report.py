@@ -101,21 +101,22 @@ class ClientPrivacy:
     """One site's cumulative local-DP spend for the whole federation, as it last reported it."""
 
     client_id: str
-    epsilon_spent: float
-    epsilon_budget: float
+    epsilon_spent: float  # cumulative over every round the site was charged for, as its ledger holds it
+    epsilon_budget: float  # the site's budget for the whole federation (the lower of the run's and its own)
     delta: float
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    steps: int
-    accountant: str
-    rounds_charged: int | None = None
-    secure_mode: bool | None = None
-    ledger_seq: int | None = None
-    ledger_id: str | None = None
-    dp_train: str | None = None
-    trainable_params: int | None = None
-    frozen_params: int | None = None
+    noise_multiplier: float  # sigma of DP-SGD, calibrated once so the whole run fits the budget
+    max_grad_norm: float  # per-sample clipping norm
+    sample_rate: float  # Poisson sampling rate (expected batch / local examples)
+    steps: int  # DP-SGD steps taken over all rounds
+    accountant: str  # rdp | prv
+    # The fields below are None in the reports of runs from before they existed.
+    rounds_charged: int | None = None  # rounds the ledger charged (a round refused before training costs none)
+    secure_mode: bool | None = None  # sampling and noise drawn from the OS-keyed CSPRNG (privacy/noise.py)
+    ledger_seq: int | None = None  # the ledger's sequence number: a lower one later means a rolled-back ledger
+    ledger_id: str | None = None  # the ledger's identity: a new one mid-run means a reset ledger
+    dp_train: str | None = None  # all | head | last: which parameters trained (and were noised)
+    trainable_params: int | None = None  # parameters DP-SGD trained
+    frozen_params: int | None = None  # parameters left as round 0's model sent them
 
     @property
     def budget_exhausted(self) -> bool:

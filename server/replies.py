@@ -1,5 +1,6 @@
 """What a client's reply may carry: the checks every update, example count and metric passes before the strategy
-sees it (server/strategy.py's GuardedStrategy applies them).
+sees it, and the norm bound a round's accepted updates may be held to (server/strategy.py's GuardedStrategy
+applies them).
 
 A reply is untrusted input: each check returns why it is refused, or None, and never raises on a malformed value.
 """
@@ -14,7 +15,7 @@ import numpy as np
 
 from client.config import DP_TRAIN_MODES
 from privacy.accounting import ACCOUNTANTS
-from privacy.guard import UpdateRejected, update_norm
+from privacy.guard import UpdateRejected, scale_update, update_norm
 from privacy.report import DP_METRIC_KEYS
 
 
@@ -154,3 +155,26 @@ def validate_metrics(
             return {}, f"metric {key[:_MAX_ID_LENGTH]!r} must be {kind}, got {shown}"
         known[key] = value.item() if isinstance(value, np.generic) else value
     return known, None
+
+
+def bound_to_median_norm(deltas: list[list[np.ndarray]], *, factor: float) -> tuple[list[list[np.ndarray]], list[int]]:
+    """Scales every update whose L2 norm exceeds `factor` x the median norm of `deltas` down to that bound.
+
+    The server-side norm bounding of Sun et al. 2019 ("Can you really backdoor federated learning?"), with the
+    bound taken from the round itself: as long as most updates are honest the median norm is an honest norm, so a
+    site cannot buy influence by scaling its update, whatever the aggregation rule. It does not help against an
+    update that points the wrong way at an honest norm (sign flips, noise); median, trimmed mean and Krum do.
+
+    Returns:
+        The bounded deltas (unchanged arrays where within the bound) and the indices of those scaled down.
+    """
+    norms = [update_norm(delta) for delta in deltas]
+    bound = factor * float(np.median(norms))
+    bounded, scaled = [], []
+    for index, (delta, norm) in enumerate(zip(deltas, norms)):
+        if norm > bound > 0:
+            bounded.append(scale_update(delta, bound / norm))
+            scaled.append(index)
+        else:
+            bounded.append(delta)
+    return bounded, scaled

@@ -85,6 +85,11 @@ class _RoundState(WorkflowState):
     excluded_node_ids: set[int] = field(default_factory=set)
     quantization: QuantizationCost | None = None
 
+    def halt(self, reason: str) -> bool:
+        """Ends the round with `reason` (kept for the failure report); returns False, a stage's "not completed"."""
+        self.halt_reason = reason
+        return False
+
 
 class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow with cryptographic masks, correct dropout handling and visible failures.
@@ -117,8 +122,7 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
                 completed = step(grid, context, state)
             # Malformed or malicious replies (bad shares, unknown node IDs) end the round, not the whole run.
             except (ValueError, KeyError, TypeError, IndexError) as err:
-                state.halt_reason = f"{type(err).__name__}: {err}"
-                completed = False
+                completed = state.halt(f"{type(err).__name__}: {err}")
             if not completed:
                 self._fail(context, state, server_round=server_round, stage=stage)
                 return
@@ -141,12 +145,11 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
         for node_id in state.sampled_node_ids:
             active_neighbours = state.nid_to_neighbours[node_id] & state.active_node_ids
             if len(active_neighbours) < state.threshold:
-                cast(_RoundState, state).halt_reason = (
+                return cast(_RoundState, state).halt(
                     f"too few clients left: node {node_id} has {len(active_neighbours)} active neighbours "
                     f"({len(state.active_node_ids)} of {len(state.sampled_node_ids)} clients left), "
                     f"reconstruction threshold {state.threshold}"
                 )
-                return False
         return True
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
@@ -162,17 +165,12 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
         completed = super().setup_stage(_GridTap(grid, incoming=keep_attestation), context, state)
         if not state.nid_to_fitins:
-            round_state.halt_reason = "the strategy selected no clients"
-            return False
+            return round_state.halt("the strategy selected no clients")
         if len(state.nid_to_fitins) < 2:
-            round_state.halt_reason = "secure aggregation needs at least 2 clients"
-            return False
+            return round_state.halt("secure aggregation needs at least 2 clients")
         if len(state.sampled_node_ids) * state.quantization_range >= state.mod_range:
-            round_state.halt_reason = (
-                f"{len(state.sampled_node_ids)} clients x quantization_range {state.quantization_range} "
-                f"overflows modulus_range {state.mod_range}"
-            )
-            return False
+            return round_state.halt(f"{len(state.sampled_node_ids)} clients x quantization_range "
+                                    f"{state.quantization_range} overflows modulus_range {state.mod_range}")
         return completed
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
@@ -269,10 +267,9 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
                     shares[owner].append(share)
         for nid, node_shares in shares.items():
             if len(node_shares) < state.threshold:
-                round_state.halt_reason = (
+                return round_state.halt(
                     f"only {len(node_shares)} key shares of node {nid} came back, {state.threshold} needed"
                 )
-                return False
             # Exactly `threshold` shares rebuild the secret; Flower passes all of them, and Lagrange
             # interpolation in PyCryptodome's pure-Python GF(2^128) costs quadratically in their number.
             del node_shares[state.threshold :]
@@ -296,8 +293,7 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
         total_weight = int(vector[0])
         if total_weight == 0:
-            round_state.halt_reason = "the survivors' total weight is zero"
-            return False
+            return round_state.halt("the survivors' total weight is zero")
         # Each survivor sent round((w_i x_i + c) * T / 2c); the sum decodes to sum_i w_i x_i + n c.
         step = 2 * state.clipping_range / state.quantization_range
         summed = vector[1:].astype(np.float64) * step - len(active_nids) * state.clipping_range
@@ -327,7 +323,7 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
             server_round, results, state.failures  # type: ignore[arg-type]
         )
         if not parameters_aggregated:
-            state.halt_reason = "the strategy returned no parameters"
+            state.halt("the strategy returned no parameters")
             self._fail(context, state, server_round=server_round, stage="aggregate")
             return
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(

@@ -34,7 +34,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from privacy.central import CentralDP, add_central_noise
-from privacy.guard import guard_update, scale_update, update_norm
+from privacy.guard import guard_update
 from privacy.report import dp_status
 from server.ema import ParameterEMA
 from server.ledger_registry import NodeLedgers
@@ -42,6 +42,7 @@ from server.records import RoundReport
 from server.replies import (
     EVALUATE_METRICS,
     FIT_METRICS,
+    bound_to_median_norm,
     is_finite_number,
     is_label,
     is_count,
@@ -133,29 +134,6 @@ def _fedtrimmedavg(*, common: dict, trimmed_beta: float, **_: Any) -> Strategy:
 @register_strategy("krum")
 def _krum(*, common: dict, krum_malicious: int, **_: Any) -> Strategy:
     return Krum(**common, num_malicious_clients=krum_malicious, num_clients_to_keep=0)
-
-
-def bound_to_median_norm(deltas: list[list[np.ndarray]], *, factor: float) -> tuple[list[list[np.ndarray]], list[int]]:
-    """Scales every update whose L2 norm exceeds `factor` x the median norm of `deltas` down to that bound.
-
-    The server-side norm bounding of Sun et al. 2019 ("Can you really backdoor federated learning?"), with the
-    bound taken from the round itself: as long as most updates are honest the median norm is an honest norm, so a
-    site cannot buy influence by scaling its update, whatever the aggregation rule. It does not help against an
-    update that points the wrong way at an honest norm (sign flips, noise); median, trimmed mean and Krum do.
-
-    Returns:
-        The bounded deltas (unchanged arrays where within the bound) and the indices of those scaled down.
-    """
-    norms = [update_norm(delta) for delta in deltas]
-    bound = factor * float(np.median(norms))
-    bounded, scaled = [], []
-    for index, (delta, norm) in enumerate(zip(deltas, norms)):
-        if norm > bound > 0:
-            bounded.append(scale_update(delta, bound / norm))
-            scaled.append(index)
-        else:
-            bounded.append(delta)
-    return bounded, scaled
 
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Any]]]

@@ -16,7 +16,8 @@ import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from client.config import RunSettings
-from server.strategy import GuardedStrategy, bound_to_median_norm, create_strategy
+from server.replies import bound_to_median_norm
+from server.strategy import GuardedStrategy, create_strategy
 from simulation.attacks import ATTACK_REGISTRY, LIED_COUNT, attacker_partitions, flip_labels
 from tests.test_strategy import _Proxy
 

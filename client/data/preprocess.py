@@ -69,9 +69,7 @@ class FacePreprocessor:
             raise ValueError(f"size must be at least 8, got {size}")
         if margin < 0:
             raise ValueError(f"margin must be non-negative, got {margin}")
-        self.size = size
-        self.detector = detector
-        self.margin = margin
+        self.size, self.detector, self.margin = size, detector, margin
         if detector == "yunet":
             if yunet_model is None:
                 raise click.ClickException("the yunet detector needs a model file: pass yunet_model=PATH to a .onnx")
