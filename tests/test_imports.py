@@ -84,3 +84,17 @@ def test_no_module_imports_upward():
     ]
     # Assert
     assert upward == []
+
+
+# Issue 11: a module that outgrows this has more than one job (server/strategy.py reached 457 lines unnoticed).
+MAX_MODULE_LINES = 450
+
+
+def test_no_project_module_is_over_the_line_limit():
+    """Every module of the five packages has at most MAX_MODULE_LINES lines."""
+    # Execute
+    sizes = {path.relative_to(ROOT): len(path.read_text().splitlines())
+             for package in PACKAGES for path in (ROOT / package).rglob("*.py")}
+    # Assert
+    assert len(sizes) > 50
+    assert {str(path): n for path, n in sizes.items() if n > MAX_MODULE_LINES} == {}
