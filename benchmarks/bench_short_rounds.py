@@ -31,12 +31,17 @@ p.add_argument("--server-lr", type=float, default=1.0)
 p.add_argument("--momentum", type=float, default=0.0)
 p.add_argument("--alpha", type=float, default=0.5)
 p.add_argument("--eval-every", type=int, default=5)
+p.add_argument("--lr", type=float, default=0.0, help="peak local learning rate (0 = the recipe's)")
+p.add_argument("--public-fraction", type=float, default=0.0,
+               help="start from the server's public pretraining on this stratified slice of train (server/public_pretrain.py)")
+p.add_argument("--public-epochs", type=int, default=10)
 p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
 p.add_argument("--out", required=True)
 a = p.parse_args()
 torch.set_num_threads(2)
 settings = RunSettings(dataset=f"fer2013={a.data}", num_clients=10, min_clients=10,
-                       partition="dirichlet", alpha=a.alpha, model="cnn_am_deep", num_server_rounds=10, local_epochs=1)
+                       partition="dirichlet", alpha=a.alpha, model="cnn_am_deep", num_server_rounds=10, local_epochs=1,
+                       lr=a.lr, public_fraction=a.public_fraction, public_epochs=a.public_epochs)
 data = cached_dataset(settings.dataset, settings.image_size, settings.seed)
 sites = [node_data_from_indices(data, plan.indices, client_id=plan.client_id, test_fraction=settings.local_test_fraction,
                                 seed=settings.seed + i) for i, plan in enumerate(federation_plan(settings))]
@@ -49,6 +54,10 @@ print(f"steps/epoch per site {epoch_steps}; splits={a.splits}; rounds={rounds}",
 recipe = settings.recipe()
 torch.manual_seed(settings.seed)
 g = create_model(settings.model, norm_layer=group_norm)
+if a.public_fraction > 0:  # the product's round 0: the seeded model, then the public pretraining
+    from client import wire
+    from server.server_app import initial_weights
+    wire.set_weights(g, initial_weights(settings.replace(lr=0.0)))  # --lr is the sites' fine-tuning rate only
 gstate = {k: v.clone() for k, v in g.state_dict().items()}
 mom = {k: torch.zeros_like(v) for k, v in gstate.items() if v.is_floating_point()}
 
