@@ -116,7 +116,7 @@ class ClientPrivacy:
     ledger_id: str | None = None  # the ledger's identity: a new one mid-run means a reset ledger
     dp_train: str | None = None  # all | head | last: which parameters trained (and were noised)
     trainable_params: int | None = None  # parameters DP-SGD trained
-    frozen_params: int | None = None  # parameters left as round 0's model sent them
+    frozen_params: int | None = None  # parameters sent back as the server sent them: no gradient, no noise
 
     @property
     def budget_exhausted(self) -> bool:
