@@ -35,6 +35,7 @@ p.add_argument("--lr", type=float, default=0.0, help="peak local learning rate (
 p.add_argument("--public-fraction", type=float, default=0.0,
                help="start from the server's public pretraining on this stratified slice of train (server/public_pretrain.py)")
 p.add_argument("--public-epochs", type=int, default=10)
+p.add_argument("--ema", type=float, default=0.0, help="score the server's average over rounds at this decay (server/ema.py)")
 p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
 p.add_argument("--out", required=True)
 a = p.parse_args()
@@ -60,6 +61,13 @@ if a.public_fraction > 0:  # the product's round 0: the seeded model, then the p
     wire.set_weights(g, initial_weights(settings.replace(lr=0.0)))  # --lr is the sites' fine-tuning rate only
 gstate = {k: v.clone() for k, v in g.state_dict().items()}
 mom = {k: torch.zeros_like(v) for k, v in gstate.items() if v.is_floating_point()}
+from server.ema import ParameterEMA  # noqa: E402
+ema = ParameterEMA(decay=a.ema, weights=[v.numpy() for v in gstate.values()]) if a.ema > 0 else None
+
+
+def scored_state():
+    """What the server evaluates: the global model, or with --ema its average over rounds."""
+    return gstate if ema is None else {k: torch.from_numpy(w) for k, w in zip(gstate, ema.weights)}
 
 def batches(i, r):
     # site i's share of round r: steps [per*(r-1)/splits, per*r/splits) of its stream of seeded epochs
@@ -90,8 +98,10 @@ for r in range(1, rounds + 1):
             gstate[k] = gstate[k] + a.server_lr * mom[k]
         else:
             gstate[k] = states[0][k]
+    if ema is not None:
+        ema.update([v.numpy() for v in gstate.values()])
     if r % a.eval_every == 0 or r == rounds:
-        m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(gstate)
+        m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(scored_state())
         c = n = 0
         for s in sites:
             h, k_ = accuracy(m, s.test_images, s.test_labels, flip_tta=recipe.flip_tta); c += h; n += k_
