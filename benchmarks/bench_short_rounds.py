@@ -36,13 +36,15 @@ p.add_argument("--public-fraction", type=float, default=0.0,
                help="start from the server's public pretraining on this stratified slice of train (server/public_pretrain.py)")
 p.add_argument("--public-epochs", type=int, default=10)
 p.add_argument("--ema", type=float, default=0.0, help="score the server's average over rounds at this decay (server/ema.py)")
+p.add_argument("--class-balance", default="recipe", help="the recipe's class_balance, e.g. logit-adjust")
+p.add_argument("--label-prior", default="public", help="logit-adjust's target mix: public | uniform | n0,...,n6")
 p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
 p.add_argument("--out", required=True)
 a = p.parse_args()
 torch.set_num_threads(2)
 settings = RunSettings(dataset=f"fer2013={a.data}", num_clients=10, min_clients=10,
                        partition="dirichlet", alpha=a.alpha, model="cnn_am_deep", num_server_rounds=10, local_epochs=1,
-                       lr=a.lr, public_fraction=a.public_fraction, public_epochs=a.public_epochs)
+                       lr=a.lr, class_balance=a.class_balance, label_prior=a.label_prior, public_fraction=a.public_fraction, public_epochs=a.public_epochs)
 data = cached_dataset(settings.dataset, settings.image_size, settings.seed)
 sites = [node_data_from_indices(data, plan.indices, client_id=plan.client_id, test_fraction=settings.local_test_fraction,
                                 seed=settings.seed + i) for i, plan in enumerate(federation_plan(settings))]
@@ -79,13 +81,16 @@ def batches(i, r):
         out.append(perm[b * bs:(b + 1) * bs].tolist())
     return out
 
+from server.public_pretrain import target_label_prior  # noqa: E402
+prior = target_label_prior(settings)  # what the server sends the sites in the fit config (logit-adjust only)
 curve, t0 = [], time.perf_counter()
 for r in range(1, rounds + 1):
     states, weights = [], []
     for i, s in enumerate(sites):
         m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(gstate)
         local = task.prepare_training(m, s.train_images, s.train_labels, recipe=recipe, batch_size=bs,
-                                      seed=settings.seed * 1000 + i * 31 + r, server_round=r, num_rounds=rounds)
+                                      seed=settings.seed * 1000 + i * 31 + r, server_round=r, num_rounds=rounds,
+                                      label_prior=prior)
         loader = DataLoader(local.loader.dataset, batch_sampler=batches(i, r))
         task.train(m, loader, epochs=1, optimizer=local.optimizer, criterion=local.criterion, lr_at=local.lr_at)
         states.append(m.state_dict()); weights.append(len(s.train_labels))

@@ -11,10 +11,13 @@ It lives in `client/` because both apps need it and `server/` may import `client
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from client.data.labels import NUM_CLASSES
 
 if TYPE_CHECKING:
     from models.recipe import TrainingRecipe
@@ -28,8 +31,9 @@ OPTIMIZERS = ("adam", "sgd", "sgd-nesterov")
 RECIPE = "recipe"
 SCHEDULES = ("constant", "warmup-cosine", "step")
 AUGMENTS = ("none", "light", "strong")
-CLASS_BALANCES = ("none", "weights", "sampling")
+CLASS_BALANCES = ("none", "weights", "sampling", "logit-adjust")
 ON_OFF = ("on", "off")
+LABEL_PRIORS = ("public", "uniform")
 ACCOUNTANTS = ("rdp", "prv")
 # Which parameters DP-SGD trains: every one, the classifier only, or the last block and the head. Mirrors
 # models.finetune.DP_TRAIN_MODES without importing torch (tests/test_dp_finetune.py pins them equal).
@@ -92,7 +96,11 @@ class RunSettings:
     weight_decay: float = -1.0
     label_smoothing: float = -1.0
     augment: str = RECIPE  # none | light | strong
-    class_balance: str = RECIPE  # none | weights (inverse-frequency loss) | sampling (class-balanced batches)
+    class_balance: str = RECIPE  # none | weights (inverse-frequency loss) | sampling | logit-adjust (models/recipe.py)
+    # logit-adjust's target: the label mix the trained logits should carry. "public" = the public slice's mix (needs
+    # public-fraction > 0), "uniform" = a classifier for balanced emotions, or seven class counts "n0,...,n6" in
+    # client.data.labels order. The server resolves it and sends the frequencies in each round's fit config.
+    label_prior: str = "public"
     flip_tta: str = RECIPE  # on | off: evaluate on the mean softmax of each face and its mirror
     # Federation
     num_server_rounds: int = 8  # rounds after round 0 (the initial model); the schedule runs over them
@@ -198,6 +206,11 @@ class RunSettings:
         _choice("augment", self.augment, (*AUGMENTS, RECIPE))
         _choice("class-balance", self.class_balance, (*CLASS_BALANCES, RECIPE))
         _choice("flip-tta", self.flip_tta, (*ON_OFF, RECIPE))
+        if self.label_prior not in LABEL_PRIORS:
+            parse_label_prior(self.label_prior, key="label-prior")
+        elif self.label_prior == "public" and self.class_balance == "logit-adjust" and self.public_fraction <= 0:
+            raise ConfigError("label-prior 'public' is the public slice's label mix: it needs public-fraction > 0; "
+                              "give label-prior uniform or seven class counts instead")
         if self.lr < 0:
             raise ConfigError(f"lr must be positive (0 = the model's recipe), got {self.lr}")
         if not self.warmup < 1 or not self.label_smoothing < 1:
@@ -374,6 +387,22 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"run-config key {key!r} expects {kind.__name__}, got {value!r}") from None
+
+
+def parse_label_prior(text: str, *, key: str = "label-prior") -> tuple[float, ...]:
+    """Seven class counts or frequencies ("n0,...,n6", client.data.labels order), normalised to sum 1.
+
+    Every class needs a positive share: logit-adjust divides by it. Raises ConfigError naming `key` otherwise.
+    """
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != NUM_CLASSES or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"{key} must be public, uniform or {NUM_CLASSES} positive class counts 'n0,...,n6'; "
+                          f"got {text!r}")
+    total = sum(values)
+    return tuple(v / total for v in values)
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:

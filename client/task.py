@@ -62,13 +62,15 @@ class LocalTraining:
 
 
 def prepare_training(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, recipe: TrainingRecipe,
-                     batch_size: int, seed: int, server_round: int, num_rounds: int) -> LocalTraining:
+                     batch_size: int, seed: int, server_round: int, num_rounds: int,
+                     label_prior: Sequence[float] | None = None) -> LocalTraining:
     """The loader, optimiser, loss and round schedule of `recipe` for round `server_round` of `num_rounds`.
 
     One implementation for federated clients (client.trainer) and the centralised baseline (simulation.centralized),
     so a gap between them can only come from federation. The augmentation is seeded by `seed` (the same seed gives
     the same batches), class balancing uses these labels only (the site's own data), and the optimiser is built
-    fresh, as every client builds it each round; its momentum restarts with the round.
+    fresh, as every client builds it each round; its momentum restarts with the round. `label_prior` is the
+    label mix logit-adjust trains towards (RunSettings.label_prior, resolved by the server; None = uniform).
     """
     augment = make_augment(recipe.augment)
     dataset = FERTorchDataset(images, labels, augment=augment, seed=seed)
@@ -77,10 +79,17 @@ def prepare_training(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
     loader = DataLoader(dataset, batch_size=min(batch_size, max(1, len(dataset))), shuffle=sampler is None,
                         sampler=sampler, generator=generator if sampler is None else None)
     weights = class_weights(labels, num_classes=NUM_CLASSES) if recipe.class_balance == "weights" else None
+    if recipe.class_balance == "logit-adjust":  # the site's own label mix goes into the loss, not the weights
+        shift = label_log_prior(labels, num_classes=NUM_CLASSES)
+        if label_prior is not None:
+            shift = shift - torch.log(torch.as_tensor(label_prior, dtype=torch.float32))
+        criterion = LogitAdjustedLoss(shift, label_smoothing=recipe.label_smoothing)
+    else:
+        criterion = make_criterion(label_smoothing=recipe.label_smoothing, class_weights=weights)
     return LocalTraining(
         loader=loader,
         optimizer=make_optimizer(model, name=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay),
-        criterion=make_criterion(label_smoothing=recipe.label_smoothing, class_weights=weights),
+        criterion=criterion,
         lr_at=recipe.round_schedule(server_round=server_round, num_rounds=num_rounds),
     )
 
@@ -99,6 +108,48 @@ def round_slice(num_examples: int, *, splits: int, seed: int) -> np.ndarray:
 def make_criterion(*, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> nn.Module:
     """The training loss: cross-entropy with the recipe's label smoothing and optional class weights."""
     return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+
+
+def label_log_prior(labels: np.ndarray, *, num_classes: int) -> torch.Tensor:
+    """log of the label frequencies of `labels`; -inf for a class they lack (LogitAdjustedLoss leaves it out)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        return torch.tensor(np.log(counts / max(counts.sum(), 1.0)), dtype=torch.float32)
+
+
+class LogitAdjustedLoss(nn.CrossEntropyLoss):
+    """Cross-entropy on logits + log π_site − log π_target: the site's own label mix π_site (`label_log_prior`) is
+    added inside the loss, the target mix π_target taken out (prepare_training passes the shift, `log_prior`).
+
+    Why: under label skew a site's plain cross-entropy teaches the shared head its own label mix (a site of mostly
+    happy faces raises "happy" everywhere), and averaging sites with opposite mixes fights over the head. With the
+    shift inside the loss, the logits every site learns estimate log p(face | emotion) + log π_target, the same
+    quantity at every site (the logit-adjusted loss of Menon et al., ICLR 2021; balanced softmax, Ren et al.,
+    NeurIPS 2020; applied per site as in FedLC, Zhang et al., ICML 2022). Where a site's mix is the target mix
+    (centralised training on the pooled data, public pretraining) the shift is 0 and this is plain cross-entropy.
+
+    The target matters: with a uniform target the net is a classifier for balanced emotions, and a weak one then
+    over-predicts rare classes (measured: CNN-AM deep pretrained 3 epochs on FER2013's 20 % public slice scored 0.04
+    on PublicTest, predicting disgust), so RunSettings.label_prior defaults to the public slice's mix.
+
+    A class the site lacks has prior 0, so it leaves the softmax: its logit gets no gradient at all, and label
+    smoothing spreads over the classes the site holds. With a pseudo-count instead, an absent class's softmax stays
+    below label smoothing's target for it (0.1 / 7), so every site lacking the class would keep raising its logit.
+    """
+
+    def __init__(self, log_prior: torch.Tensor, *, label_smoothing: float = 0.0) -> None:
+        super().__init__(label_smoothing=label_smoothing)
+        self.register_buffer("log_prior", log_prior)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        held = torch.isfinite(self.log_prior).to(logits.device)
+        log_p = torch.log_softmax(logits[:, held] + self.log_prior.to(logits.device)[held], dim=1)
+        column = torch.cumsum(held.long(), 0)[labels] - 1  # each label's column among the held classes
+        per_face = -(1 - self.label_smoothing) * log_p.gather(1, column[:, None]).squeeze(1)
+        per_face = per_face - self.label_smoothing * log_p.mean(1)
+        if self.reduction == "none":
+            return per_face
+        return per_face.sum() if self.reduction == "sum" else per_face.mean()
 
 
 def class_weights(labels: np.ndarray, *, num_classes: int) -> torch.Tensor:

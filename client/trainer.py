@@ -20,7 +20,7 @@ from flwr.client import NumPyClient
 from torch.utils.data import DataLoader
 
 from client import replay, task, wire
-from client.config import RECIPE, RunSettings
+from client.config import RECIPE, RunSettings, parse_label_prior
 from client.data.preprocess import FERTorchDataset, make_augment
 from client.dp_training import open_dp_client
 from client.node_config import NodeSettings
@@ -108,7 +108,7 @@ class FerClient(NumPyClient):
             local = task.prepare_training(
                 model, images, labels, recipe=self.settings.recipe(synthetic=data.synthetic),
                 batch_size=self.setup.batch_size, seed=seed, server_round=server_round,
-                num_rounds=self.settings.num_server_rounds,
+                num_rounds=self.settings.num_server_rounds, label_prior=fit_label_prior(config, self.settings),
             )
             proximal_mu = float(config.get("proximal-mu", 0.0))
             reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
@@ -181,6 +181,21 @@ class FerClient(NumPyClient):
         loader = DataLoader(FERTorchDataset(data.test_images, data.test_labels), batch_size=256)
         result = task.evaluate(model, loader, flip_tta=self.settings.recipe().flip_tta)
         return result.loss, result.num_examples, {"client-id": data.client_id, "accuracy": result.accuracy}
+
+
+def fit_label_prior(config: dict, settings: RunSettings) -> tuple[float, ...] | None:
+    """The label mix logit-adjust trains towards, as the server resolved it for this run (`label-prior` in the fit
+    config, server.public_pretrain.target_label_prior); None when the run's recipe does not logit-adjust.
+
+    Raises:
+        ValueError: the recipe logit-adjusts but the fit config has no valid label-prior (Flower turns this into an
+            error reply naming the reason, and the round goes on without this site).
+    """
+    if settings.recipe().class_balance != "logit-adjust":
+        return None
+    if "label-prior" not in config:
+        raise ValueError("class-balance logit-adjust needs the server's label-prior in the fit config; it sent none")
+    return parse_label_prior(str(config["label-prior"]), key="the fit config's label-prior")
 
 
 def releases_train_metrics(settings: RunSettings, *, share_metrics: bool) -> bool:

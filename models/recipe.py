@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 SCHEDULES = ("constant", "warmup-cosine", "step")
 AUGMENTS = ("none", "light", "strong")
-CLASS_BALANCES = ("none", "weights", "sampling")
+CLASS_BALANCES = ("none", "weights", "sampling", "logit-adjust")
 RECIPE_OPTIMIZERS = ("adam", "sgd", "sgd-nesterov")
 # Step decay: the learning rate is divided by 10 at each of these fractions of training (the classic 50 % / 75 %).
 STEP_MILESTONES = (0.5, 0.75)
@@ -44,7 +44,9 @@ class TrainingRecipe:
         augment: "none", "light" (rotation, zoom, shift, flip, brightness/contrast: the project's earlier default)
             or "strong" (light with wider shifts plus random erasing).
         class_balance: how the rare class (disgust is 1.5 % of FER2013's training set) is handled: "none",
-            "weights" (inverse-frequency loss weights) or "sampling" (class-balanced sampling).
+            "weights" (inverse-frequency loss weights), "sampling" (class-balanced sampling) or "logit-adjust"
+            (the loss sees the logits plus the log of the site's own label frequencies, so the net learns scores
+            free of that site's label mix: client.task.LogitAdjustedLoss; what label-skewed federations need).
         flip_tta: evaluate on the mean of the softmax of each face and its mirror image.
     """
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from client import task, wire
-from client.config import RunSettings
+from client.config import RunSettings, parse_label_prior
 from client.data.labels import NUM_CLASSES
 from client.node_data import cached_dataset, parse_dataset_list, stratified_holdout
 from models import create_model
@@ -102,9 +102,31 @@ def pretrain_on_public(settings: RunSettings, weights: list[np.ndarray]) -> list
     model = create_model(settings.model, dp=True)
     wire.set_weights(model, weights)
     local = task.prepare_training(model, images, labels, recipe=settings.recipe(synthetic=synthetic),
-                                  batch_size=settings.batch_size, seed=settings.seed, server_round=1, num_rounds=1)
+                                  batch_size=settings.batch_size, seed=settings.seed, server_round=1, num_rounds=1,
+                                  label_prior=target_label_prior(settings))
     result = task.train(model, local.loader, epochs=settings.public_epochs, optimizer=local.optimizer,
                         criterion=local.criterion, lr_at=local.lr_at)
     log.info("public pretraining: %d public faces, %d epochs, %d steps, train loss %.4f (not private, no epsilon)",
              len(labels), settings.public_epochs, result.steps, result.loss)
     return wire.get_weights(model)
+
+
+def target_label_prior(settings: RunSettings) -> tuple[float, ...] | None:
+    """The label mix logit-adjust trains towards (RunSettings.label_prior) as frequencies; None when the run's
+    recipe does not logit-adjust.
+
+    "public" is the public slices' label mix with one pseudo-count per class (a tiny slice may lack a class, and
+    the target must be positive); it is what the coordinator already holds in the clear, so sending it to the sites
+    in the fit config discloses nothing of theirs.
+    """
+    if settings.recipe().class_balance != "logit-adjust":
+        return None
+    if settings.label_prior == "uniform":
+        return (1.0 / NUM_CLASSES,) * NUM_CLASSES
+    if settings.label_prior != "public":
+        return parse_label_prior(settings.label_prior)
+    counts = np.ones(NUM_CLASSES)
+    for entry in parse_dataset_list(settings.dataset):
+        labels = cached_dataset(entry.spec, settings.image_size, settings.seed).splits["train"].labels
+        counts += np.bincount(labels[public_split(settings, entry.spec).public], minlength=NUM_CLASSES)
+    return tuple(float(c) for c in counts / counts.sum())

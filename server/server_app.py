@@ -39,7 +39,7 @@ from server.delivery import deliver_at_end
 from server.ema import ParameterEMA
 from server.evaluation import ServerEvaluator
 from server.init_model import init_model_weights
-from server.public_pretrain import pretrain_on_public, public_data
+from server.public_pretrain import pretrain_on_public, public_data, target_label_prior
 from server.ledger_registry import NodeLedgers
 from server.records import RoundRecord, build_round, format_round, summarize
 from server.replies import is_finite_number
@@ -116,9 +116,13 @@ def load_server_test_set(settings: RunSettings) -> tuple[np.ndarray, np.ndarray,
 def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedStrategy:
     """The configured Flower strategy inside the update guard, with server-side evaluation."""
     proximal_mu = settings.proximal_mu if settings.strategy == "fedprox" else 0.0
+    prior = target_label_prior(settings)
+    # logit-adjust's target mix, resolved once here (the public slice is the coordinator's): frequencies as text,
+    # since a fit config holds scalars only; the sites parse it with client.config.parse_label_prior.
+    label_prior = {"label-prior": ",".join(f"{v:.8g}" for v in prior)} if prior is not None else {}
 
     def fit_config(server_round: int) -> dict[str, Any]:
-        return {"server-round": server_round, "proximal-mu": proximal_mu}
+        return {"server-round": server_round, "proximal-mu": proximal_mu, **label_prior}
 
     common = {
         "fraction_fit": settings.fraction_fit,

@@ -21,7 +21,7 @@ from client.node_data import cached_dataset, node_data_from_indices
 from models import create_model
 from privacy.report import privacy_report
 from server.evaluation import ServerEvaluator
-from server.public_pretrain import public_data
+from server.public_pretrain import public_data, target_label_prior
 from server.report import write_report
 from server.records import RoundRecord, RoundReport, RunSummary, build_round, summarize
 from server.rundir import RunDirectory
@@ -63,7 +63,8 @@ def run_centralized(
     # The recipe's schedule runs over the same "rounds" (groups of local-epochs epochs) as the federation's; one
     # optimiser for the whole run (its momentum carries on, as centralised training's does).
     local = task.prepare_training(model, images, labels, recipe=recipe, batch_size=settings.batch_size,
-                                  seed=settings.seed, server_round=1, num_rounds=settings.num_server_rounds)
+                                  seed=settings.seed, server_round=1, num_rounds=settings.num_server_rounds,
+                                  label_prior=target_label_prior(settings))
 
     def record(server_round: int, seconds: float, train_loss: float | None) -> None:
         server = None

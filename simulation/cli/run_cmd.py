@@ -70,7 +70,8 @@ def _make_command(mode: str):
             StrOpt, typer.Option(help="none | light | strong (strong adds random erasing and wider shifts).")
         ] = None,
         class_balance: Annotated[
-            StrOpt, typer.Option(help="Rare classes: none | weights (inverse-frequency loss) | sampling.")
+            StrOpt, typer.Option(help="Rare classes and label skew: none | weights (inverse-frequency loss) | sampling | "
+                                         "logit-adjust (the loss adds the site's log label prior).")
         ] = None,
         flip_tta: Annotated[
             StrOpt, typer.Option(help="on | off: evaluate on the mean softmax of each face and its mirror.")
