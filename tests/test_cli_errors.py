@@ -158,6 +158,13 @@ CASES = {
     "run-local-splits-with-dp": (("fer-sim", "run", "--dataset", "synthetic=20", "--local-splits", "4",
                                   "--dp-epsilon", "3", "--out", "out"), _nothing,
                                  "local-splits 4 trains on a slice of each site's data a round", ["out"]),
+    "run-logit-adjust-public-without-slice": (("fer-sim", "run", "--dataset", "synthetic=20", "--class-balance",
+                                               "logit-adjust", "--out", "out"), _nothing,
+                                              "label-prior 'public' is the public slice's label mix: it needs "
+                                              "public-fraction > 0", ["out"]),
+    "run-bad-label-prior": (("fer-sim", "run", "--dataset", "synthetic=20", "--class-balance", "logit-adjust",
+                             "--label-prior", "1,2,0", "--out", "out"), _nothing,
+                            "label-prior must be public, uniform or 7 positive class counts", ["out"]),
     "demo-non-empty-out": (("fer-sim", "demo", "--out", "out"), _non_empty_out,
                            "run directory out already exists and is not empty", []),
     "evaluate-missing-model": (("fer-sim", "evaluate", "--model", "run/model.pt", "--dataset", "synthetic=20"),

@@ -73,6 +73,9 @@ def _make_command(mode: str):
             StrOpt, typer.Option(help="Rare classes and label skew: none | weights (inverse-frequency loss) | sampling | "
                                          "logit-adjust (the loss adds the site's log label prior).")
         ] = None,
+        label_prior: Annotated[StrOpt, typer.Option(
+            help="logit-adjust's target label mix: public (the public slice's; needs --public-fraction) | uniform | "
+                 "seven class counts n0,...,n6.")] = None,
         flip_tta: Annotated[
             StrOpt, typer.Option(help="on | off: evaluate on the mean softmax of each face and its mirror.")
         ] = None,
@@ -131,6 +134,7 @@ def _make_command(mode: str):
             "label-smoothing": label_smoothing,
             "augment": augment,
             "class-balance": class_balance,
+            "label-prior": label_prior,
             "flip-tta": flip_tta,
             "batch-size": batch_size,
             "strategy": strategy,
