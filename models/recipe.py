@@ -46,7 +46,8 @@ class TrainingRecipe:
         class_balance: how the rare class (disgust is 1.5 % of FER2013's training set) is handled: "none",
             "weights" (inverse-frequency loss weights), "sampling" (class-balanced sampling) or "logit-adjust"
             (the loss sees the logits plus the log of the site's own label frequencies, so the net learns scores
-            free of that site's label mix: client.task.LogitAdjustedLoss; what label-skewed federations need).
+            free of that site's label mix: client.task.LogitAdjustedLoss; for label-skewed federations,
+            docs/benchmarks.md measures where it helps).
         flip_tta: evaluate on the mean of the softmax of each face and its mirror image.
     """
 
