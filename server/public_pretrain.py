@@ -115,9 +115,9 @@ def target_label_prior(settings: RunSettings) -> tuple[float, ...] | None:
     """The label mix logit-adjust trains towards (RunSettings.label_prior) as frequencies; None when the run's
     recipe does not logit-adjust.
 
-    "public" is the public slices' label mix with one pseudo-count per class (a tiny slice may lack a class, and
-    the target must be positive); it is what the coordinator already holds in the clear, so sending it to the sites
-    in the fit config discloses nothing of theirs.
+    "public" is the public slices' label mix (`public_slices`, the counts privacy.json records) with one pseudo-count
+    per class (a tiny slice may lack a class, and the target must be positive); it is what the coordinator already
+    holds in the clear, so sending it to the sites in the fit config discloses nothing of theirs.
     """
     if settings.recipe().class_balance != "logit-adjust":
         return None
@@ -125,8 +125,5 @@ def target_label_prior(settings: RunSettings) -> tuple[float, ...] | None:
         return (1.0 / NUM_CLASSES,) * NUM_CLASSES
     if settings.label_prior != "public":
         return parse_label_prior(settings.label_prior)
-    counts = np.ones(NUM_CLASSES)
-    for entry in parse_dataset_list(settings.dataset):
-        labels = cached_dataset(entry.spec, settings.image_size, settings.seed).splits["train"].labels
-        counts += np.bincount(labels[public_split(settings, entry.spec).public], minlength=NUM_CLASSES)
+    counts = np.ones(NUM_CLASSES) + sum(np.asarray(piece.per_class) for piece in public_slices(settings))
     return tuple(float(c) for c in counts / counts.sum())
