@@ -38,6 +38,10 @@ p.add_argument("--public-epochs", type=int, default=10)
 p.add_argument("--ema", type=float, default=0.0, help="score the server's average over rounds at this decay (server/ema.py)")
 p.add_argument("--class-balance", default="recipe", help="the recipe's class_balance, e.g. logit-adjust")
 p.add_argument("--label-prior", default="public", help="logit-adjust's target mix: public | uniform | n0,...,n6")
+p.add_argument("--server-learning", action="store_true",
+               help="after each aggregation the server trains 1/splits of an epoch on the public slice (server-learning)")
+p.add_argument("--server-weight", type=float, default=1.0,
+               help="keep this share of the server's step: agg + w * (trained - agg)")
 p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
 p.add_argument("--out", required=True)
 a = p.parse_args()
@@ -83,6 +87,23 @@ def batches(i, r):
 
 from server.public_pretrain import target_label_prior  # noqa: E402
 prior = target_label_prior(settings)  # what the server sends the sites in the fit config (logit-adjust only)
+if a.server_learning:  # the public slice the server pretrained on, kept for its step after each aggregation
+    from server.public_pretrain import public_split  # noqa: E402
+    pub = public_split(settings, settings.dataset).public
+    pub_images, pub_labels = data.splits["train"].images[pub], data.splits["train"].labels[pub]
+    pub_steps = max(1, -(-len(pub_labels) // bs))
+
+
+def server_batches(r):
+    # the server's share of round r over its own stream of seeded public epochs, as a site's (batches above)
+    out = []
+    for step in range(pub_steps * (r - 1) // a.splits, pub_steps * r // a.splits):
+        e, b = divmod(step, pub_steps)
+        perm = np.random.default_rng([settings.seed, 999, e]).permutation(len(pub_labels))
+        out.append(perm[b * bs:(b + 1) * bs].tolist())
+    return out
+
+
 curve, t0 = [], time.perf_counter()
 for r in range(1, rounds + 1):
     states, weights = [], []
@@ -103,6 +124,15 @@ for r in range(1, rounds + 1):
             gstate[k] = gstate[k] + a.server_lr * mom[k]
         else:
             gstate[k] = states[0][k]
+    if a.server_learning:
+        m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(gstate)
+        local = task.prepare_training(m, pub_images, pub_labels, recipe=recipe, batch_size=bs,
+                                      seed=settings.seed * 1000 + 999 + r, server_round=r, num_rounds=rounds,
+                                      label_prior=prior)
+        task.train(m, DataLoader(local.loader.dataset, batch_sampler=server_batches(r)), epochs=1,
+                   optimizer=local.optimizer, criterion=local.criterion, lr_at=local.lr_at)
+        gstate = {k: gstate[k] + a.server_weight * (v.detach() - gstate[k]) if v.is_floating_point() else v.clone()
+                  for k, v in m.state_dict().items()}
     if ema is not None:
         ema.update([v.numpy() for v in gstate.values()])
     if r % a.eval_every == 0 or r == rounds:

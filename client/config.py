@@ -121,6 +121,12 @@ class RunSettings:
     # Post-processing: no privacy cost (De et al. 2022 average DP-SGD iterates the same way). Off by default: over
     # 5 DP rounds at eps 3 it scored 0.355 against 0.357 without (docs/benchmarks.md).
     server_ema: float = 0.0
+    # Server learning (server/server_learning.py; Mai et al. 2023, "Federated learning with server
+    # learning"): after every round's aggregation the server trains the new global model on the public slice for
+    # the passes a site makes in a round (local-epochs over 1/local-splits of it), so the model every site starts
+    # the next round from, and the final one, are pulled back towards the public mix of faces and labels that
+    # label skew pulls them away from. The slice is public: no epsilon, no site's data. Needs public-fraction > 0.
+    server_learning: bool = False
     trimmed_beta: float = 0.2  # fedtrimmedavg: fraction of the updates cut at each end, per coordinate
     krum_malicious: int = 0  # krum: how many sites the selection assumes malicious
     max_update_norm: float = 100.0  # a site update (delta) with a larger L2 norm is rejected (server/strategy.py)
@@ -231,6 +237,9 @@ class RunSettings:
                               "dp-epsilon > 0")
         if not 0 <= self.public_fraction < 1:
             raise ConfigError(f"public-fraction must be in [0, 1) (0 = no public pretraining), got {self.public_fraction}")
+        if self.server_learning and self.public_fraction <= 0:
+            raise ConfigError("server-learning trains the global model on the public slice after every round: it "
+                              "needs public-fraction > 0")
         _choice("attack", self.attack, ATTACKS)
         for key in _POSITIVE:
             value = getattr(self, key.replace("-", "_"))

@@ -75,10 +75,23 @@ def public_data(settings: RunSettings) -> PublicData | None:
     slices = public_slices(settings)
     return PublicData(
         slices=slices, pretrain_epochs=settings.public_epochs if slices else None,
+        server_learning=settings.server_learning and bool(slices),
         init_model=settings.init_model or None,
         init_model_dataset=init_model_dataset(settings) if settings.init_model else None,
         warning=public_start_warning(settings),
     )
+
+
+def public_training_data(settings: RunSettings) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The public slices' faces and labels, pooled over the run's datasets, and whether any is synthetic."""
+    images, labels, synthetic = [], [], False
+    for entry in parse_dataset_list(settings.dataset):
+        dataset = cached_dataset(entry.spec, settings.image_size, settings.seed)
+        split = public_split(settings, entry.spec)
+        images.append(dataset.splits["train"].images[split.public])
+        labels.append(dataset.splits["train"].labels[split.public])
+        synthetic = synthetic or dataset.synthetic
+    return np.concatenate(images), np.concatenate(labels), synthetic
 
 
 def pretrain_on_public(settings: RunSettings, weights: list[np.ndarray]) -> list[np.ndarray]:
@@ -90,14 +103,7 @@ def pretrain_on_public(settings: RunSettings, weights: list[np.ndarray]) -> list
     """
     if settings.public_fraction <= 0:
         return weights
-    images, labels, synthetic = [], [], False
-    for entry in parse_dataset_list(settings.dataset):
-        dataset = cached_dataset(entry.spec, settings.image_size, settings.seed)
-        split = public_split(settings, entry.spec)
-        images.append(dataset.splits["train"].images[split.public])
-        labels.append(dataset.splits["train"].labels[split.public])
-        synthetic = synthetic or dataset.synthetic
-    images, labels = np.concatenate(images), np.concatenate(labels)
+    images, labels, synthetic = public_training_data(settings)
     torch.manual_seed(settings.seed)
     model = create_model(settings.model, dp=True)
     wire.set_weights(model, weights)
@@ -127,3 +133,4 @@ def target_label_prior(settings: RunSettings) -> tuple[float, ...] | None:
         return parse_label_prior(settings.label_prior)
     counts = np.ones(NUM_CLASSES) + sum(np.asarray(piece.per_class) for piece in public_slices(settings))
     return tuple(float(c) for c in counts / counts.sum())
+

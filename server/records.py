@@ -42,6 +42,8 @@ class RoundReport:
     bytes_up: int = 0
     bytes_down: int = 0
     central_noise_std: float | None = None
+    # The server's training loss on the public slice after aggregation (server-learning), None without it.
+    server_train_loss: float | None = None
     # Clients whose masked vector was left out of the SecAgg+ sum (refused before unmasking; also in `rejected`).
     excluded_from_sum: list[str] = field(default_factory=list)
     # Clients whose individual update the server scaled down to the central-DP clip (plain rounds only).
@@ -94,6 +96,7 @@ class FitRecord:
             says who dropped.
         rejected: {"client", "reason"} per refused update; failures: errors sites replied with.
         train_loss: example-weighted mean of the sites' reported training loss.
+        server_train_loss: the server's loss on the public slice in its step after aggregation (server-learning).
         secagg_excluded: refused under SecAgg+ before unmasking: their vectors are not in the sum.
         reclipped: scaled down by the server to the central-DP clip; norm_bounded: scaled down to the round's
             median-norm bound (written as {"count", "clients"}, so metrics.csv gets a count).
@@ -109,6 +112,7 @@ class FitRecord:
     rejected: list[dict[str, str]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     train_loss: float | None = None
+    server_train_loss: float | None = None
     central_noise_std: float | None = None
     secagg_excluded: list[str] = field(default_factory=list)
     reclipped: list[str] = field(default_factory=list)
@@ -236,7 +240,7 @@ def build_round(
             failed=failure is not None, failure=failure, num_clients=report.num_results,
             num_accepted=report.num_accepted, clients=sorted(report.clients), num_rejected=len(report.rejected),
             rejected=list(report.rejected), failures=list(report.failures), train_loss=report.train_loss,
-            central_noise_std=report.central_noise_std, secagg_excluded=list(report.excluded_from_sum),
+            server_train_loss=report.server_train_loss, central_noise_std=report.central_noise_std, secagg_excluded=list(report.excluded_from_sum),
             reclipped=list(report.reclipped), norm_bounded=list(report.norm_bounded),
             secagg_quantization=None if quantization is None else dict(quantization),
         )

@@ -240,7 +240,9 @@ def _public_data_lines(public: PublicData) -> list[str]:
     for item in public.slices:
         classes = ", ".join(f"{name} {n}" for name, n in zip(EMOTIONS, item.per_class))
         lines.append(f"- public slice of {item.dataset}: {item.faces} faces ({classes}), held by no site; the server "
-                     f"pretrained on it for {public.pretrain_epochs} epochs")
+                     f"pretrained on it for {public.pretrain_epochs} epochs"
+                     + ("; and trained each round's global model on it again (server-learning)"
+                        if public.server_learning else ""))
     if public.init_model:
         lines.append(f"- init-model: {public.init_model} (trained on {public.init_model_dataset or 'unknown data'})")
     if public.warning:

@@ -40,6 +40,7 @@ from server.ema import ParameterEMA
 from server.evaluation import ServerEvaluator
 from server.init_model import init_model_weights
 from server.public_pretrain import pretrain_on_public, public_data, target_label_prior
+from server.server_learning import ServerLearning
 from server.ledger_registry import NodeLedgers
 from server.records import RoundRecord, build_round, format_round, summarize
 from server.replies import is_finite_number
@@ -165,6 +166,7 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
         secure_aggregation=settings.secure_agg,
         norm_bound=settings.norm_bound,
         ema=ParameterEMA(decay=settings.server_ema, weights=weights) if settings.server_ema > 0 else None,
+        server_step=ServerLearning(settings) if settings.server_learning else None,
     )
 
 

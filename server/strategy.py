@@ -39,6 +39,7 @@ from privacy.report import dp_status
 from server.ema import ParameterEMA
 from server.ledger_registry import NodeLedgers
 from server.records import RoundReport
+from server.server_learning import follow_global_model
 from server.replies import (
     EVALUATE_METRICS,
     FIT_METRICS,
@@ -161,6 +162,9 @@ class GuardedStrategy(Strategy):
             the round's median delta norm before aggregation (see bound_to_median_norm); 0 for none.
         ema: the average of the global model over rounds (server/ema.py), updated with every new global model
             and the model `evaluate` scores; None for none.
+        server_step: `(round, weights) -> (weights, training loss)`, applied to every new global model before it
+            is averaged, scored or sent out (server-learning, server/server_learning.py); None for
+            none.
     """
 
     inner: Strategy
@@ -174,6 +178,7 @@ class GuardedStrategy(Strategy):
     ledgers: NodeLedgers | None = None
     norm_bound: float = 0.0
     ema: ParameterEMA | None = None
+    server_step: Callable[[int, list[np.ndarray]], tuple[list[np.ndarray], float]] | None = None
     # What the guard saw, per round; the server-side evaluation per round.
     reports: dict[int, RoundReport] = field(default_factory=dict, init=False)
     server_metrics: dict[int, dict[str, Any]] = field(default_factory=dict, init=False)
@@ -215,6 +220,11 @@ class GuardedStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         parameters, metrics = self._aggregate_fit(server_round, results, failures)
+        if parameters is not None and self.server_step is not None:
+            weights, loss = self.server_step(server_round, parameters_to_ndarrays(parameters))
+            self.report(server_round).server_train_loss = loss
+            parameters = ndarrays_to_parameters(weights)
+            follow_global_model(self.inner, weights)
         if parameters is not None and self.ema is not None:
             self.ema.update(parameters_to_ndarrays(parameters))
         return parameters, metrics

@@ -1,7 +1,8 @@
 """The centralised baseline every federated result is compared with.
 
 Same model, same loops (`client.task`), same training data (the union of the federated clients' local training
-sets, so the comparison isolates federation itself), same number of passes over each sample
+sets, and the public slice when the federation's server trains on it each round: server-learning; so the comparison
+isolates federation itself), same number of passes over each sample
 (rounds × local epochs), same held-out test set, the same round 0 (init-model and public pretraining:
 server_app.initial_weights) and the same run-directory outputs, one "round" per
 `local-epochs` epochs.
@@ -21,7 +22,7 @@ from client.node_data import cached_dataset, node_data_from_indices
 from models import create_model
 from privacy.report import privacy_report
 from server.evaluation import ServerEvaluator
-from server.public_pretrain import public_data, target_label_prior
+from server.public_pretrain import public_data, public_training_data, target_label_prior
 from server.report import write_report
 from server.records import RoundRecord, RoundReport, RunSummary, build_round, summarize
 from server.rundir import RunDirectory
@@ -30,8 +31,14 @@ from simulation.federation import federation_plan, federation_stats
 
 
 def pooled_training_data(settings: RunSettings) -> tuple[np.ndarray, np.ndarray]:
-    """The union of every simulated client's local training set (their local test sets stay out)."""
+    """The union of every simulated client's local training set (their local test sets stay out); with
+    server-learning also the public slice, which the federation's server then trains on as often as the sites train
+    on theirs, so both sides see every face the same number of times."""
     images, labels = [], []
+    if settings.server_learning:
+        public_images, public_labels, _ = public_training_data(settings)
+        images.append(public_images)
+        labels.append(public_labels)
     for index, plan in enumerate(federation_plan(settings)):
         dataset = cached_dataset(plan.dataset_spec, settings.image_size, settings.seed)
         data = node_data_from_indices(

@@ -111,6 +111,7 @@ def federation_stats(settings: RunSettings) -> dict:
             "fraction": settings.public_fraction,
             "seed": settings.seed,
             "pretrain_epochs": settings.public_epochs,
+            "server_learning": settings.server_learning,
             "faces": sum(s.faces for s in slices),
             "per_class": [int(n) for n in np.sum([s.per_class for s in slices], axis=0)],
             "datasets": {s.dataset: s.to_json() for s in slices},

@@ -165,6 +165,10 @@ CASES = {
     "run-bad-label-prior": (("fer-sim", "run", "--dataset", "synthetic=20", "--class-balance", "logit-adjust",
                              "--label-prior", "1,2,0", "--out", "out"), _nothing,
                             "label-prior must be public, uniform or 7 positive class counts", ["out"]),
+    "run-server-learning-without-slice": (("fer-sim", "run", "--dataset", "synthetic=20", "--server-learning",
+                                           "--out", "out"), _nothing,
+                                          "server-learning trains the global model on the public slice after every "
+                                          "round: it needs public-fraction > 0", ["out"]),
     "demo-non-empty-out": (("fer-sim", "demo", "--out", "out"), _non_empty_out,
                            "run directory out already exists and is not empty", []),
     "evaluate-missing-model": (("fer-sim", "evaluate", "--model", "run/model.pt", "--dataset", "synthetic=20"),

@@ -298,3 +298,36 @@ def test_a_node_that_reconnects_while_the_round_waits_is_sampled_with_every_othe
 
     # Assert
     assert sorted(proxy.cid for proxy, _ in instructions) == ["a", "b", "c"]
+
+
+def _run_rounds(name: str, *, step: list[np.ndarray] | None, rounds: int = 3) -> list[list[np.ndarray]]:
+    """`rounds` rounds of two clients replying fixed deltas; with `step`, a server step that adds it after round 1."""
+    guard = _make_guard(name, server_lr=0.5, server_momentum=0.9)
+    guard._global = [np.zeros(s, np.float32) for s in SHAPES]  # the strategy's own initial weights
+    if step is not None:
+        guard.server_step = lambda r, w: ([a + b for a, b in zip(w, step)] if r == 1 else w, 0.0)
+    history = []
+    for server_round in range(1, rounds + 1):
+        results = [(_Proxy(str(i)), _make_fitres(_make_delta(d), client=f"c{i}"))
+                   for i, d in enumerate((0.2 * server_round, -0.1))]
+        parameters, _ = guard.aggregate_fit(server_round, results, [])
+        guard._global = parameters_to_ndarrays(parameters)  # what configure_fit sends the next round
+        history.append(guard._global)
+    return history
+
+
+@pytest.mark.parametrize("name", list_strategies())
+def test_a_server_step_moves_the_model_as_if_it_had_been_there(name):
+    """After a server-learning step every strategy's later rounds equal the run without it, shifted by the step:
+    no server optimiser re-applies (FedAvgM's momentum) or re-scales (FedAdam) the step in later rounds."""
+    # Prepare
+    step = [np.full(s, 0.3, np.float32) for s in SHAPES]
+
+    # Execute
+    plain = _run_rounds(name, step=None)
+    stepped = _run_rounds(name, step=step)
+
+    # Assert
+    for server_round, (a, b) in enumerate(zip(plain, stepped), start=1):
+        for x, y, s in zip(a, b, step):
+            np.testing.assert_allclose(y, x + s, atol=1e-5, err_msg=f"round {server_round}")

@@ -92,6 +92,11 @@ def _make_command(mode: str):
             FloatOpt, typer.Option(help="Evaluate, save and deliver the average of the global model over rounds, "
                                         "at this decay (0 = off; no privacy cost).")
         ] = None,
+        server_learning: Annotated[bool | None, typer.Option(
+            "--server-learning/--no-server-learning",
+            help="After each round's aggregation the server trains the global model on the public slice, as a site "
+                 "trains on its data (needs --public-fraction; no privacy cost). `fer-sim centralized` then pools "
+                 "the public slice too.")] = None,
         fraction_fit: Annotated[FloatOpt, typer.Option(help="Fraction of clients trained per round.")] = None,
         fraction_evaluate: Annotated[FloatOpt, typer.Option(help="Fraction of clients evaluating per round.")] = None,
         seed: Annotated[IntOpt, typer.Option(help="The same seed gives the same metrics on CPU (with --fraction-fit 1).")] = None,
@@ -142,6 +147,7 @@ def _make_command(mode: str):
             "server-lr": server_lr,
             "server-momentum": server_momentum,
             "server-ema": server_ema,
+            "server-learning": server_learning,
             "fraction-fit": fraction_fit,
             "fraction-evaluate": fraction_evaluate,
             "seed": seed,
