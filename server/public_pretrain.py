@@ -133,4 +133,3 @@ def target_label_prior(settings: RunSettings) -> tuple[float, ...] | None:
         return parse_label_prior(settings.label_prior)
     counts = np.ones(NUM_CLASSES) + sum(np.asarray(piece.per_class) for piece in public_slices(settings))
     return tuple(float(c) for c in counts / counts.sum())
-
