@@ -240,7 +240,8 @@ def build_round(
             failed=failure is not None, failure=failure, num_clients=report.num_results,
             num_accepted=report.num_accepted, clients=sorted(report.clients), num_rejected=len(report.rejected),
             rejected=list(report.rejected), failures=list(report.failures), train_loss=report.train_loss,
-            server_train_loss=report.server_train_loss, central_noise_std=report.central_noise_std, secagg_excluded=list(report.excluded_from_sum),
+            server_train_loss=report.server_train_loss, central_noise_std=report.central_noise_std,
+            secagg_excluded=list(report.excluded_from_sum),
             reclipped=list(report.reclipped), norm_bounded=list(report.norm_bounded),
             secagg_quantization=None if quantization is None else dict(quantization),
         )

@@ -38,7 +38,8 @@ class ServerLearning:
 
     def __init__(self, settings: RunSettings) -> None:
         self.settings = settings
-        self.images, self.labels, self.synthetic = public_training_data(settings)
+        self.images, self.labels, synthetic = public_training_data(settings)
+        self.recipe = settings.recipe(synthetic=synthetic)
         self.label_prior = target_label_prior(settings)
 
     def __call__(self, server_round: int, weights: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
@@ -55,7 +56,7 @@ class ServerLearning:
         # The parameters the sites train (dp-train); the rest stay as round 0 left them, as privacy.json says.
         size = settings.image_size
         freeze_for_dp(model, settings.dp_train, input_size=(1, size, size))
-        local = task.prepare_training(model, images, labels, recipe=settings.recipe(synthetic=self.synthetic),
+        local = task.prepare_training(model, images, labels, recipe=self.recipe,
                                       batch_size=settings.batch_size, seed=seed, server_round=server_round,
                                       num_rounds=settings.num_server_rounds, label_prior=self.label_prior)
         result = task.train(model, local.loader, epochs=settings.local_epochs, optimizer=local.optimizer,

@@ -220,13 +220,16 @@ class GuardedStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         parameters, metrics = self._aggregate_fit(server_round, results, failures)
-        if parameters is not None and self.server_step is not None:
-            weights, loss = self.server_step(server_round, parameters_to_ndarrays(parameters))
+        if parameters is None or (self.server_step is None and self.ema is None):
+            return parameters, metrics
+        weights = parameters_to_ndarrays(parameters)
+        if self.server_step is not None:
+            weights, loss = self.server_step(server_round, weights)
             self.report(server_round).server_train_loss = loss
             parameters = ndarrays_to_parameters(weights)
             follow_global_model(self.inner, weights)
-        if parameters is not None and self.ema is not None:
-            self.ema.update(parameters_to_ndarrays(parameters))
+        if self.ema is not None:
+            self.ema.update(weights)
         return parameters, metrics
 
     def _aggregate_fit(
