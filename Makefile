@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/fer-sim demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
