@@ -49,7 +49,7 @@ def settings_for(setup: str, *, dataset: str, model: str, rounds: int, strategy:
     # `rounds` counts passes: with local-splits S a federated round is 1/S of a pass, so it runs S x as many
     # rounds; the centralised baseline trains whole passes (fer-sim centralized refuses local-splits).
     if setup == "central":
-        return settings.replace(local_splits=1)
+        return settings.replace(local_splits=1, ntd_beta=0.0)  # nor a global model to distill from
     return settings.replace(num_server_rounds=rounds * settings.local_splits)
 
 

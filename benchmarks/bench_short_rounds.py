@@ -42,6 +42,9 @@ p.add_argument("--server-learning", action="store_true",
                help="after each aggregation the server trains 1/splits of an epoch on the public slice (server-learning)")
 p.add_argument("--server-weight", type=float, default=1.0,
                help="keep this share of the server's step: agg + w * (trained - agg)")
+p.add_argument("--ntd-beta", type=float, default=0.0,
+               help="sites add this weight of not-true distillation towards the round's global model (FedNTD)")
+p.add_argument("--ntd-tau", type=float, default=3.0)
 p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
 p.add_argument("--out", required=True)
 a = p.parse_args()
@@ -107,13 +110,18 @@ def server_batches(r):
 curve, t0 = [], time.perf_counter()
 for r in range(1, rounds + 1):
     states, weights = [], []
+    teacher = None
+    if a.ntd_beta > 0:  # the global model the round starts from, frozen
+        teacher = create_model(settings.model, norm_layer=group_norm); teacher.load_state_dict(gstate)
+        teacher.eval().requires_grad_(False)
     for i, s in enumerate(sites):
         m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(gstate)
         local = task.prepare_training(m, s.train_images, s.train_labels, recipe=recipe, batch_size=bs,
                                       seed=settings.seed * 1000 + i * 31 + r, server_round=r, num_rounds=rounds,
                                       label_prior=prior)
         loader = DataLoader(local.loader.dataset, batch_sampler=batches(i, r))
-        task.train(m, loader, epochs=1, optimizer=local.optimizer, criterion=local.criterion, lr_at=local.lr_at)
+        task.train(m, loader, epochs=1, optimizer=local.optimizer, criterion=local.criterion, lr_at=local.lr_at,
+                   teacher=teacher, distill_beta=a.ntd_beta, distill_tau=a.ntd_tau)
         states.append(m.state_dict()); weights.append(len(s.train_labels))
     tot = sum(weights)
     for k in gstate:

@@ -152,6 +152,22 @@ class LogitAdjustedLoss(nn.CrossEntropyLoss):
         return per_face.sum() if self.reduction == "sum" else per_face.mean()
 
 
+def not_true_distillation(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                          tau: float) -> torch.Tensor:
+    """tau² · KL(teacher ‖ student) over each face's not-true classes, at temperature tau; mean over faces.
+
+    Why: under label skew a site forgets what the global model knew about the classes it holds few of; its true-class
+    signal is its own to learn, but the ranking of the other classes is global knowledge. Distilling only the
+    not-true classes keeps that knowledge without holding the site back on its own labels (FedNTD, Lee et al.,
+    NeurIPS 2022; tau 3 and weight 1 are the paper's defaults).
+    """
+    classes = logits.shape[1]
+    keep = torch.ones_like(logits, dtype=torch.bool).scatter_(1, labels[:, None], False)
+    student = torch.log_softmax(logits[keep].view(-1, classes - 1) / tau, dim=1)
+    target = torch.softmax(teacher_logits[keep].view(-1, classes - 1) / tau, dim=1)
+    return tau ** 2 * nn.functional.kl_div(student, target, reduction="batchmean")
+
+
 def class_weights(labels: np.ndarray, *, num_classes: int) -> torch.Tensor:
     """Inverse-frequency loss weights, normalised to mean 1 over the classes present (absent classes weigh 0).
 
@@ -184,6 +200,9 @@ def train(
     proximal_mu: float = 0.0,
     reference: Sequence[torch.Tensor] | None = None,
     lr_at: Callable[[float], float] | None = None,
+    teacher: nn.Module | None = None,
+    distill_beta: float = 0.0,
+    distill_tau: float = 3.0,
     device: str = "cpu",
 ) -> TrainResult:
     """Trains `model` in place for `epochs` passes over `loader`.
@@ -202,10 +221,16 @@ def train(
             of this call's steps is done (set on every parameter group before each step); None keeps the
             optimiser's rate. Callers map f to their own progress (a round's slice of the run, see
             models.recipe.TrainingRecipe.round_schedule).
+        teacher: the global model as the round received it (frozen): with `distill_beta` > 0 each step adds
+            distill_beta · `not_true_distillation` towards its predictions (FedNTD).
+        distill_beta: the weight of that term (0 = off).
+        distill_tau: its temperature.
         device: torch device.
     """
     if proximal_mu > 0 and reference is None:
         raise ValueError("proximal_mu > 0 needs the reference (global) parameters")
+    if distill_beta > 0 and teacher is None:
+        raise ValueError("distill_beta > 0 needs the teacher (global) model")
     criterion = criterion or nn.CrossEntropyLoss()
     model.train()
     total_loss, correct, seen, samples, steps = 0.0, 0, 0, 0, 0
@@ -227,6 +252,10 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             logits = model(images)
             loss = criterion(logits, labels)
+            if distill_beta > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)
+                loss = loss + distill_beta * not_true_distillation(logits, teacher_logits, labels, tau=distill_tau)
             if proximal_mu > 0:
                 prox = sum(((p - r) ** 2).sum() for p, r in zip(params, reference))
                 loss = loss + 0.5 * proximal_mu * prox

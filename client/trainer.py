@@ -11,6 +11,7 @@ update is caught here rather than turned into garbage the server cannot see.
 
 from __future__ import annotations
 
+import copy
 import logging
 import secrets
 
@@ -112,6 +113,8 @@ class FerClient(NumPyClient):
             )
             proximal_mu = float(config.get("proximal-mu", 0.0))
             reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+            # FedNTD's teacher: the global model as this round received it, frozen.
+            teacher = copy.deepcopy(model).eval().requires_grad_(False) if self.settings.ntd_beta > 0 else None
             result = task.train(
                 model,
                 local.loader,
@@ -121,6 +124,8 @@ class FerClient(NumPyClient):
                 proximal_mu=proximal_mu,
                 reference=reference,
                 lr_at=local.lr_at,
+                teacher=teacher,
+                distill_beta=self.settings.ntd_beta,
             )
         new_weights = wire.get_weights(model)
         delta = [new - np.asarray(old, dtype=np.float32) for new, old in zip(new_weights, parameters)]

@@ -97,6 +97,9 @@ def _make_command(mode: str):
             help="After each round's aggregation the server trains the global model on the public slice, as a site "
                  "trains on its data (needs --public-fraction; no privacy cost). `fer-sim centralized` then pools "
                  "the public slice too.")] = None,
+        ntd_beta: Annotated[FloatOpt, typer.Option(
+            help="Each site adds this weight of not-true distillation towards the round's global model (FedNTD; "
+                 "0 = off; non-private runs).")] = None,
         fraction_fit: Annotated[FloatOpt, typer.Option(help="Fraction of clients trained per round.")] = None,
         fraction_evaluate: Annotated[FloatOpt, typer.Option(help="Fraction of clients evaluating per round.")] = None,
         seed: Annotated[IntOpt, typer.Option(help="The same seed gives the same metrics on CPU (with --fraction-fit 1).")] = None,
@@ -148,6 +151,7 @@ def _make_command(mode: str):
             "server-momentum": server_momentum,
             "server-ema": server_ema,
             "server-learning": server_learning,
+            "ntd-beta": ntd_beta,
             "fraction-fit": fraction_fit,
             "fraction-evaluate": fraction_evaluate,
             "seed": seed,
@@ -197,6 +201,8 @@ def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = F
     if mode == "centralized" and settings.local_splits != 1:
         # Its rounds are whole passes over the pooled data: at the same passes, give it --rounds = rounds / splits.
         raise click.ClickException("fer-sim centralized trains whole passes a round; drop --local-splits")
+    if mode == "centralized" and settings.ntd_beta > 0:
+        raise click.ClickException("fer-sim centralized has no global model to distill from; drop --ntd-beta")
     if settings.model not in list_models():
         raise click.ClickException(f"--model {settings.model!r} is unknown; known: {', '.join(list_models())}")
     try:
