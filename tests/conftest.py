@@ -31,7 +31,6 @@ def superlink_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-
 # `make test` runs the suite on both cores in two fixed halves (pytest-xdist, `-n 2`), one per worker, each in
 # collection order, so a module-scoped fixture (a whole federation) is built once. The first half is the modules that
 # run federations of real processes (many fer-client, SuperNode and ClientApp processes each, one federation at a
