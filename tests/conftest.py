@@ -34,8 +34,8 @@ def superlink_identity():
 # `make test` runs the suite on both cores in two fixed halves (pytest-xdist, `-n 2`), one per worker, each in
 # collection order, so a module-scoped fixture (a whole federation) is built once. The first half is the modules that
 # run federations of real processes (many fer-client, SuperNode and ClientApp processes each, one federation at a
-# time: their heartbeats and kill windows assume it) plus the default-run test to balance the halves; measured one
-# after another on this 2-core machine, they were ~950 s and ~1,080 s of a 2,030 s run.
+# time: their heartbeats and kill windows assume it) plus the default-run test to balance the halves: by the
+# per-module durations of a serial run on this 2-core machine, ~950 s and ~1,080 s of its 2,030 s.
 _PROCESS_HALF = {"test_deploy_faults", "test_deploy_e2e", "test_fab_signing", "test_ledger_registry",
                  "test_control_api", "test_recipe"}
 

@@ -10,13 +10,10 @@ import torch
 
 from client import task, wire
 from client.config import ConfigError, RunSettings
-from client.node_config import NodeSettings
-from client.node_data import cached_dataset, node_data_from_indices
-from client.node_setup import NodeSetup
 from client.task import not_true_distillation
-from client.trainer import FerClient
 from models import create_model
 from server.server_app import initial_weights
+from tests.test_local_splits import _make_client
 
 
 def _golden(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray, tau: float) -> float:
@@ -86,17 +83,6 @@ def test_training_with_the_term_stays_closer_to_the_teacher_on_the_not_true_clas
     plain, distilled = trained(0.0), trained(1.0)
     # Assert
     assert distilled < 0.5 * plain
-
-
-def _make_client(settings: RunSettings, tmp_path) -> FerClient:
-    """A simulated node holding all 120 synthetic training faces."""
-    dataset = cached_dataset(settings.dataset, settings.image_size, settings.seed)
-    data = node_data_from_indices(dataset, np.arange(len(dataset.splits["train"].labels)), client_id="site-1",
-                                  test_fraction=0.2, seed=settings.seed)
-    setup = NodeSetup(data=data, profile="default", local_epochs=1, batch_size=settings.batch_size,
-                      state_dir=tmp_path)
-    return FerClient(setup=setup, settings=settings, node=NodeSettings(partition_id=1, num_partitions=2,
-                                                                       simulated=True))
 
 
 def test_a_site_distills_from_the_model_the_round_sent(tmp_path):
