@@ -7,6 +7,7 @@ federated and a centralised result can only come from federation itself.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -270,6 +271,40 @@ def train(
     if seen == 0:
         return TrainResult(loss=float("nan"), accuracy=0.0, num_examples=0, steps=steps)
     return TrainResult(loss=total_loss / seen, accuracy=correct / seen, num_examples=samples, steps=steps)
+
+
+def train_round(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, recipe: TrainingRecipe, batch_size: int,
+                seed: int, server_round: int, num_rounds: int, epochs: int, splits: int = 1,
+                label_prior: Sequence[float] | None = None, proximal_mu: float = 0.0,
+                ntd_beta: float = 0.0) -> TrainResult:
+    """One round of `recipe`'s non-private training of `model`, in place: what a site does with its faces each
+    round, the server's `server-learning` does with the public slice, and the public pretraining does once.
+
+    One implementation of the round (the slice, the recipe's loader, optimiser, loss and schedule, the training),
+    so that the site, the server's steps and round 0 cannot drift apart.
+
+    Args:
+        model: the model as the round starts (the received global model); trained in place.
+        images, labels: the data the round trains on.
+        recipe, batch_size, label_prior: as `prepare_training`.
+        seed: seeds the round's slice, augmentation and shuffling.
+        server_round, num_rounds: where the round sits in the run's schedule.
+        epochs: passes over the round's data.
+        splits: `local-splits`: the round trains on a random 1/splits of the data (`round_slice`).
+        proximal_mu: FedProx's weight, towards the model as the round received it (0 = off).
+        ntd_beta: not-true distillation's weight, towards a frozen copy of the model as the round received it
+            (FedNTD; 0 = off).
+    """
+    if splits > 1:
+        rows = round_slice(len(labels), splits=splits, seed=seed)
+        images, labels = images[rows], labels[rows]
+    local = prepare_training(model, images, labels, recipe=recipe, batch_size=batch_size, seed=seed,
+                             server_round=server_round, num_rounds=num_rounds, label_prior=label_prior)
+    reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if ntd_beta > 0 else None
+    return train(model, local.loader, epochs=epochs, optimizer=local.optimizer, criterion=local.criterion,
+                 proximal_mu=proximal_mu, reference=reference, lr_at=local.lr_at, teacher=teacher,
+                 distill_beta=ntd_beta)
 
 
 @torch.no_grad()

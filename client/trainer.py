@@ -11,7 +11,6 @@ update is caught here rather than turned into garbage the server cannot see.
 
 from __future__ import annotations
 
-import copy
 import logging
 import secrets
 
@@ -102,30 +101,13 @@ class FerClient(NumPyClient):
             privacy = {**privacy, "dp_train": self.settings.dp_train, "trainable_params": counts.trainable,
                        "frozen_params": counts.frozen}
         else:
-            images, labels = data.train_images, data.train_labels
-            if self.settings.local_splits > 1:  # this round's slice (RunSettings.local_splits)
-                rows = task.round_slice(len(labels), splits=self.settings.local_splits, seed=seed)
-                images, labels = images[rows], labels[rows]
-            local = task.prepare_training(
-                model, images, labels, recipe=self.settings.recipe(synthetic=data.synthetic),
+            # FedProx pulls towards, and FedNTD distils from, the global model as this round received it.
+            result = task.train_round(
+                model, data.train_images, data.train_labels, recipe=self.settings.recipe(synthetic=data.synthetic),
                 batch_size=self.setup.batch_size, seed=seed, server_round=server_round,
-                num_rounds=self.settings.num_server_rounds, label_prior=fit_label_prior(config, self.settings),
-            )
-            proximal_mu = float(config.get("proximal-mu", 0.0))
-            reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-            # FedNTD's teacher: the global model as this round received it, frozen.
-            teacher = copy.deepcopy(model).eval().requires_grad_(False) if self.settings.ntd_beta > 0 else None
-            result = task.train(
-                model,
-                local.loader,
-                epochs=self.setup.local_epochs,
-                optimizer=local.optimizer,
-                criterion=local.criterion,
-                proximal_mu=proximal_mu,
-                reference=reference,
-                lr_at=local.lr_at,
-                teacher=teacher,
-                distill_beta=self.settings.ntd_beta,
+                num_rounds=self.settings.num_server_rounds, epochs=self.setup.local_epochs,
+                splits=self.settings.local_splits, label_prior=fit_label_prior(config, self.settings),
+                proximal_mu=float(config.get("proximal-mu", 0.0)), ntd_beta=self.settings.ntd_beta,
             )
         new_weights = wire.get_weights(model)
         delta = [new - np.asarray(old, dtype=np.float32) for new, old in zip(new_weights, parameters)]

@@ -107,11 +107,9 @@ def pretrain_on_public(settings: RunSettings, weights: list[np.ndarray]) -> list
     torch.manual_seed(settings.seed)
     model = create_model(settings.model, dp=True)
     wire.set_weights(model, weights)
-    local = task.prepare_training(model, images, labels, recipe=settings.recipe(synthetic=synthetic),
-                                  batch_size=settings.batch_size, seed=settings.seed, server_round=1, num_rounds=1,
-                                  label_prior=target_label_prior(settings))
-    result = task.train(model, local.loader, epochs=settings.public_epochs, optimizer=local.optimizer,
-                        criterion=local.criterion, lr_at=local.lr_at)
+    result = task.train_round(model, images, labels, recipe=settings.recipe(synthetic=synthetic),
+                              batch_size=settings.batch_size, seed=settings.seed, server_round=1, num_rounds=1,
+                              epochs=settings.public_epochs, label_prior=target_label_prior(settings))
     log.info("public pretraining: %d public faces, %d epochs, %d steps, train loss %.4f (not private, no epsilon)",
              len(labels), settings.public_epochs, result.steps, result.loss)
     return wire.get_weights(model)

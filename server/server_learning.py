@@ -46,23 +46,19 @@ class ServerLearning:
         """The global model `weights` after this round's public steps, and their mean training loss."""
         settings = self.settings
         seed = settings.seed + 104_729 * server_round  # a stream of its own: no site's round seed is reused
-        images, labels = self.images, self.labels
-        if settings.local_splits > 1:
-            rows = task.round_slice(len(labels), splits=settings.local_splits, seed=seed)
-            images, labels = images[rows], labels[rows]
         torch.manual_seed(seed)
         model = create_model(settings.model, dp=True)
         wire.set_weights(model, weights)
         # The parameters the sites train (dp-train); the rest stay as round 0 left them, as privacy.json says.
         size = settings.image_size
         freeze_for_dp(model, settings.dp_train, input_size=(1, size, size))
-        local = task.prepare_training(model, images, labels, recipe=self.recipe,
-                                      batch_size=settings.batch_size, seed=seed, server_round=server_round,
-                                      num_rounds=settings.num_server_rounds, label_prior=self.label_prior)
-        result = task.train(model, local.loader, epochs=settings.local_epochs, optimizer=local.optimizer,
-                            criterion=local.criterion, lr_at=local.lr_at)
+        result = task.train_round(model, self.images, self.labels, recipe=self.recipe, batch_size=settings.batch_size,
+                                  seed=seed, server_round=server_round, num_rounds=settings.num_server_rounds,
+                                  epochs=settings.local_epochs, splits=settings.local_splits,
+                                  label_prior=self.label_prior)
+        faces = result.num_examples // settings.local_epochs  # each pass sees the round's slice once
         log.info("round %d: server learning, %d public faces, %d steps, train loss %.4f (not private, no epsilon)",
-                 server_round, len(labels), result.steps, result.loss)
+                 server_round, faces, result.steps, result.loss)
         return wire.get_weights(model), result.loss
 
 

@@ -40,6 +40,7 @@ _PROCESS_HALF = {"test_deploy_faults", "test_deploy_e2e", "test_fab_signing", "t
                  "test_control_api", "test_recipe"}
 
 
+@pytest.hookimpl(optionalhook=True)  # `pytest -p no:xdist` (one process) has no such hook
 def pytest_xdist_make_scheduler(config, log):
     """Splits the run into the two halves above (xdist's own --dist loadgroup reads the group into the test's
     id, which pytest 9.2 no longer lets a plugin rewrite: with it the halves were silently mixed)."""
