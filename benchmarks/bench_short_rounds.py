@@ -35,7 +35,10 @@ p.add_argument("--lr", type=float, default=0.0, help="peak local learning rate (
 p.add_argument("--public-fraction", type=float, default=0.0,
                help="start from the server's public pretraining on this stratified slice of train (server/public_pretrain.py)")
 p.add_argument("--public-epochs", type=int, default=10)
-p.add_argument("--ema", type=float, default=0.0, help="score the server's average over rounds at this decay (server/ema.py)")
+p.add_argument("--ema", default="0", help="score the server's average over rounds at this decay (server/ema.py); a "
+               "comma list scores one average per decay (one training path), PublicTest for the best on validation")
+p.add_argument("--keep-momentum", action="store_true",
+               help="each site keeps its optimiser's momentum from its last round instead of restarting it")
 p.add_argument("--class-balance", default="recipe", help="the recipe's class_balance, e.g. logit-adjust")
 p.add_argument("--label-prior", default="public", help="logit-adjust's target mix: public | uniform | n0,...,n6")
 p.add_argument("--server-learning", action="store_true",
@@ -71,12 +74,13 @@ if a.public_fraction > 0:  # the product's round 0: the seeded model, then the p
 gstate = {k: v.clone() for k, v in g.state_dict().items()}
 mom = {k: torch.zeros_like(v) for k, v in gstate.items() if v.is_floating_point()}
 from server.ema import ParameterEMA  # noqa: E402
-ema = ParameterEMA(decay=a.ema, weights=[v.numpy() for v in gstate.values()]) if a.ema > 0 else None
+decays = [float(d) for d in a.ema.split(",") if float(d) > 0]
+emas = {d: ParameterEMA(decay=d, weights=[v.numpy() for v in gstate.values()]) for d in decays}
 
 
-def scored_state():
-    """What the server evaluates: the global model, or with --ema its average over rounds."""
-    return gstate if ema is None else {k: torch.from_numpy(w) for k, w in zip(gstate, ema.weights)}
+def scored_state(decay=None):
+    """What the server evaluates: the global model, or with --ema its average over rounds at `decay`."""
+    return gstate if decay is None else {k: torch.from_numpy(w) for k, w in zip(gstate, emas[decay].weights)}
 
 def batches(i, r):
     # site i's share of round r: steps [per*(r-1)/splits, per*r/splits) of its stream of seeded epochs
@@ -107,6 +111,7 @@ def server_batches(r):
     return out
 
 
+opt_states = [None] * len(sites)  # --keep-momentum: each site's optimiser state from its last round
 curve, t0 = [], time.perf_counter()
 for r in range(1, rounds + 1):
     states, weights = [], []
@@ -120,8 +125,12 @@ for r in range(1, rounds + 1):
                                       seed=settings.seed * 1000 + i * 31 + r, server_round=r, num_rounds=rounds,
                                       label_prior=prior)
         loader = DataLoader(local.loader.dataset, batch_sampler=batches(i, r))
+        if a.keep_momentum and opt_states[i] is not None:
+            local.optimizer.load_state_dict(opt_states[i])
         task.train(m, loader, epochs=1, optimizer=local.optimizer, criterion=local.criterion, lr_at=local.lr_at,
                    teacher=teacher, distill_beta=a.ntd_beta, distill_tau=a.ntd_tau)
+        if a.keep_momentum:
+            opt_states[i] = local.optimizer.state_dict()
         states.append(m.state_dict()); weights.append(len(s.train_labels))
     tot = sum(weights)
     for k in gstate:
@@ -141,17 +150,24 @@ for r in range(1, rounds + 1):
                    optimizer=local.optimizer, criterion=local.criterion, lr_at=local.lr_at)
         gstate = {k: gstate[k] + a.server_weight * (v.detach() - gstate[k]) if v.is_floating_point() else v.clone()
                   for k, v in m.state_dict().items()}
-    if ema is not None:
-        ema.update([v.numpy() for v in gstate.values()])
+    for e in emas.values():
+        e.update([v.numpy() for v in gstate.values()])
     if r % a.eval_every == 0 or r == rounds:
-        m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(scored_state())
-        c = n = 0
-        for s in sites:
-            h, k_ = accuracy(m, s.test_images, s.test_labels, flip_tta=recipe.flip_tta); c += h; n += k_
-        curve.append({"round": r, "passes": round(r / a.splits, 2), "val": c / n,
-                      "seconds": round(time.perf_counter() - t0, 1)})
+        point = {"round": r, "passes": round(r / a.splits, 2)}
+        for d in (decays or [None]):
+            m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(scored_state(d))
+            c = n = 0
+            for s in sites:
+                h, k_ = accuracy(m, s.test_images, s.test_labels, flip_tta=recipe.flip_tta); c += h; n += k_
+            point["val" if d == (decays or [None])[0] else f"val_ema{d}"] = c / n
+        point["seconds"] = round(time.perf_counter() - t0, 1)
+        curve.append(point)
         print(curve[-1], flush=True)
+final = curve[-1]
+chosen = max(decays or [None], key=lambda d: final["val" if d == (decays or [None])[0] else f"val_ema{d}"])
+m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(scored_state(chosen))
 h, n = accuracy(m, data.splits["test"].images, data.splits["test"].labels, flip_tta=recipe.flip_tta)
-res = {"args": vars(a), "S": S, "rounds": rounds, "curve": curve, "publictest": h / n}
+res = {"args": vars(a), "S": S, "rounds": rounds, "curve": curve, "publictest": h / n,
+       "publictest_scored": f"ema {chosen}" if chosen else "global model"}
 print(res["publictest"], flush=True)
 Path(a.out).write_text(json.dumps(res, indent=1))

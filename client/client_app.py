@@ -94,7 +94,7 @@ def make_client_app(
         # without torch to import their fresh ClientApp process answers seconds sooner (docs/deployment.md).
         from client.trainer import FerClient
 
-        return FerClient(setup=setup, settings=settings, node=node).to_client()
+        return FerClient(setup=setup, settings=settings, node=node, state=context.state).to_client()
 
     # Every ClientApp answers the coordinator's delivery of the final model (client/delivery_mod.py); a run that
     # never sends one (fer-sim) never reaches it.

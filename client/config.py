@@ -83,6 +83,11 @@ class RunSettings:
     # (Flower-free screen, CNN-AM deep, Dirichlet 0.5, 10 passes: 10 rounds 0.361 on PublicTest, 80 rounds of 1/8 with
     # FedAvgM 0.415; docs/benchmarks.md). Not with DP-SGD, whose accountant samples from the whole local dataset.
     local_splits: int = 1
+    # Each site keeps its optimiser's momentum from one of its rounds to the next, in its node's Flower context
+    # (client/task.py MomentumCarry), instead of restarting it every round: under local-splits a round is a few
+    # steps, too few for momentum 0.9 to build up. The buffers never leave the node. Non-private runs with a
+    # momentum optimiser only.
+    keep_momentum: bool = False
     batch_size: int = 32
     # The training recipe (models/recipe.py). Each key left at "recipe" (or a negative number; lr 0) takes the
     # model's registered recipe (`fer-sim models` shows it); DP-SGD runs use dp-optimizer / dp-lr / dp-batch-size,
@@ -237,6 +242,12 @@ class RunSettings:
             raise ConfigError(f"local-splits {self.local_splits} trains on a slice of each site's data a round, but "
                               "DP-SGD's accountant assumes Poisson sampling from all of it: use local-splits 1 with "
                               "dp-epsilon")
+        if self.keep_momentum and self.dp_enabled:
+            raise ConfigError("keep-momentum carries the recipe optimiser's momentum between rounds; DP-SGD builds "
+                              "its own optimiser each round: use keep-momentum false with dp-epsilon")
+        if self.keep_momentum and self.optimizer == "adam":
+            raise ConfigError("keep-momentum carries SGD's momentum between rounds; optimizer adam has none: use "
+                              "optimizer sgd or sgd-nesterov")
         if self.aug_mult != 1 and not self.dp_enabled:
             # Without clipping there is nothing to average before; K views would only cost K times the compute.
             raise ConfigError(f"aug-mult {self.aug_mult} averages views before DP-SGD's clipping: it needs "

@@ -273,10 +273,52 @@ def train(
     return TrainResult(loss=total_loss / seen, accuracy=correct / seen, num_examples=samples, steps=steps)
 
 
+@dataclass
+class MomentumCarry:
+    """The optimiser momentum a site keeps from one of its rounds to the next (`keep-momentum`).
+
+    Why: SGD's momentum 0.9 needs about ten steps to build up, and under `local-splits` a round is a few steps (at
+    1/8 of an epoch a FER2013 site takes about 7), so a momentum that restarts every round never reaches its
+    steady size: over 7 steps from zero the sum of the step multipliers is 23 where a running momentum gives 70, and
+    the site's round moves the model about a third as far as the same steps do in centralised training. Kept, the
+    buffer carries on as a centralised run's does. It is the site's own state, built from its own gradients: it
+    stays on the node (Flower's node context) and never leaves it.
+
+    Args:
+        buffers: one momentum buffer per trained parameter, in the optimiser's order; None before the site's first
+            round (the optimiser starts from zero, as without the carry).
+    """
+
+    buffers: list[np.ndarray] | None = None
+
+    def load_into(self, optimizer: torch.optim.Optimizer) -> None:
+        """Sets `optimizer`'s momentum buffers to the carried ones (nothing before the first round).
+
+        Raises:
+            ValueError: the carried buffers do not fit the optimiser's parameters (another model or dp-train).
+        """
+        if self.buffers is None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        shapes = [tuple(p.shape) for p in params]
+        if [tuple(b.shape) for b in self.buffers] != shapes:
+            raise ValueError(f"the kept momentum has {len(self.buffers)} buffers that do not fit the optimiser's "
+                             f"{len(params)} parameters")
+        for p, buffer in zip(params, self.buffers):
+            optimizer.state[p]["momentum_buffer"] = torch.tensor(buffer, dtype=p.dtype)
+
+    def save_from(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keeps `optimizer`'s momentum buffers (zeros for a parameter that got no step)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.buffers = [optimizer.state[p]["momentum_buffer"].detach().cpu().numpy().copy()
+                        if optimizer.state.get(p, {}).get("momentum_buffer") is not None
+                        else np.zeros(tuple(p.shape), dtype=np.float32) for p in params]
+
+
 def train_round(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, recipe: TrainingRecipe, batch_size: int,
                 seed: int, server_round: int, num_rounds: int, epochs: int, splits: int = 1,
                 label_prior: Sequence[float] | None = None, proximal_mu: float = 0.0,
-                ntd_beta: float = 0.0) -> TrainResult:
+                ntd_beta: float = 0.0, carry: MomentumCarry | None = None) -> TrainResult:
     """One round of `recipe`'s non-private training of `model`, in place: what a site does with its faces each
     round, the server's `server-learning` does with the public slice, and the public pretraining does once.
 
@@ -294,6 +336,8 @@ def train_round(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, rec
         proximal_mu: FedProx's weight, towards the model as the round received it (0 = off).
         ntd_beta: not-true distillation's weight, towards a frozen copy of the model as the round received it
             (FedNTD; 0 = off).
+        carry: `keep-momentum`: the optimiser starts from these momentum buffers, and they are replaced by the
+            ones it ends with (None = momentum restarts with the round).
     """
     if splits > 1:
         rows = round_slice(len(labels), splits=splits, seed=seed)
@@ -302,9 +346,14 @@ def train_round(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, rec
                              server_round=server_round, num_rounds=num_rounds, label_prior=label_prior)
     reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if ntd_beta > 0 else None
-    return train(model, local.loader, epochs=epochs, optimizer=local.optimizer, criterion=local.criterion,
-                 proximal_mu=proximal_mu, reference=reference, lr_at=local.lr_at, teacher=teacher,
-                 distill_beta=ntd_beta)
+    if carry is not None:
+        carry.load_into(local.optimizer)
+    result = train(model, local.loader, epochs=epochs, optimizer=local.optimizer, criterion=local.criterion,
+                   proximal_mu=proximal_mu, reference=reference, lr_at=local.lr_at, teacher=teacher,
+                   distill_beta=ntd_beta)
+    if carry is not None:
+        carry.save_from(local.optimizer)
+    return result
 
 
 @torch.no_grad()

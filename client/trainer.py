@@ -16,6 +16,7 @@ import secrets
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, RecordDict
 from flwr.client import NumPyClient
 from torch.utils.data import DataLoader
 
@@ -31,14 +32,20 @@ from privacy.report import dp_metrics
 
 log = logging.getLogger("fer_fl.client")
 
+MOMENTUM_RECORD = "fer-fl.momentum"  # keep-momentum's buffers in the node's context state (never sent)
+
 
 class FerClient(NumPyClient):
     """One node's training and evaluation for one message. Built fresh per message; state lives on disk."""
 
-    def __init__(self, *, setup: NodeSetup, settings: RunSettings, node: NodeSettings) -> None:
+    def __init__(self, *, setup: NodeSetup, settings: RunSettings, node: NodeSettings,
+                 state: RecordDict | None = None) -> None:
         self.setup = setup
         self.settings = settings
         self.node = node
+        # The node's Flower context state: what the node keeps in memory between a run's messages (the SuperNode
+        # holds it; a fresh ClientApp process gets it with each message). `keep-momentum` keeps its buffers here.
+        self.state = state if state is not None else RecordDict()
 
     def _model(self) -> torch.nn.Module:
         # Federated models always use the GroupNorm build: BatchNorm's running statistics are per-site data
@@ -101,6 +108,12 @@ class FerClient(NumPyClient):
             privacy = {**privacy, "dp_train": self.settings.dp_train, "trainable_params": counts.trainable,
                        "frozen_params": counts.frozen}
         else:
+            carry = None
+            if self.settings.keep_momentum:  # the momentum this node ended its last round with, if any
+                kept = self.state.array_records.get(MOMENTUM_RECORD)
+                carry = task.MomentumCarry(buffers=kept.to_numpy_ndarrays() if kept is not None else None)
+                if kept is not None:
+                    log.info("round %d: training on from the momentum this node kept from its last round", server_round)
             # FedProx pulls towards, and FedNTD distils from, the global model as this round received it.
             result = task.train_round(
                 model, data.train_images, data.train_labels, recipe=self.settings.recipe(synthetic=data.synthetic),
@@ -108,7 +121,10 @@ class FerClient(NumPyClient):
                 num_rounds=self.settings.num_server_rounds, epochs=self.setup.local_epochs,
                 splits=self.settings.local_splits, label_prior=fit_label_prior(config, self.settings),
                 proximal_mu=float(config.get("proximal-mu", 0.0)), ntd_beta=self.settings.ntd_beta,
+                carry=carry,
             )
+            if carry is not None:
+                self.state[MOMENTUM_RECORD] = ArrayRecord(numpy_ndarrays=carry.buffers)
         new_weights = wire.get_weights(model)
         delta = [new - np.asarray(old, dtype=np.float32) for new, old in zip(new_weights, parameters)]
         delta, norm, clipped = bound_update(delta, max_norm=self.settings.update_bound)

@@ -100,6 +100,10 @@ def _make_command(mode: str):
         ntd_beta: Annotated[FloatOpt, typer.Option(
             help="Each site adds this weight of not-true distillation towards the round's global model (FedNTD; "
                  "0 = off; non-private runs).")] = None,
+        keep_momentum: Annotated[bool | None, typer.Option(
+            "--keep-momentum/--no-keep-momentum",
+            help="Each site keeps its optimiser's momentum from one of its rounds to the next, on its node, instead "
+                 "of restarting it (for short rounds, --local-splits; non-private runs).")] = None,
         fraction_fit: Annotated[FloatOpt, typer.Option(help="Fraction of clients trained per round.")] = None,
         fraction_evaluate: Annotated[FloatOpt, typer.Option(help="Fraction of clients evaluating per round.")] = None,
         seed: Annotated[IntOpt, typer.Option(help="The same seed gives the same metrics on CPU (with --fraction-fit 1).")] = None,
@@ -152,6 +156,7 @@ def _make_command(mode: str):
             "server-ema": server_ema,
             "server-learning": server_learning,
             "ntd-beta": ntd_beta,
+            "keep-momentum": keep_momentum,
             "fraction-fit": fraction_fit,
             "fraction-evaluate": fraction_evaluate,
             "seed": seed,
@@ -203,6 +208,8 @@ def execute(settings: RunSettings, *, mode: str = "federated", verbose: bool = F
         raise click.ClickException("fer-sim centralized trains whole passes a round; drop --local-splits")
     if mode == "centralized" and settings.ntd_beta > 0:
         raise click.ClickException("fer-sim centralized has no global model to distill from; drop --ntd-beta")
+    if mode == "centralized" and settings.keep_momentum:
+        raise click.ClickException("fer-sim centralized keeps one optimiser for the whole run; drop --keep-momentum")
     if settings.model not in list_models():
         raise click.ClickException(f"--model {settings.model!r} is unknown; known: {', '.join(list_models())}")
     try:
