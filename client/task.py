@@ -284,6 +284,10 @@ class MomentumCarry:
     buffer carries on as a centralised run's does. It is the site's own state, built from its own gradients: it
     stays on the node (Flower's node context) and never leaves it.
 
+    Measured, it does not close the gap it was built for: CNN-AM deep, Dirichlet 0.5, 1/8 rounds from the public
+    start, validation 0.473 with server momentum and 0.481 without, against 0.494 with the momentum restarting
+    (docs/benchmarks.md, "Keeping each site's momentum"), so `keep-momentum` is off by default.
+
     Args:
         buffers: one momentum buffer per trained parameter, in the optimiser's order; None before the site's first
             round (the optimiser starts from zero, as without the carry).

@@ -36,7 +36,8 @@ MOMENTUM_RECORD = "fer-fl.momentum"  # keep-momentum's buffers in the node's con
 
 
 class FerClient(NumPyClient):
-    """One node's training and evaluation for one message. Built fresh per message; state lives on disk."""
+    """One node's training and evaluation for one message. Built fresh per message; state lives on disk, and in the
+    node's Flower context (`state`) for what the node keeps only while the run lasts."""
 
     def __init__(self, *, setup: NodeSetup, settings: RunSettings, node: NodeSettings,
                  state: RecordDict | None = None) -> None:
