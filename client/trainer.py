@@ -32,7 +32,12 @@ from privacy.report import dp_metrics
 
 log = logging.getLogger("fer_fl.client")
 
-MOMENTUM_RECORD = "fer-fl.momentum"  # keep-momentum's buffers in the node's context state (never sent)
+
+def momentum_record(model: str) -> str:
+    """The key of keep-momentum's buffers in the node's context state (never sent). Flower keeps a node's context
+    for a run series, not only a run (flwr 1.41 supernode: push_task_output saves the ClientApp's context under the
+    run's series), so the key names the model: buffers of another architecture are never loaded."""
+    return f"fer-fl.momentum.{model}"
 
 
 class FerClient(NumPyClient):
@@ -111,7 +116,7 @@ class FerClient(NumPyClient):
         else:
             carry = None
             if self.settings.keep_momentum:  # the momentum this node ended its last round with, if any
-                kept = self.state.array_records.get(MOMENTUM_RECORD)
+                kept = self.state.array_records.get(momentum_record(self.settings.model))
                 carry = task.MomentumCarry(buffers=kept.to_numpy_ndarrays() if kept is not None else None)
                 if kept is not None:
                     log.info("round %d: training on from the momentum this node kept from its last round", server_round)
@@ -125,7 +130,7 @@ class FerClient(NumPyClient):
                 carry=carry,
             )
             if carry is not None:
-                self.state[MOMENTUM_RECORD] = ArrayRecord(numpy_ndarrays=carry.buffers)
+                self.state[momentum_record(self.settings.model)] = ArrayRecord(numpy_ndarrays=carry.buffers)
         new_weights = wire.get_weights(model)
         delta = [new - np.asarray(old, dtype=np.float32) for new, old in zip(new_weights, parameters)]
         delta, norm, clipped = bound_update(delta, max_norm=self.settings.update_bound)

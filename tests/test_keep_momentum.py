@@ -14,7 +14,7 @@ from client import task
 from client.client_app import make_client_app
 from client.config import ConfigError, RunSettings
 from client.data.preprocess import FERTorchDataset
-from client.trainer import MOMENTUM_RECORD
+from client.trainer import momentum_record
 from models import create_model
 from models.recipe import TrainingRecipe
 from server.server_app import initial_weights
@@ -109,7 +109,7 @@ def test_a_site_keeps_its_momentum_in_its_node_state_between_rounds(tmp_path):
     # Execute
     first_keeping, _, metrics = keeping.fit(weights, {"server-round": 1})
     first_plain, _, _ = plain.fit(weights, {"server-round": 1})
-    kept = [a.copy() for a in keeping.state.array_records[MOMENTUM_RECORD].to_numpy_ndarrays()]
+    kept = [a.copy() for a in keeping.state.array_records[momentum_record("cnn_am")].to_numpy_ndarrays()]
     second_keeping, _, _ = keeping.fit(weights, {"server-round": 2})
     second_plain, _, _ = plain.fit(weights, {"server-round": 2})
 
@@ -118,7 +118,7 @@ def test_a_site_keeps_its_momentum_in_its_node_state_between_rounds(tmp_path):
         np.testing.assert_array_equal(a, b)
     trained = list(create_model(settings.model, dp=True).parameters())
     assert [k.shape for k in kept] == [tuple(p.shape) for p in trained] and any(np.abs(k).sum() > 0 for k in kept)
-    assert MOMENTUM_RECORD not in plain.state.array_records
+    assert momentum_record("cnn_am") not in plain.state.array_records
     assert not all(np.array_equal(a, b) for a, b in zip(second_keeping, second_plain))
     assert not any(isinstance(v, (list, np.ndarray)) for v in metrics.values())
 
@@ -147,7 +147,7 @@ def test_the_client_app_keeps_the_buffers_in_the_nodes_flower_context(tmp_path, 
     # Execute
     with caplog.at_level("INFO", logger="fer_fl.client"):
         first = app(_make_message("train", weights, {"server-round": 1}), context)
-        kept_after_first = MOMENTUM_RECORD in context.state.array_records
+        kept_after_first = momentum_record("cnn_am") in context.state.array_records
         resumed_first = "kept from its last round" in caplog.text
         second = app(_make_message("train", weights, {"server-round": 2}), context)
 
@@ -158,4 +158,4 @@ def test_the_client_app_keeps_the_buffers_in_the_nodes_flower_context(tmp_path, 
         assert not reply.has_error(), reply.error if reply.has_error() else ""
         fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
         assert [d.shape for d in parameters_to_ndarrays(fitres.parameters)] == [w.shape for w in weights]
-        assert MOMENTUM_RECORD not in reply.content.array_records
+        assert momentum_record("cnn_am") not in reply.content.array_records
