@@ -111,7 +111,8 @@ def server_batches(r):
     return out
 
 
-opt_states = [None] * len(sites)  # --keep-momentum: each site's optimiser state from its last round
+# --keep-momentum: each site's momentum from its last round, carried as the product's client does
+carries = [task.MomentumCarry() for _ in sites]
 curve, t0 = [], time.perf_counter()
 for r in range(1, rounds + 1):
     states, weights = [], []
@@ -125,12 +126,12 @@ for r in range(1, rounds + 1):
                                       seed=settings.seed * 1000 + i * 31 + r, server_round=r, num_rounds=rounds,
                                       label_prior=prior)
         loader = DataLoader(local.loader.dataset, batch_sampler=batches(i, r))
-        if a.keep_momentum and opt_states[i] is not None:
-            local.optimizer.load_state_dict(opt_states[i])
+        if a.keep_momentum:
+            carries[i].load_into(local.optimizer)
         task.train(m, loader, epochs=1, optimizer=local.optimizer, criterion=local.criterion, lr_at=local.lr_at,
                    teacher=teacher, distill_beta=a.ntd_beta, distill_tau=a.ntd_tau)
         if a.keep_momentum:
-            opt_states[i] = local.optimizer.state_dict()
+            carries[i].save_from(local.optimizer)
         states.append(m.state_dict()); weights.append(len(s.train_labels))
     tot = sum(weights)
     for k in gstate:

@@ -19,7 +19,7 @@ from models import create_model
 from models.recipe import TrainingRecipe
 from server.server_app import initial_weights
 from tests.test_client_app import _make_message
-from tests.test_local_splits import _make_client
+from tests.test_local_splits import SETTINGS, _make_client
 
 # Plain SGD with momentum 0.9, a constant rate, no augmentation, decay or smoothing: one step is checkable by hand.
 PLAIN = TrainingRecipe(optimizer="sgd", lr=0.1, schedule="constant", warmup=0.0, weight_decay=0.0,
@@ -100,8 +100,7 @@ def test_a_site_keeps_its_momentum_in_its_node_state_between_rounds(tmp_path):
     """A node's second round starts from the momentum its first ended with (kept in its context state, not in the
     reply); without keep-momentum the state stays empty and the second round's update differs."""
     # Prepare
-    settings = RunSettings(dataset="synthetic=120", model="cnn_am", local_epochs=1, batch_size=16,
-                           out_dir="unused", num_server_rounds=4, local_splits=4)
+    settings = SETTINGS  # test_local_splits' node: 120 synthetic faces, local-splits 4
     keeping = _make_client(settings.replace(keep_momentum=True), tmp_path)
     plain = _make_client(settings, tmp_path)
     weights = keeping.get_parameters({})
@@ -137,8 +136,7 @@ def test_the_client_app_keeps_the_buffers_in_the_nodes_flower_context(tmp_path, 
     run's messages): the first stores the buffers in the context state, the second trains on from them, and no reply
     carries more than the delta."""
     # Prepare
-    settings = RunSettings(dataset="synthetic=120", model="cnn_am", local_epochs=1, batch_size=16, out_dir="unused",
-                           num_server_rounds=4, local_splits=4, keep_momentum=True)
+    settings = SETTINGS.replace(keep_momentum=True)
     context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=settings.to_run_config(),
                       node_config={"dataset": "synthetic=120", "client-id": "site-a", "state-dir": str(tmp_path)})
     weights = initial_weights(settings)
