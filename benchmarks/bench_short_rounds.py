@@ -48,12 +48,14 @@ p.add_argument("--server-weight", type=float, default=1.0,
 p.add_argument("--ntd-beta", type=float, default=0.0,
                help="sites add this weight of not-true distillation towards the round's global model (FedNTD)")
 p.add_argument("--ntd-tau", type=float, default=3.0)
+p.add_argument("--batch-size", type=int, default=32, help="the sites' local batch (run key batch-size)")
+p.add_argument("--threads", type=int, default=2, help="torch threads (1 lets two screens share the 2 cores)")
 p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
 p.add_argument("--out", required=True)
 a = p.parse_args()
-torch.set_num_threads(2)
+torch.set_num_threads(a.threads)
 settings = RunSettings(dataset=f"fer2013={a.data}", num_clients=10, min_clients=10,
-                       partition="dirichlet", alpha=a.alpha, model="cnn_am_deep", num_server_rounds=10, local_epochs=1,
+                       partition="dirichlet", alpha=a.alpha, model="cnn_am_deep", num_server_rounds=10, local_epochs=1, batch_size=a.batch_size,
                        lr=a.lr, class_balance=a.class_balance, label_prior=a.label_prior, public_fraction=a.public_fraction, public_epochs=a.public_epochs)
 data = cached_dataset(settings.dataset, settings.image_size, settings.seed)
 sites = [node_data_from_indices(data, plan.indices, client_id=plan.client_id, test_fraction=settings.local_test_fraction,
@@ -70,7 +72,7 @@ g = create_model(settings.model, norm_layer=group_norm)
 if a.public_fraction > 0:  # the product's round 0: the seeded model, then the public pretraining
     from client import wire
     from server.server_app import initial_weights
-    wire.set_weights(g, initial_weights(settings.replace(lr=0.0)))  # --lr is the sites' fine-tuning rate only
+    wire.set_weights(g, initial_weights(settings.replace(lr=0.0, batch_size=32)))  # --lr, --batch-size: the sites only
 gstate = {k: v.clone() for k, v in g.state_dict().items()}
 mom = {k: torch.zeros_like(v) for k, v in gstate.items() if v.is_floating_point()}
 from server.ema import ParameterEMA  # noqa: E402

@@ -16,6 +16,7 @@ Plain Python and torch: nothing here knows about Flower.
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,7 +100,7 @@ def pretrain_on_public(settings: RunSettings, weights: list[np.ndarray]) -> list
     `weights` (the seeded random model or the init-model); `weights` unchanged without a public slice.
 
     Seeded by the run's seed (the same run gives the same round 0); the recipe's schedule runs over the
-    pretraining as over one round, with the run's batch-size.
+    pretraining as over one round, with public-batch-size and public-lr (0: the run's batch-size and lr).
     """
     if settings.public_fraction <= 0:
         return weights
@@ -107,8 +108,12 @@ def pretrain_on_public(settings: RunSettings, weights: list[np.ndarray]) -> list
     torch.manual_seed(settings.seed)
     model = create_model(settings.model, dp=True)
     wire.set_weights(model, weights)
-    result = task.train_round(model, images, labels, recipe=settings.recipe(synthetic=synthetic),
-                              batch_size=settings.batch_size, seed=settings.seed, server_round=1, num_rounds=1,
+    recipe = settings.recipe(synthetic=synthetic)
+    if settings.public_lr > 0:
+        recipe = dataclasses.replace(recipe, lr=settings.public_lr)
+    result = task.train_round(model, images, labels, recipe=recipe,
+                              batch_size=settings.public_batch_size or settings.batch_size, seed=settings.seed,
+                              server_round=1, num_rounds=1,
                               epochs=settings.public_epochs, label_prior=target_label_prior(settings))
     log.info("public pretraining: %d public faces, %d epochs, %d steps, train loss %.4f (not private, no epsilon)",
              len(labels), settings.public_epochs, result.steps, result.loss)

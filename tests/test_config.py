@@ -43,6 +43,8 @@ def test_round_trip_through_run_config():
         ({"secure-agg": True, "strategy": "krum"}, "secure-agg"),
         ({"secure-agg": "maybe"}, "secure-agg"),
         ({"dp-lr": 0.0}, "dp-lr"),
+        ({"public-batch-size": -8}, "public-batch-size"),
+        ({"public-lr": -0.01}, "public-lr"),
         ({"dp-optimizer": "rmsprop"}, "dp-optimizer"),
         ({"dp-batch-size": 0}, "dp-batch-size"),
         ({"server-ema": 1.0}, "server-ema"),

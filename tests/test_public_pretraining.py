@@ -112,6 +112,23 @@ def test_public_pretraining_starts_round_zero_above_a_random_start():
     assert pretrained > plain + 0.05
 
 
+def test_public_batch_size_and_lr_pin_round_zero_whatever_the_sites_train_with():
+    """With public-batch-size and public-lr set, round 0 is what that batch and rate give as the run's own values,
+    and the sites' batch-size and lr no longer move it (without them, they do)."""
+    # Prepare
+    base = _make_settings(public_epochs=1, batch_size=16, lr=0.01)
+    sites_changed = base.replace(batch_size=8, lr=0.005)
+
+    # Execute
+    reference = initial_weights(base)
+    pinned = initial_weights(sites_changed.replace(public_batch_size=16, public_lr=0.01))
+    unpinned = initial_weights(sites_changed)
+
+    # Assert
+    assert all(np.array_equal(a, b) for a, b in zip(reference, pinned))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(reference, unpinned)) > 1e-4
+
+
 def test_a_fer2013_trained_init_model_on_fer2013_sites_warns_on_stderr_once(tmp_path, capsys):
     """A start that has seen the sites' dataset is flagged (one stderr line); other sites' data is not."""
     # Prepare
