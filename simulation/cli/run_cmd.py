@@ -53,6 +53,10 @@ def _make_command(mode: str):
             help="Public pretraining: set aside this stratified fraction of the training data (no site gets it) and "
                  "pretrain round 0's model on it in the clear before round 1 (after --init-model). 0 = none.")] = None,
         public_epochs: Annotated[IntOpt, typer.Option(help="Epochs of public pretraining (default 2).")] = None,
+        public_batch_size: Annotated[IntOpt, typer.Option(
+            help="Batch size of public pretraining (default: --batch-size).")] = None,
+        public_lr: Annotated[FloatOpt, typer.Option(
+            help="Peak learning rate of public pretraining (default: --lr, or the model's recipe).")] = None,
         rounds: Annotated[IntOpt, typer.Option(help="Server rounds.")] = None,
         local_epochs: Annotated[IntOpt, typer.Option(help="Local epochs per round.")] = None,
         local_splits: Annotated[
@@ -135,6 +139,8 @@ def _make_command(mode: str):
             "init-model": init_model,
             "public-fraction": public_fraction,
             "public-epochs": public_epochs,
+            "public-batch-size": public_batch_size,
+            "public-lr": public_lr,
             "num-server-rounds": rounds,
             "local-epochs": local_epochs,
             "local-splits": local_splits,
