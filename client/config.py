@@ -76,10 +76,7 @@ class RunSettings:
     # training data, seeded by `seed`. The slice belongs to no site, is unprotected, and costs no epsilon. 0 = none
     public_fraction: float = 0.0
     public_epochs: int = 2
-    # The pretraining's own batch and peak rate (0 = the run's batch-size / the run's recipe rate). It is the
-    # coordinator's centralised training on public faces, so the sites' fine-tuning values (a small batch with a
-    # scaled-down rate, which suits 1/8 rounds: docs/benchmarks.md) need not be its own; keeping it fixed also lets
-    # two runs that differ only in the sites' batch start from the same round 0.
+    # The pretraining's own batch and rate (0 = the run's batch-size / lr), so runs whose sites differ share round 0
     public_batch_size: int = 0
     public_lr: float = 0.0
     local_epochs: int = 3
@@ -260,8 +257,8 @@ class RunSettings:
             raise ConfigError(f"aug-mult {self.aug_mult} averages views before DP-SGD's clipping: it needs "
                               "dp-epsilon > 0")
         if self.public_batch_size < 0 or not 0 <= self.public_lr < float("inf"):
-            raise ConfigError(f"public-batch-size and public-lr must be >= 0 (0 = the run's batch-size / lr), got "
-                              f"{self.public_batch_size} and {self.public_lr}")
+            raise ConfigError(f"public-batch-size and public-lr must be >= 0 (0 = the run's batch-size / lr), "
+                              f"got {self.public_batch_size} and {self.public_lr}")
         if not 0 <= self.public_fraction < 1:
             raise ConfigError(f"public-fraction must be in [0, 1) (0 = no public pretraining), got {self.public_fraction}")
         if not 0 <= self.ntd_beta < float("inf"):
