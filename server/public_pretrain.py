@@ -16,7 +16,6 @@ Plain Python and torch: nothing here knows about Flower.
 from __future__ import annotations
 
 import logging
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,12 +107,11 @@ def pretrain_on_public(settings: RunSettings, weights: list[np.ndarray]) -> list
     torch.manual_seed(settings.seed)
     model = create_model(settings.model, dp=True)
     wire.set_weights(model, weights)
-    recipe = settings.recipe(synthetic=synthetic)
-    if settings.public_lr > 0:
-        recipe = dataclasses.replace(recipe, lr=settings.public_lr)
-    result = task.train_round(model, images, labels, recipe=recipe,
-                              batch_size=settings.public_batch_size or settings.batch_size, seed=settings.seed,
-                              server_round=1, num_rounds=1,
+    # The pretraining's values as the run's own, so RunSettings.recipe stays the one place lr overrides the recipe.
+    own = settings.replace(lr=settings.public_lr or settings.lr,
+                           batch_size=settings.public_batch_size or settings.batch_size)
+    result = task.train_round(model, images, labels, recipe=own.recipe(synthetic=synthetic),
+                              batch_size=own.batch_size, seed=settings.seed, server_round=1, num_rounds=1,
                               epochs=settings.public_epochs, label_prior=target_label_prior(settings))
     log.info("public pretraining: %d public faces, %d epochs, %d steps, train loss %.4f (not private, no epsilon)",
              len(labels), settings.public_epochs, result.steps, result.loss)
