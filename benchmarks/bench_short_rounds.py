@@ -8,7 +8,7 @@ its own seeded sequence of epochs (so every face is seen exactly once a pass), a
 along the averaged update with momentum (FedAvgM when momentum > 0). Scored every --eval-every rounds on the
 sites' held-out local splits (carved from train: the validation the settings were chosen on), and on FER2013
 PublicTest once, at the end. ~5 minutes a run on 2 cores. `bench_fed_accuracy.py --set local_splits=S` measures
-the product path (random slices, Flower, the server's evaluation).
+the product path (Flower, the server's evaluation).
 """
 import argparse, json, sys, time
 from pathlib import Path

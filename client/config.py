@@ -80,8 +80,8 @@ class RunSettings:
     public_batch_size: int = 0
     public_lr: float = 0.0
     local_epochs: int = 3
-    # Shorter rounds at the same passes: each round a site trains local-epochs passes over a random 1/local-splits
-    # of its training data, drawn afresh each round, so local-splits rounds make the passes of one round. Client
+    # Shorter rounds at the same passes: each round a site trains local-epochs passes over the next 1/local-splits
+    # of a seeded permutation of its data (task.round_slice), so local-splits rounds see each face once. Client
     # drift under label skew grows with the local steps; with server momentum the averaged steps then add up
     # (Flower-free screen, CNN-AM deep, Dirichlet 0.5, 10 passes: 10 rounds 0.361 on PublicTest, 80 rounds of 1/8 with
     # FedAvgM 0.415; docs/benchmarks.md). Not with DP-SGD, whose accountant samples from the whole local dataset.

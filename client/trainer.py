@@ -16,7 +16,7 @@ import secrets
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.client import NumPyClient
 from torch.utils.data import DataLoader
 
@@ -38,6 +38,9 @@ def momentum_record(model: str) -> str:
     for a run series, not only a run (flwr 1.41 supernode: push_task_output saves the ClientApp's context under the
     run's series), so the key names the model: buffers of another architecture are never loaded."""
     return f"fer-fl.momentum.{model}"
+
+
+SLICE_SEED_RECORD = "fer-fl.slice-seed"  # a deployed node's local-splits seed in its context state (never sent)
 
 
 class FerClient(NumPyClient):
@@ -69,6 +72,18 @@ class FerClient(NumPyClient):
         if not self.node.simulated:
             return secrets.randbits(63)
         return self.settings.seed * 1_000_003 + self.node.partition_id * 1_009 + server_round
+
+    def _slice_seed(self) -> int:
+        """The seed of the permutations `local-splits` cuts into rounds (task.round_slice), the same every round so
+        that `splits` rounds train each face once. Simulated: from the run's seed and the node's partition, as
+        `_seed`. Deployed: drawn from the OS at the node's first round and kept in its context state."""
+        if self.node.simulated:
+            return self.settings.seed * 1_000_003 + self.node.partition_id * 1_009
+        kept = self.state.config_records.get(SLICE_SEED_RECORD)
+        if kept is None:
+            kept = ConfigRecord({"seed": secrets.randbits(62)})
+            self.state[SLICE_SEED_RECORD] = kept
+        return int(kept["seed"])
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return wire.get_weights(self._model())
@@ -125,7 +140,7 @@ class FerClient(NumPyClient):
                 model, data.train_images, data.train_labels, recipe=self.settings.recipe(synthetic=data.synthetic),
                 batch_size=self.setup.batch_size, seed=seed, server_round=server_round,
                 num_rounds=self.settings.num_server_rounds, epochs=self.setup.local_epochs,
-                splits=self.settings.local_splits, label_prior=fit_label_prior(config, self.settings),
+                splits=self.settings.local_splits, slice_seed=self._slice_seed(), label_prior=fit_label_prior(config, self.settings),
                 proximal_mu=float(config.get("proximal-mu", 0.0)), ntd_beta=self.settings.ntd_beta,
                 carry=carry,
             )

@@ -23,7 +23,7 @@ log = logging.getLogger("fer_fl.server")
 
 class ServerLearning:
     """`server-learning`: after each round's aggregation the server trains the new global model on the public slice,
-    as a site would train on its own data that round (local-epochs passes over a random 1/local-splits of it, the
+    as a site would train on its own data that round (local-epochs passes over the next 1/local-splits of it, the
     recipe's rate at that round of the schedule, the run's batch-size and logit-adjust target).
 
     Why: under label skew the averaged model leans towards whatever mix of labels the round's sites held; a few
@@ -55,6 +55,7 @@ class ServerLearning:
         result = task.train_round(model, self.images, self.labels, recipe=self.recipe, batch_size=settings.batch_size,
                                   seed=seed, server_round=server_round, num_rounds=settings.num_server_rounds,
                                   epochs=settings.local_epochs, splits=settings.local_splits,
+                                  slice_seed=settings.seed + 104_723,  # the run's stream of public slices
                                   label_prior=self.label_prior)
         faces = result.num_examples // settings.local_epochs  # each pass sees the round's slice once
         log.info("round %d: server learning, %d public faces, %d steps, train loss %.4f (not private, no epsilon)",

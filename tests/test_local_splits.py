@@ -1,4 +1,5 @@
-"""Shorter rounds at the same passes (`local-splits`): each round a site trains on a seeded random slice of its data."""
+"""Shorter rounds at the same passes (`local-splits`): each round a site trains on the next part of a seeded
+permutation of its data, so `splits` rounds train every face once."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from client.config import ConfigError, RunSettings
 from client.node_config import NodeSettings
 from client.node_data import cached_dataset, node_data_from_indices
 from client.node_setup import NodeSetup
-from client.trainer import FerClient
+from client.trainer import SLICE_SEED_RECORD, FerClient
 from models import create_model
 from server.server_app import initial_weights
 
@@ -45,19 +46,29 @@ def _train_on(rows: np.ndarray, client: FerClient, weights: list[np.ndarray], se
     return [new - old for new, old in zip(wire.get_weights(model), weights)]
 
 
-@pytest.mark.parametrize("num_examples, splits", [(280, 4), (7, 3), (3, 8)])
-def test_round_slice_is_a_seeded_subset_of_a_splits_share(num_examples, splits):
-    """A slice has round(n / splits) distinct sorted indices (at least one), is fixed by the seed and moves with it."""
+@pytest.mark.parametrize("num_examples, splits", [(280, 4), (7, 3), (101, 8)])
+def test_consecutive_rounds_train_every_example_once_an_epoch(num_examples, splits):
+    """`splits` consecutive rounds partition a site's examples into near-equal sorted parts; each epoch reshuffles."""
     # Execute
-    first = task.round_slice(num_examples, splits=splits, seed=11)
-    again = task.round_slice(num_examples, splits=splits, seed=11)
-    others = [task.round_slice(num_examples, splits=splits, seed=seed) for seed in range(12, 20)]
+    epochs = [[task.round_slice(num_examples, splits=splits, seed=11, server_round=epoch * splits + part + 1)
+               for part in range(splits)] for epoch in range(2)]
+    again = task.round_slice(num_examples, splits=splits, seed=11, server_round=1)
+    other_seed = task.round_slice(num_examples, splits=splits, seed=12, server_round=1)
 
     # Assert
-    assert len(first) == max(1, round(num_examples / splits))
-    assert np.array_equal(first, np.unique(first)) and 0 <= first.min() and first.max() < num_examples
-    assert np.array_equal(first, again)
-    assert any(not np.array_equal(first, other) for other in others)
+    for parts in epochs:
+        assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(num_examples))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        assert all(np.array_equal(part, np.sort(part)) for part in parts)
+    assert np.array_equal(epochs[0][0], again)
+    assert not np.array_equal(epochs[0][0], epochs[1][0]) and not np.array_equal(epochs[0][0], other_seed)
+
+
+def test_fewer_examples_than_splits_still_train_one_a_round():
+    """A site with fewer faces than splits trains one face a round, and each of its faces within an epoch."""
+    parts = [task.round_slice(3, splits=8, seed=5, server_round=r) for r in range(1, 9)]
+    assert all(len(part) == 1 for part in parts)
+    assert sorted({int(part[0]) for part in parts}) == [0, 1, 2]
 
 
 def test_one_split_is_every_example_and_zero_is_refused():
@@ -73,7 +84,7 @@ def test_a_round_trains_exactly_its_slice(tmp_path):
     client = _make_client(SETTINGS, tmp_path)
     weights = initial_weights(SETTINGS)
     num_train = len(client.setup.data.train_labels)
-    rows = task.round_slice(num_train, splits=4, seed=client._seed(2))
+    rows = task.round_slice(num_train, splits=4, seed=client._slice_seed(), server_round=2)
 
     # Execute
     delta, num_examples, _ = client.fit(weights, {"server-round": 2})
@@ -82,10 +93,28 @@ def test_a_round_trains_exactly_its_slice(tmp_path):
     expected = _train_on(rows, client, weights, server_round=2)
     everything = _train_on(np.arange(num_train), client, weights, server_round=2)
     assert num_examples == num_train  # FedAvg still weighs a site by its size
-    assert len(rows) == round(num_train / 4)
+    assert num_train // 4 <= len(rows) <= -(-num_train // 4)
     for got, want in zip(delta, expected):
         np.testing.assert_allclose(got, want, atol=1e-6)
     assert max(float(np.abs(g - e).max()) for g, e in zip(delta, everything)) > 1e-4
+
+
+def test_a_deployed_node_keeps_one_slice_seed_for_the_run(tmp_path):
+    """A deployed node draws its slice seed once and keeps it in its context state; another node draws its own."""
+    # Prepare
+    simulated = _make_client(SETTINGS, tmp_path)
+    first = FerClient(setup=simulated.setup, settings=SETTINGS, node=NodeSettings(dataset="synthetic=120"))
+    again = FerClient(setup=simulated.setup, settings=SETTINGS, node=first.node, state=first.state)
+    other = FerClient(setup=simulated.setup, settings=SETTINGS, node=first.node)
+
+    # Execute
+    seed = first._slice_seed()
+
+    # Assert
+    assert again._slice_seed() == seed == first._slice_seed()
+    assert int(first.state.config_records[SLICE_SEED_RECORD]["seed"]) == seed
+    assert other._slice_seed() != seed
+    assert seed != SETTINGS.seed * 1_000_003  # not derivable from the run's seed, which the coordinator knows
 
 
 @pytest.mark.parametrize("changes, key", [({"local_splits": 0}, "local-splits"),

@@ -78,7 +78,7 @@ def test_with_local_splits_a_step_is_a_sites_share_of_the_slice(caplog):
     """Under local-splits 4 a round's step trains local-epochs passes over a quarter of the slice, as a site does."""
     # Prepare
     settings = _make_settings(local_splits=4, local_epochs=2, batch_size=16)
-    faces = round(len(public_split(settings, settings.dataset).public) / 4)
+    faces = len(public_split(settings, settings.dataset).public) // 4  # round 1: the first quarter of the epoch
 
     # Execute
     with caplog.at_level("INFO", logger="fer_fl.server"):

@@ -60,7 +60,7 @@ def _make_command(mode: str):
         rounds: Annotated[IntOpt, typer.Option(help="Server rounds.")] = None,
         local_epochs: Annotated[IntOpt, typer.Option(help="Local epochs per round.")] = None,
         local_splits: Annotated[
-            IntOpt, typer.Option(help="Shorter rounds: each round trains on a random 1/N of each site's data.")
+            IntOpt, typer.Option(help="Shorter rounds: each round trains on the next 1/N of each site's shuffled data.")
         ] = None,
         lr: Annotated[FloatOpt, typer.Option(help="Peak local learning rate (default: the model's recipe).")] = None,
         optimizer: Annotated[StrOpt, typer.Option(help="adam | sgd | sgd-nesterov (default: the recipe's).")] = None,
