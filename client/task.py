@@ -342,12 +342,13 @@ def train_round(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, rec
         model: the model as the round starts (the received global model); trained in place.
         images, labels: the data the round trains on.
         recipe, batch_size, label_prior: as `prepare_training`.
-        seed: seeds the round's augmentation and shuffling (and its slice when `slice_seed` is None).
+        seed: seeds the round's augmentation and shuffling.
         server_round, num_rounds: where the round sits in the run's schedule.
         epochs: passes over the round's data.
         splits: `local-splits`: the round trains on 1/splits of the data, the next part of this epoch's
             permutation (`round_slice`).
-        slice_seed: seeds those permutations; the same in every round of a run (None = `seed`).
+        slice_seed: seeds those permutations; the same in every round of a run, so required when splits > 1 (a
+            round's own seed would draw a fresh permutation each round and lose the once-an-epoch guarantee).
         proximal_mu: FedProx's weight, towards the model as the round received it (0 = off).
         ntd_beta: not-true distillation's weight, towards a frozen copy of the model as the round received it
             (FedNTD; 0 = off).
@@ -355,8 +356,9 @@ def train_round(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, rec
             ones it ends with (None = momentum restarts with the round).
     """
     if splits > 1:
-        rows = round_slice(len(labels), splits=splits, seed=seed if slice_seed is None else slice_seed,
-                           server_round=server_round)
+        if slice_seed is None:
+            raise ValueError(f"splits {splits} needs a slice_seed that stays the same across the run's rounds")
+        rows = round_slice(len(labels), splits=splits, seed=slice_seed, server_round=server_round)
         images, labels = images[rows], labels[rows]
     local = prepare_training(model, images, labels, recipe=recipe, batch_size=batch_size, seed=seed,
                              server_round=server_round, num_rounds=num_rounds, label_prior=label_prior)

@@ -75,10 +75,10 @@ class FerClient(NumPyClient):
 
     def _slice_seed(self) -> int:
         """The seed of the permutations `local-splits` cuts into rounds (task.round_slice), the same every round so
-        that `splits` rounds train each face once. Simulated: from the run's seed and the node's partition, as
-        `_seed`. Deployed: drawn from the OS at the node's first round and kept in its context state."""
+        that `splits` rounds train each face once. Simulated: `_seed` of round 0, which never trains. Deployed:
+        drawn from the OS at the node's first round and kept in its context state."""
         if self.node.simulated:
-            return self.settings.seed * 1_000_003 + self.node.partition_id * 1_009
+            return self._seed(0)
         kept = self.state.config_records.get(SLICE_SEED_RECORD)
         if kept is None:
             kept = ConfigRecord({"seed": secrets.randbits(62)})
@@ -140,7 +140,8 @@ class FerClient(NumPyClient):
                 model, data.train_images, data.train_labels, recipe=self.settings.recipe(synthetic=data.synthetic),
                 batch_size=self.setup.batch_size, seed=seed, server_round=server_round,
                 num_rounds=self.settings.num_server_rounds, epochs=self.setup.local_epochs,
-                splits=self.settings.local_splits, slice_seed=self._slice_seed(), label_prior=fit_label_prior(config, self.settings),
+                splits=self.settings.local_splits, slice_seed=self._slice_seed(),
+                label_prior=fit_label_prior(config, self.settings),
                 proximal_mu=float(config.get("proximal-mu", 0.0)), ntd_beta=self.settings.ntd_beta,
                 carry=carry,
             )

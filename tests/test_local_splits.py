@@ -78,6 +78,15 @@ def test_one_split_is_every_example_and_zero_is_refused():
         task.round_slice(5, splits=0, seed=0)
 
 
+def test_splits_without_a_run_long_slice_seed_is_refused():
+    """train_round with splits > 1 and no slice_seed is a programming error: a round's seed would reshuffle each round."""
+    model = create_model(SETTINGS.model, dp=True)
+    with pytest.raises(ValueError, match="slice_seed"):
+        task.train_round(model, np.zeros((8, 1, 48, 48), np.float32), np.zeros(8, np.int64),
+                         recipe=SETTINGS.recipe(synthetic=True), batch_size=4, seed=1, server_round=1, num_rounds=4,
+                         epochs=1, splits=4)
+
+
 def test_a_round_trains_exactly_its_slice(tmp_path):
     """A site's delta with local-splits 4 equals the recipe's training on round_slice's rows, not on all its data."""
     # Prepare
