@@ -56,7 +56,8 @@ a = p.parse_args()
 torch.set_num_threads(a.threads)
 settings = RunSettings(dataset=f"fer2013={a.data}", num_clients=10, min_clients=10,
                        partition="dirichlet", alpha=a.alpha, model="cnn_am_deep", num_server_rounds=10, local_epochs=1,
-                       batch_size=a.batch_size, lr=a.lr, class_balance=a.class_balance, label_prior=a.label_prior, public_fraction=a.public_fraction, public_epochs=a.public_epochs)
+                       batch_size=a.batch_size, lr=a.lr, class_balance=a.class_balance, label_prior=a.label_prior,
+                       public_fraction=a.public_fraction, public_epochs=a.public_epochs)
 data = cached_dataset(settings.dataset, settings.image_size, settings.seed)
 sites = [node_data_from_indices(data, plan.indices, client_id=plan.client_id, test_fraction=settings.local_test_fraction,
                                 seed=settings.seed + i) for i, plan in enumerate(federation_plan(settings))]

@@ -95,7 +95,7 @@ def prepare_training(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
     )
 
 
-def round_slice(num_examples: int, *, splits: int, seed: int, server_round: int = 1) -> np.ndarray:
+def round_slice(num_examples: int, *, splits: int, seed: int, server_round: int) -> np.ndarray:
     """The indices a site trains on in round `server_round` under `local-splits`: part (round - 1) mod splits of a
     permutation of its examples drawn from `seed` for epoch (round - 1) // splits, in ascending order (at least
     one index). splits 1 = every example.

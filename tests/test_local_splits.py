@@ -73,13 +73,13 @@ def test_fewer_examples_than_splits_still_train_one_a_round():
 
 def test_one_split_is_every_example_and_zero_is_refused():
     """splits 1 trains every example in order; splits 0 is a programming error, refused."""
-    assert np.array_equal(task.round_slice(5, splits=1, seed=0), np.arange(5))
+    assert np.array_equal(task.round_slice(5, splits=1, seed=0, server_round=1), np.arange(5))
     with pytest.raises(ValueError, match="splits must be at least 1"):
-        task.round_slice(5, splits=0, seed=0)
+        task.round_slice(5, splits=0, seed=0, server_round=1)
 
 
 def test_splits_without_a_run_long_slice_seed_is_refused():
-    """train_round with splits > 1 and no slice_seed is a programming error: a round's seed would reshuffle each round."""
+    """train_round with splits > 1 and no slice_seed is refused: a round's own seed would reshuffle each round."""
     model = create_model(SETTINGS.model, dp=True)
     with pytest.raises(ValueError, match="slice_seed"):
         task.train_round(model, np.zeros((8, 1, 48, 48), np.float32), np.zeros(8, np.int64),
