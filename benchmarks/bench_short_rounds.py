@@ -49,12 +49,13 @@ p.add_argument("--ntd-beta", type=float, default=0.0,
                help="sites add this weight of not-true distillation towards the round's global model (FedNTD)")
 p.add_argument("--ntd-tau", type=float, default=3.0)
 p.add_argument("--batch-size", type=int, default=32, help="the sites' local batch (run key batch-size)")
+p.add_argument("--seed", type=int, default=42, help="the run's seed: partition, round 0, public slice, every stream")
 p.add_argument("--threads", type=int, default=2, help="torch threads (1 lets two screens share the 2 cores)")
 p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
 p.add_argument("--out", required=True)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
-settings = RunSettings(dataset=f"fer2013={a.data}", num_clients=10, min_clients=10,
+settings = RunSettings(dataset=f"fer2013={a.data}", seed=a.seed, num_clients=10, min_clients=10,
                        partition="dirichlet", alpha=a.alpha, model="cnn_am_deep", num_server_rounds=10, local_epochs=1,
                        batch_size=a.batch_size, lr=a.lr, class_balance=a.class_balance, label_prior=a.label_prior,
                        public_fraction=a.public_fraction, public_epochs=a.public_epochs)
@@ -74,6 +75,8 @@ if a.public_fraction > 0:  # the product's round 0: the seeded model, then the p
     from client import wire
     from server.server_app import initial_weights
     wire.set_weights(g, initial_weights(settings.replace(lr=0.0, batch_size=32)))  # --lr, --batch-size: the sites only
+    h0, n0 = accuracy(g, data.splits["test"].images, data.splits["test"].labels, flip_tta=settings.recipe().flip_tta)
+    print(f"round 0 on PublicTest: {h0 / n0:.4f}", flush=True)  # where each --seed starts: the draws differ here too
 gstate = {k: v.clone() for k, v in g.state_dict().items()}
 mom = {k: torch.zeros_like(v) for k, v in gstate.items() if v.is_floating_point()}
 from server.ema import ParameterEMA  # noqa: E402
@@ -172,6 +175,7 @@ chosen = max(decays or [None], key=lambda d: final["val" if d == (decays or [Non
 m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(scored_state(chosen))
 h, n = accuracy(m, data.splits["test"].images, data.splits["test"].labels, flip_tta=recipe.flip_tta)
 res = {"args": vars(a), "S": S, "rounds": rounds, "curve": curve, "publictest": h / n,
+       "publictest_round0": h0 / n0 if a.public_fraction > 0 else None,
        "publictest_scored": f"ema {chosen}" if chosen else "global model"}
 print(res["publictest"], flush=True)
 Path(a.out).write_text(json.dumps(res, indent=1))
