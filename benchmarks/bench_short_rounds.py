@@ -75,7 +75,7 @@ if a.public_fraction > 0:  # the product's round 0: the seeded model, then the p
     from client import wire
     from server.server_app import initial_weights
     wire.set_weights(g, initial_weights(settings.replace(lr=0.0, batch_size=32)))  # --lr, --batch-size: the sites only
-    h0, n0 = accuracy(g, data.splits["test"].images, data.splits["test"].labels, flip_tta=settings.recipe().flip_tta)
+    h0, n0 = accuracy(g, data.splits["test"].images, data.splits["test"].labels, flip_tta=recipe.flip_tta)
     print(f"round 0 on PublicTest: {h0 / n0:.4f}", flush=True)  # where each --seed starts: the draws differ here too
 gstate = {k: v.clone() for k, v in g.state_dict().items()}
 mom = {k: torch.zeros_like(v) for k, v in gstate.items() if v.is_floating_point()}
