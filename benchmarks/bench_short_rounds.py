@@ -5,9 +5,10 @@
 FedAvg in one process over the sites `fer-sim run` builds (10 sites, Dirichlet label skew, CNN-AM deep, its
 recipe with the schedule over the rounds): each round every site trains 1/splits of an epoch, the next slice of
 its own seeded sequence of epochs (so every face is seen exactly once a pass), and the server takes an SGD step
-along the averaged update with momentum (FedAvgM when momentum > 0). Scored every --eval-every rounds on the
-sites' held-out local splits (carved from train: the validation the settings were chosen on), and on FER2013
-PublicTest once, at the end. ~5 minutes a run on 2 cores. `bench_fed_accuracy.py --set local_splits=S` measures
+along the averaged update with momentum (FedAvgM when momentum > 0), or FedAdam / FedYogi's (--server-opt); the
+sites may add FedProx's term (--proximal-mu). Scored every --eval-every rounds on the sites' held-out local splits
+(carved from train: the validation the settings were chosen on), and on FER2013 PublicTest once, at the end. ~5
+minutes a run on 2 cores. `bench_fed_accuracy.py --set local_splits=S` measures
 the product path (Flower, the server's evaluation).
 """
 import argparse, json, sys, time
@@ -29,6 +30,12 @@ p.add_argument("--passes", type=int, default=10)
 p.add_argument("--splits", type=int, default=1, help="a round is 1/splits of an epoch at every site")
 p.add_argument("--server-lr", type=float, default=1.0)
 p.add_argument("--momentum", type=float, default=0.0)
+p.add_argument("--server-opt", choices=("sgd", "adam", "yogi"), default="sgd",
+               help="the server's step: SGD with --momentum (FedAvg / FedAvgM), or FedAdam / FedYogi at rate "
+               "--server-lr with beta1 = --momentum, as Flower's strategies take it (server/strategy.py)")
+p.add_argument("--tau", type=float, default=1e-3, help="FedAdam / FedYogi's adaptivity floor (Reddi et al. 2021)")
+p.add_argument("--beta2", type=float, default=0.99, help="FedAdam / FedYogi's second-moment decay")
+p.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx: sites add mu/2 |w - w_round|^2")
 p.add_argument("--alpha", type=float, default=0.5)
 p.add_argument("--eval-every", type=int, default=5)
 p.add_argument("--lr", type=float, default=0.0, help="peak local learning rate (0 = the recipe's)")
@@ -79,6 +86,7 @@ if a.public_fraction > 0:  # the product's round 0: the seeded model, then the p
     print(f"round 0 on PublicTest: {h0 / n0:.4f}", flush=True)  # where each --seed starts: the draws differ here too
 gstate = {k: v.clone() for k, v in g.state_dict().items()}
 mom = {k: torch.zeros_like(v) for k, v in gstate.items() if v.is_floating_point()}
+second = {k: torch.zeros_like(v) for k in mom for v in [gstate[k]]}  # FedAdam / FedYogi's v_t
 from server.ema import ParameterEMA  # noqa: E402
 decays = [float(d) for d in a.ema.split(",") if float(d) > 0]
 emas = {d: ParameterEMA(decay=d, weights=[v.numpy() for v in gstate.values()]) for d in decays}
@@ -134,20 +142,37 @@ for r in range(1, rounds + 1):
         loader = DataLoader(local.loader.dataset, batch_sampler=batches(i, r))
         if a.keep_momentum:
             carries[i].load_into(local.optimizer)
+        reference = [q.detach().clone() for q in m.parameters()] if a.proximal_mu > 0 else None
         task.train(m, loader, epochs=1, optimizer=local.optimizer, criterion=local.criterion, lr_at=local.lr_at,
-                   teacher=teacher, distill_beta=a.ntd_beta, distill_tau=a.ntd_tau)
+                   teacher=teacher, distill_beta=a.ntd_beta, distill_tau=a.ntd_tau, proximal_mu=a.proximal_mu,
+                   reference=reference)
         if a.keep_momentum:
             carries[i].save_from(local.optimizer)
         states.append(m.state_dict()); weights.append(len(s.train_labels))
     tot = sum(weights)
+    # as Flower 1.41 steps: FedAdam's rate is bias-corrected, eta * sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)); FedYogi's not
+    correction = (1 - a.beta2 ** (r + 1)) ** 0.5 / (1 - a.momentum ** (r + 1))
+    eta_t = a.server_lr * (correction if a.server_opt == "adam" else 1.0)
+    abs_delta = []
     for k in gstate:
         if gstate[k].is_floating_point():
             avg = sum(st[k] * (w / tot) for st, w in zip(states, weights))
             delta = avg - gstate[k]
-            mom[k] = a.momentum * mom[k] + delta
-            gstate[k] = gstate[k] + a.server_lr * mom[k]
+            abs_delta.append(delta.abs().flatten())
+            if a.server_opt == "sgd":
+                mom[k] = a.momentum * mom[k] + delta
+                gstate[k] = gstate[k] + a.server_lr * mom[k]
+                continue
+            mom[k] = a.momentum * mom[k] + (1 - a.momentum) * delta
+            d2 = delta * delta
+            if a.server_opt == "adam":
+                second[k] = a.beta2 * second[k] + (1 - a.beta2) * d2
+            else:  # Yogi: v grows or shrinks by (1 - b2) d^2 towards d^2, additively
+                second[k] = second[k] - (1 - a.beta2) * d2 * torch.sign(second[k] - d2)
+            gstate[k] = gstate[k] + eta_t * mom[k] / (second[k].sqrt() + a.tau)
         else:
             gstate[k] = states[0][k]
+    abs_delta = torch.cat(abs_delta)
     if a.server_learning:
         m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(gstate)
         local = task.prepare_training(m, pub_images, pub_labels, recipe=recipe, batch_size=bs,
@@ -160,7 +185,8 @@ for r in range(1, rounds + 1):
     for e in emas.values():
         e.update([v.numpy() for v in gstate.values()])
     if r % a.eval_every == 0 or r == rounds:
-        point = {"round": r, "passes": round(r / a.splits, 2)}
+        point = {"round": r, "passes": round(r / a.splits, 2),  # the averaged update's size, to set FedAdam's rate
+                 "delta_median": float(abs_delta.median()), "delta_rms": float(abs_delta.pow(2).mean().sqrt())}
         for d in (decays or [None]):
             m = create_model(settings.model, norm_layer=group_norm); m.load_state_dict(scored_state(d))
             c = n = 0

@@ -119,12 +119,12 @@ class RunSettings:
     min_clients: int = 2  # a round waits for this many sites
     proximal_mu: float = 0.01  # fedprox: weight of the proximal term mu/2 |w - w_global|^2
     # Server optimisers (Reddi et al. 2021): fedavgm takes an SGD step of server-lr with server-momentum along the
-    # averaged update; fedadam / fedyogi an adaptive step of server-lr. 0 = the strategy's default (fedavgm 1.0,
-    # fedadam / fedyogi 0.01). With one local epoch a round, FedAvg moves the global model about as far as one
-    # site's epoch does; momentum buys back part of that (Dirichlet 0.5, 10 rounds: FedAvg 0.369, FedAvgM 0.390,
-    # FedAdam 0.335 on FER2013 PublicTest; docs/benchmarks.md).
+    # averaged update; fedadam / fedyogi a step of server-lr over sqrt(v) + server-tau per coordinate (0 = the
+    # strategy's default: fedavgm 1.0, fedadam / fedyogi 0.01). Averaged updates are ~1e-4 a coordinate, so tau 1e-3
+    # leaves FedAdam close to FedAvgM and 1e-4 makes it adapt (docs/benchmarks.md, "The server's optimiser").
     server_lr: float = 0.0
     server_momentum: float = 0.9
+    server_tau: float = 1e-3
     # The average of the global model over rounds (server/ema.py) is what the server evaluates, saves and delivers;
     # training goes on from the raw model. 0 = off; else the largest decay in (0, 1), warmed up over early rounds.
     # Post-processing: no privacy cost (De et al. 2022 average DP-SGD iterates the same way). Off by default: over
@@ -282,9 +282,9 @@ class RunSettings:
             raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         if not 0 <= self.local_test_fraction < 1:
             raise ConfigError(f"local-test-fraction must be in [0, 1), got {self.local_test_fraction}")
-        if self.server_lr < 0 or not 0 <= self.server_momentum < 1:
-            raise ConfigError(f"server-lr must be >= 0 (0 = the strategy's default) and server-momentum in [0, 1), "
-                              f"got {self.server_lr} and {self.server_momentum}")
+        if self.server_lr < 0 or not 0 <= self.server_momentum < 1 or not self.server_tau > 0:
+            raise ConfigError(f"server-lr must be >= 0 (0 = the strategy's default), server-momentum in [0, 1) and "
+                              f"server-tau > 0, got {self.server_lr}, {self.server_momentum} and {self.server_tau}")
         if not 0 <= self.server_ema < 1:
             raise ConfigError(f"server-ema must be in [0, 1) (0 = off), got {self.server_ema}")
         if not 0 <= self.trimmed_beta < 0.5:

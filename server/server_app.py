@@ -146,6 +146,7 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
             "proximal_mu": settings.proximal_mu,
             "server_lr": settings.server_lr,
             "server_momentum": settings.server_momentum,
+            "server_tau": settings.server_tau,
             "trimmed_beta": settings.trimmed_beta,
             "krum_malicious": settings.krum_malicious,
         },

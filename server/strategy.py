@@ -81,7 +81,7 @@ def create_strategy(name: str, *, common: dict[str, Any], options: dict[str, Any
         name: registry name, e.g. "fedavg".
         common: keyword arguments every Flower strategy takes (fractions, minimum clients, initial parameters).
         options: strategy-specific knobs (`proximal_mu`, `server_lr`, `server_momentum`, `trimmed_beta`,
-            `krum_malicious`).
+            `server_tau`, `krum_malicious`).
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
@@ -109,11 +109,11 @@ def _fedprox(*, common: dict, proximal_mu: float, **_: Any) -> Strategy:
 
 def _adaptive(strategy_class: type[Strategy]) -> StrategyFactory:
     """FedAdam / FedYogi (Reddi et al. 2021; Yogi grows the second moment additively, so it adapts more gently) at
-    server-lr, 0.01 when unset. eta_l is only used by Flower to log; the client's own lr drives local training."""
+    server-lr (0.01 when unset) over sqrt(v) + server-tau. eta_l is only Flower's log; the sites' lr trains."""
 
-    def factory(*, common: dict, server_lr: float, **_: Any) -> Strategy:
+    def factory(*, common: dict, server_lr: float, server_tau: float = 1e-3, **_: Any) -> Strategy:
         server_lr = server_lr or 0.01
-        return strategy_class(**common, eta=server_lr, eta_l=server_lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
+        return strategy_class(**common, eta=server_lr, eta_l=server_lr, beta_1=0.9, beta_2=0.99, tau=server_tau)
 
     return factory
 

@@ -49,6 +49,7 @@ def test_round_trip_through_run_config():
         ({"dp-batch-size": 0}, "dp-batch-size"),
         ({"server-ema": 1.0}, "server-ema"),
         ({"server-ema": -0.5}, "server-ema"),
+        ({"server-tau": 0.0}, "server-tau"),
     ],
 )
 def test_invalid_values_name_the_key(run_config, names):

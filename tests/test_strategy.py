@@ -186,6 +186,20 @@ def test_server_lr_zero_takes_the_strategys_default(name):
     assert strategy.eta == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize(("name", "bias_correction"), [("fedadam", True), ("fedyogi", False)])
+def test_adaptive_first_step_divides_by_root_v_plus_server_tau(name, bias_correction):
+    """Round 1's step equals eta * m / (sqrt(v) + tau) computed here, so server-tau reaches Flower's optimiser."""
+    eta, tau, beta_1, beta_2 = 0.1, 0.15, 0.9, 0.99
+    guard = _make_guard(name, server_lr=eta, server_tau=tau)  # initial weights 0; the accepted average is 1.5
+    results = [(_Proxy(str(i)), _make_fitres(_make_delta(0.5), client=f"c{i}")) for i in range(3)]
+
+    parameters, _ = guard.aggregate_fit(1, results, [])
+
+    m, v = (1 - beta_1) * 1.5, (1 - beta_2) * 1.5**2  # both moments start at zero
+    rate = eta * np.sqrt(1 - beta_2**2) / (1 - beta_1**2) if bias_correction else eta  # Flower 1.41: Adam's only
+    assert all(np.allclose(a, rate * m / (np.sqrt(v) + tau)) for a in parameters_to_ndarrays(parameters))
+
+
 def test_unknown_strategy_lists_known_ones():
     """create_strategy names the known strategies when given an unknown one."""
     with pytest.raises(ValueError, match="known: fedadam, fedavg, fedavgm"):

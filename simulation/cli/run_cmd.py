@@ -92,6 +92,8 @@ def _make_command(mode: str):
             FloatOpt, typer.Option(help="Server learning rate of fedavgm / fedadam / fedyogi (0 = the strategy's).")
         ] = None,
         server_momentum: Annotated[FloatOpt, typer.Option(help="fedavgm's server momentum.")] = None,
+        server_tau: Annotated[FloatOpt, typer.Option(help="fedadam / fedyogi's floor on the per-coordinate "
+                                                          "normaliser sqrt(v) + tau.")] = None,
         server_ema: Annotated[
             FloatOpt, typer.Option(help="Evaluate, save and deliver the average of the global model over rounds, "
                                         "at this decay (0 = off; no privacy cost).")
@@ -159,6 +161,7 @@ def _make_command(mode: str):
             "proximal-mu": proximal_mu,
             "server-lr": server_lr,
             "server-momentum": server_momentum,
+            "server-tau": server_tau,
             "server-ema": server_ema,
             "server-learning": server_learning,
             "ntd-beta": ntd_beta,
