@@ -8,8 +8,8 @@ its own seeded sequence of epochs (so every face is seen exactly once a pass), a
 along the averaged update with momentum (FedAvgM when momentum > 0), or FedAdam / FedYogi's (--server-opt); the
 sites may add FedProx's term (--proximal-mu). Scored every --eval-every rounds on the sites' held-out local splits
 (carved from train: the validation the settings were chosen on), and on FER2013 PublicTest once, at the end. ~5
-minutes a run on 2 cores. `bench_fed_accuracy.py --set local_splits=S` measures
-the product path (Flower, the server's evaluation).
+minutes a run on 2 cores. `bench_fed_accuracy.py --set local_splits=S` measures the product path (Flower, the
+server's evaluation).
 """
 import argparse, json, sys, time
 from pathlib import Path
@@ -86,7 +86,7 @@ if a.public_fraction > 0:  # the product's round 0: the seeded model, then the p
     print(f"round 0 on PublicTest: {h0 / n0:.4f}", flush=True)  # where each --seed starts: the draws differ here too
 gstate = {k: v.clone() for k, v in g.state_dict().items()}
 mom = {k: torch.zeros_like(v) for k, v in gstate.items() if v.is_floating_point()}
-second = {k: torch.zeros_like(v) for k in mom for v in [gstate[k]]}  # FedAdam / FedYogi's v_t
+second = {k: torch.zeros_like(m) for k, m in mom.items()}  # FedAdam / FedYogi's v_t
 from server.ema import ParameterEMA  # noqa: E402
 decays = [float(d) for d in a.ema.split(",") if float(d) > 0]
 emas = {d: ParameterEMA(decay=d, weights=[v.numpy() for v in gstate.values()]) for d in decays}
