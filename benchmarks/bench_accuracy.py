@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_accuracy.py --model cnn_am [--minutes 60] [--epochs 30] [--quick]
         [--data ../shared/data/fer2013] [--recipe KEY=VALUE ...] [--norm gn|bn] [--threads N]
+        [--device auto|cpu|cuda] [--workers N]
 
 Trains `--model` on FER2013's training split with the model's recipe (models/recipe.py; `--recipe lr=0.05` etc.
 change single keys), holding out a stratified validation split carved from the training set (`--val-fraction`):
@@ -13,6 +14,9 @@ budget, estimated from the first epoch's time (the schedule then still ends at 0
 half-way). `--quick` trains on a small slice (2,000 training, 500 test faces, 2 epochs) to check the script in
 under two minutes. Prints one line per epoch and writes benchmarks/results/bench_accuracy_<model>[_quick].json
 (atomically) and a PNG of validation accuracy against wall-clock time beside it.
+
+`--device cuda` trains on a GPU when one is lent (issue 12 item 7; benchmarks/gpu_dmsnet_light.sh is the prepared
+run); the default `auto` takes a GPU only where torch sees one, so nothing here depends on it.
 """
 
 from __future__ import annotations
@@ -89,16 +93,25 @@ def typed_pairs(pairs: list[str], defaults: dict, *, what: str, normalise: bool 
     return out
 
 
-def score(model, images: np.ndarray, labels: np.ndarray) -> dict:
+def score(model, images: np.ndarray, labels: np.ndarray, *, device: str = "cpu") -> dict:
     """Accuracy, macro-F1 and per-class recall, without and with flip averaging."""
     loader = DataLoader(FERTorchDataset(images, labels), batch_size=256)
     out = {}
     for name, flip in (("plain", False), ("flip_tta", True)):
-        result = task.evaluate(model, loader, flip_tta=flip)
+        result = task.evaluate(model, loader, flip_tta=flip, device=device)
         metrics = classification_metrics(result.targets, result.predictions)
         out[name] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "loss": result.loss,
                      "per_class_recall": dict(zip(EMOTIONS, metrics["per_class_recall"]))}
     return out
+
+
+def resolve_device(name: str) -> str:
+    """`auto` is cuda where torch sees a GPU, else cpu; `cuda` without one ends the script in one line."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU on this machine (use --device cpu or auto)")
+    return name
 
 
 def main() -> None:
@@ -119,6 +132,10 @@ def main() -> None:
     parser.add_argument("--norm", choices=("gn", "bn"), default="gn",
                         help="gn: the GroupNorm build federations and DP use; bn: BatchNorm")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to train: auto = a GPU if torch sees one, else the CPU")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="loader processes that augment (0 = in the training process, as on the 2-core CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small slice, 2 epochs: checks the script")
     parser.add_argument("--out", type=Path, default=None)
@@ -126,6 +143,7 @@ def main() -> None:
                         help="also write the trained model as DIR/model.pt + model.json (a run's model format, so "
                              "`fer-sim evaluate`, `fer-client predict --model` and `fer-client export` take it)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = parse_recipe(model_recipe(args.model), args.recipe)
@@ -151,19 +169,22 @@ def main() -> None:
     torch.manual_seed(args.seed)
     cfg = parse_cfg(args.model, args.cfg)
     model = create_model(args.model, norm_layer=group_norm if args.norm == "gn" else batch_norm, **cfg)
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     local = task.prepare_training(model, x_train[fit_idx], y_train[fit_idx], recipe=recipe,
-                                  batch_size=args.batch_size, seed=args.seed, server_round=1, num_rounds=epochs)
+                                  batch_size=args.batch_size, seed=args.seed, server_round=1, num_rounds=epochs,
+                                  num_workers=args.workers)
+    local.criterion.to(device)
     val_loader = DataLoader(FERTorchDataset(x_train[val_idx], y_train[val_idx]), batch_size=256)
     curve, train_seconds, epoch = [], 0.0, 0
     while epoch < epochs:
         epoch += 1
         tick = time.perf_counter()
         result = task.train(model, local.loader, epochs=1, optimizer=local.optimizer, criterion=local.criterion,
-                            lr_at=recipe.round_schedule(server_round=epoch, num_rounds=epochs))
+                            lr_at=recipe.round_schedule(server_round=epoch, num_rounds=epochs), device=device)
         train_seconds += time.perf_counter() - tick
-        val = task.evaluate(model, val_loader, flip_tta=recipe.flip_tta)
+        val = task.evaluate(model, val_loader, flip_tta=recipe.flip_tta, device=device)
         curve.append({"epoch": epoch, "train_loss": result.loss, "val_accuracy": val.accuracy,
                       "train_seconds": round(train_seconds, 1), "lr_end": local.optimizer.param_groups[0]["lr"]})
         print(f"epoch {epoch}/{epochs}: train loss {result.loss:.4f}, val accuracy {val.accuracy:.4f}, "
@@ -172,14 +193,15 @@ def main() -> None:
             # Re-plan once: the schedule (progress = epoch / epochs) then ends at its last value within the budget.
             epochs = max(1, min(epochs, int(args.minutes * 60 / train_seconds)))
 
-    final = score(model, x_test, y_test)
+    final = score(model, x_test, y_test, device=device)
     results = {
         "model": args.model, "cfg": cfg, "norm": args.norm, "channels_last": args.channels_last,
         "params": count_params(model), "recipe": dataclasses.asdict(recipe),
         "batch_size": args.batch_size, "epochs": epoch, "minutes_budget": args.minutes, "quick": args.quick,
-        "threads": torch.get_num_threads(), "train_examples": len(fit_idx), "val_examples": len(val_idx),
+        "threads": torch.get_num_threads(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "workers": args.workers, "torch": torch.__version__, "train_examples": len(fit_idx), "val_examples": len(val_idx),
         "test_examples": len(y_test), "train_seconds": round(train_seconds, 1), "curve": curve,
-        "val": score(model, x_train[val_idx], y_train[val_idx]), "public_test": final,
+        "val": score(model, x_train[val_idx], y_train[val_idx], device=device), "public_test": final,
         "note": "validation carved from train (stratified); PublicTest scored once after training",
     }
     for name, block in final.items():
@@ -189,7 +211,7 @@ def main() -> None:
         from server.rundir import RunDirectory
 
         # The GroupNorm build is the federated (dp=True) one; BatchNorm is the plain build.
-        state = {key: value.contiguous() for key, value in model.state_dict().items()}
+        state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         RunDirectory(args.save_model).save_model(state, model_name=args.model,
                                                  model_cfg={**cfg, "dp": args.norm == "gn"}, round=epoch, image_size=48,
                                                  dataset=f"fer2013={args.data}")

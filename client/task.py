@@ -64,7 +64,7 @@ class LocalTraining:
 
 def prepare_training(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, recipe: TrainingRecipe,
                      batch_size: int, seed: int, server_round: int, num_rounds: int,
-                     label_prior: Sequence[float] | None = None) -> LocalTraining:
+                     label_prior: Sequence[float] | None = None, num_workers: int = 0) -> LocalTraining:
     """The loader, optimiser, loss and round schedule of `recipe` for round `server_round` of `num_rounds`.
 
     One implementation for federated clients (client.trainer) and the centralised baseline (simulation.centralized),
@@ -72,13 +72,16 @@ def prepare_training(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
     the same batches), class balancing uses these labels only (the site's own data), and the optimiser is built
     fresh, as every client builds it each round; its momentum restarts with the round. `label_prior` is the
     label mix logit-adjust trains towards (RunSettings.label_prior, resolved by the server; None = uniform).
+    `num_workers` > 0 augments in that many loader processes (a GPU run, whose one CPU core cannot feed it; the
+    augmentation then also depends on the worker layout, see FERTorchDataset).
     """
     augment = make_augment(recipe.augment)
     dataset = FERTorchDataset(images, labels, augment=augment, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     sampler = class_balanced_sampler(labels, generator=generator) if recipe.class_balance == "sampling" else None
     loader = DataLoader(dataset, batch_size=min(batch_size, max(1, len(dataset))), shuffle=sampler is None,
-                        sampler=sampler, generator=generator if sampler is None else None)
+                        sampler=sampler, generator=generator if sampler is None else None, num_workers=num_workers,
+                        persistent_workers=num_workers > 0)
     weights = class_weights(labels, num_classes=NUM_CLASSES) if recipe.class_balance == "weights" else None
     if recipe.class_balance == "logit-adjust":  # the site's own label mix goes into the loss, not the weights
         shift = label_log_prior(labels, num_classes=NUM_CLASSES)
