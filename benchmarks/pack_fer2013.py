@@ -5,9 +5,9 @@
 
 Why: the device tool sends the working tree and what `carry` names, 64 MiB in all; the project's tracked files are
 about 16 MB and FER2013's 32,299 files 50.8 MB, so the folder as it is does not fit beside them. Every FER2013 JPEG
-starts with the same 328 bytes (JFIF, quantisation and Huffman tables, frame and scan headers: one distinct
-header among 5,000 files read), so storing each distinct header once and each file's remaining bytes (the
-entropy-coded scan) packs the folder into about 40 MB, losslessly: unpacking rebuilds every file byte for byte,
+starts with the same 328 bytes (JFIF, quantisation and Huffman tables, frame and scan headers: packing the folder
+finds 2 distinct headers, that one and the README's empty one), so storing each distinct header once and each file's
+remaining bytes (the entropy-coded scan) packs the folder into 42.1 MB, losslessly: unpacking rebuilds every file byte for byte,
 checked against the SHA-256 of the whole tree, so the GPU run trains on exactly the pixels the CPU runs do. A file
 that is not a JPEG, or one whose header differs, is stored whole or under its own header.
 
