@@ -15,6 +15,8 @@
 # and the final scoring of validation and PublicTest, with and without flip averaging, takes seconds on a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# No editable install there: python puts benchmarks/ on the path, not the project root that holds client/ and models/.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results}
 DEVICE=${DEVICE:-cuda}

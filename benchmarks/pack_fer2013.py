@@ -27,6 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from privacy.atomic import atomic_write_with  # noqa: E402
+
 FORMAT = 1
 
 
@@ -77,10 +82,7 @@ def pack(folder: Path, out: Path) -> dict:
         "sha256": np.frombuffer(digest.digest(), dtype=np.uint8),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".tmp")
-    with open(partial, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(partial, out)
+    atomic_write_with(out, lambda handle: np.savez(handle, **arrays))
     return {"files": len(files), "distinct_headers": len(header_list), "bytes_in": sum(p.stat().st_size for p in files),
             "bytes_out": out.stat().st_size}
 
