@@ -64,13 +64,18 @@ def run_setup(settings: RunSettings, *, central: bool, cpus: int) -> dict:
         summary = run_centralized(settings, run_dir=run_dir)
     else:
         summary = run_simulation(settings, run_dir=run_dir, num_cpus=cpus)
-    elapsed, curve = 0.0, []
+    elapsed, curve, refit = 0.0, [], None
     for record in run_dir.rounds():
         elapsed += record.seconds or 0.0
         curve.append({"round": record.round, "passes": round(record.round / settings.local_splits, 3),
                       "accuracy": record.server_accuracy, "seconds": round(elapsed, 1)})
-    return {"final_accuracy": summary.final_accuracy, "best_accuracy": summary.best_accuracy,
-            "macro_f1": summary.macro_f1, "wall_seconds": round(time.perf_counter() - started, 1), "curve": curve}
+        if record.head_refit is not None:  # head-refit: the last round scores the re-fitted model; before it, this
+            before = record.head_refit.server_before or {}
+            refit = {"accuracy_before": before.get("accuracy"), "macro_f1_before": before.get("macro_f1"),
+                     **{k: v for k, v in record.head_refit.to_json().items() if k != "server_before"}}
+    result = {"final_accuracy": summary.final_accuracy, "best_accuracy": summary.best_accuracy,
+              "macro_f1": summary.macro_f1, "wall_seconds": round(time.perf_counter() - started, 1), "curve": curve}
+    return {**result, "head_refit": refit} if refit is not None else result
 
 
 def main() -> None:

@@ -136,6 +136,13 @@ class RunSettings:
     # the next round from, and the final one, are pulled back towards the public mix of faces and labels that
     # label skew pulls them away from. The slice is public: no epsilon, no site's data. Needs public-fraction > 0.
     server_learning: bool = False
+    # At the end of the run the server re-fits the model's linear classifier on the public slice, body frozen
+    # (client/task.py refit_classifier; server/head_refit.py): label skew bends the shared classifier towards the
+    # sites' label mixes far more than it bends the features. A convex fit with head-refit-l2 * |W - W_trained|^2
+    # pulling towards the trained weights; the delivered and scored model is the re-fitted one, and `fer-sim
+    # centralized` takes the same step. Public faces only: no epsilon. Needs public-fraction > 0.
+    head_refit: bool = False
+    head_refit_l2: float = 0.0
     # Not-true distillation at each site (FedNTD, Lee et al. 2022; client/task.py not_true_distillation): the local
     # loss adds this weight of KL towards the round's global model over each face's not-true classes, so a skewed
     # site keeps what the global model knows about the classes it holds few of. 0 = off. Non-private runs only.
@@ -268,6 +275,11 @@ class RunSettings:
             # recipe's loss only.
             raise ConfigError(f"ntd-beta {self.ntd_beta} distills towards the global model in non-private training: "
                               "use ntd-beta 0 with dp-epsilon")
+        if self.head_refit and self.public_fraction <= 0:
+            raise ConfigError("head-refit fits the classifier on the public slice at the end of the run: it needs "
+                              "public-fraction > 0")
+        if not 0 <= self.head_refit_l2 < float("inf"):
+            raise ConfigError(f"head-refit-l2 must be a finite number >= 0, got {self.head_refit_l2}")
         if self.server_learning and self.public_fraction <= 0:
             raise ConfigError("server-learning trains the global model on the public slice after every round: it "
                               "needs public-fraction > 0")

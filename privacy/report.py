@@ -229,6 +229,7 @@ class PublicData:
         slices: the public slice of each dataset (public-fraction), empty when none.
         pretrain_epochs: epochs the server pretrained on the slices (public-epochs); None without slices.
         server_learning: whether the server also trained each round's global model on the slices (server-learning).
+        head_refit: whether the server re-fitted the final model's classifier on the slices (head-refit).
         init_model: the init-model round 0 started from (before any pretraining), or None.
         init_model_dataset: the dataset its card says it was trained on (None when unknown).
         warning: set when the init model was trained on the same dataset the sites hold (it has seen their faces:
@@ -239,6 +240,7 @@ class PublicData:
     slices: tuple[PublicSlice, ...] = ()
     pretrain_epochs: int | None = None
     server_learning: bool = False
+    head_refit: bool = False
     init_model: str | None = None
     init_model_dataset: str | None = None
     warning: str | None = None
@@ -257,12 +259,14 @@ class PublicData:
             where = ", ".join(f"{s.faces} of {s.dataset}" for s in self.slices)
             parts.append(f"a public slice of {self.faces} faces ({where}) the server pretrained on for "
                          f"{self.pretrain_epochs} epochs" + (" and trained each round's global model on again "
-                                                             "(server-learning)" if self.server_learning else ""))
+                                                             "(server-learning)" if self.server_learning else "")
+                         + (" and re-fitted the final model's classifier on (head-refit)" if self.head_refit else ""))
         return " and ".join(parts) or "none"
 
     def to_json(self) -> dict[str, Any]:
         return {"slices": [s.to_json() for s in self.slices], "faces": self.faces,
                 "pretrain_epochs": self.pretrain_epochs, "server_learning": self.server_learning,
+                "head_refit": self.head_refit,
                 "init_model": self.init_model,
                 "init_model_dataset": self.init_model_dataset, "warning": self.warning, "protection": self.protection}
 
@@ -270,7 +274,8 @@ class PublicData:
     def from_json(cls, data: Mapping[str, Any]) -> PublicData:
         return cls(slices=tuple(PublicSlice.from_json(s) for s in data.get("slices") or []),
                    pretrain_epochs=data.get("pretrain_epochs"),
-                   server_learning=bool(data.get("server_learning", False)), init_model=data.get("init_model"),
+                   server_learning=bool(data.get("server_learning", False)),
+                   head_refit=bool(data.get("head_refit", False)), init_model=data.get("init_model"),
                    init_model_dataset=data.get("init_model_dataset"), warning=data.get("warning"),
                    protection=str(data.get("protection", PUBLIC_DATA_PROTECTION)))
 

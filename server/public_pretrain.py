@@ -76,6 +76,7 @@ def public_data(settings: RunSettings) -> PublicData | None:
     return PublicData(
         slices=slices, pretrain_epochs=settings.public_epochs if slices else None,
         server_learning=settings.server_learning and bool(slices),
+        head_refit=settings.head_refit and bool(slices),
         init_model=settings.init_model or None,
         init_model_dataset=init_model_dataset(settings) if settings.init_model else None,
         warning=public_start_warning(settings),

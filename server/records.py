@@ -50,11 +50,44 @@ class RoundReport:
     reclipped: list[str] = field(default_factory=list)
     # Clients whose delta was scaled down to the round's median-norm bound (server-side norm bounding).
     norm_bounded: list[str] = field(default_factory=list)
+    # The classifier's re-fit on the public slice at the end of the run (head-refit), None in other rounds.
+    head_refit: HeadRefitRecord | None = None
 
 
 def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of dataclass `cls` that `data` holds (keys the dataclass does not know are ignored)."""
     return {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+
+
+@dataclass(frozen=True)
+class HeadRefitRecord:
+    """The last round's re-fit of the classifier on the public slice (`head-refit`, server/head_refit.py).
+
+    The round's `server` evaluation scores the re-fitted model, the one the run saves and delivers; `server_before`
+    scores the model as training left it, so the step's gain is on record.
+
+    Attributes:
+        public_faces: the public faces fitted on (each also mirrored).
+        l2: head-refit-l2, the pull towards the trained classifier.
+        loss_before, loss_after: mean cross-entropy on those faces under the classifier before and after.
+        server_before: the server evaluation (loss plus server.metrics.classification_metrics) of the model before
+            the re-fit; None without a server test set.
+    """
+
+    public_faces: int
+    l2: float
+    loss_before: float
+    loss_after: float
+    server_before: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["server_before"] = None if self.server_before is None else dict(self.server_before)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HeadRefitRecord:
+        return cls(**_known(cls, data))
 
 
 @dataclass(frozen=True)
@@ -154,6 +187,7 @@ class RoundRecord:
         evaluate: evaluation replies without figures; None when there were none.
         privacy: each DP node's cumulative {"epsilon_spent", "epsilon_budget"} so far; None without DP nodes.
         fit: the round's updates; None for round 0.
+        head_refit: the classifier's re-fit on the public slice (last round, head-refit); None otherwise.
     """
 
     round: int
@@ -165,6 +199,7 @@ class RoundRecord:
     evaluate: EvaluateStatus | None = None
     privacy: dict[str, dict[str, Any]] | None = None
     fit: FitRecord | None = None
+    head_refit: HeadRefitRecord | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -183,6 +218,8 @@ class RoundRecord:
             data["privacy"] = {cid: dict(p) for cid, p in self.privacy.items()}
         if self.fit is not None:
             data["fit"] = self.fit.to_json()
+        if self.head_refit is not None:
+            data["head_refit"] = self.head_refit.to_json()
         data["schema_version"] = self.schema_version
         return data
 
@@ -197,6 +234,7 @@ class RoundRecord:
             evaluate=EvaluateStatus(**_known(EvaluateStatus, d["evaluate"])) if d.get("evaluate") else None,
             privacy=d.get("privacy"),
             fit=FitRecord.from_json(d["fit"]) if d.get("fit") is not None else None,
+            head_refit=HeadRefitRecord.from_json(d["head_refit"]) if d.get("head_refit") is not None else None,
         ))
 
     @property
@@ -253,6 +291,7 @@ def build_round(
         privacy={cid: {"epsilon_spent": p.get("epsilon_spent"), "epsilon_budget": p.get("epsilon_budget")}
                  for cid, p in sorted(privacy.items())} if privacy else None,
         fit=fit,
+        head_refit=report.head_refit,
     )
 
 

@@ -242,7 +242,8 @@ def _public_data_lines(public: PublicData) -> list[str]:
         lines.append(f"- public slice of {item.dataset}: {item.faces} faces ({classes}), held by no site; the server "
                      f"pretrained on it for {public.pretrain_epochs} epochs"
                      + ("; and trained each round's global model on it again (server-learning)"
-                        if public.server_learning else ""))
+                        if public.server_learning else "")
+                     + ("; and re-fitted the final model's classifier on it (head-refit)" if public.head_refit else ""))
     if public.init_model:
         lines.append(f"- init-model: {public.init_model} (trained on {public.init_model_dataset or 'unknown data'})")
     if public.warning:

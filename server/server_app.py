@@ -40,6 +40,7 @@ from server.ema import ParameterEMA
 from server.evaluation import ServerEvaluator
 from server.init_model import init_model_weights
 from server.public_pretrain import pretrain_on_public, public_data, target_label_prior
+from server.head_refit import HeadRefit
 from server.server_learning import ServerLearning
 from server.ledger_registry import NodeLedgers
 from server.records import RoundRecord, build_round, format_round, summarize
@@ -168,6 +169,8 @@ def build_strategy(settings: RunSettings, weights: list[np.ndarray]) -> GuardedS
         norm_bound=settings.norm_bound,
         ema=ParameterEMA(decay=settings.server_ema, weights=weights) if settings.server_ema > 0 else None,
         server_step=ServerLearning(settings) if settings.server_learning else None,
+        head_refit=HeadRefit(settings) if settings.head_refit else None,
+        final_round=settings.num_server_rounds,
     )
 
 
@@ -313,8 +316,11 @@ def run_federation(
         num_rounds=settings.num_server_rounds, round_timeout=settings.round_timeout or None
     ), strategy=strategy)
     workflow(grid, legacy)
-    # With server-ema the run's model is the average (checkpoints keep the raw model that training resumes from).
+    # With server-ema the run's model is the average (checkpoints keep the raw model that training resumes from);
+    # with head-refit, that model with its classifier re-fitted in the last round.
     final_weights = strategy.ema.weights if strategy.ema is not None else workflow.final_weights
+    if strategy.final_weights is not None:
+        final_weights = strategy.final_weights
     run_dir.save_model(
         _state_dict(settings, final_weights),
         model_name=settings.model,

@@ -37,6 +37,7 @@ from privacy.central import CentralDP, add_central_noise
 from privacy.guard import guard_update
 from privacy.report import dp_status
 from server.ema import ParameterEMA
+from server.head_refit import HeadRefit
 from server.ledger_registry import NodeLedgers
 from server.records import RoundReport
 from server.server_learning import follow_global_model
@@ -165,6 +166,10 @@ class GuardedStrategy(Strategy):
         server_step: `(round, weights) -> (weights, training loss)`, applied to every new global model before it
             is averaged, scored or sent out (server-learning, server/server_learning.py); None for
             none.
+        head_refit: the end-of-run step (server/head_refit.py HeadRefit): in round `final_round` the model the
+            server scores (the average over rounds with `ema`) gets its classifier re-fitted before it is scored,
+            and that model is the run's (`final_weights`); None for none.
+        final_round: the run's last round (head_refit only).
     """
 
     inner: Strategy
@@ -179,6 +184,10 @@ class GuardedStrategy(Strategy):
     norm_bound: float = 0.0
     ema: ParameterEMA | None = None
     server_step: Callable[[int, list[np.ndarray]], tuple[list[np.ndarray], float]] | None = None
+    head_refit: HeadRefit | None = None
+    final_round: int = 0
+    # The run's model after head_refit's step in the final round; None until then (or without head_refit).
+    final_weights: list[np.ndarray] | None = field(default=None, init=False)
     # What the guard saw, per round; the server-side evaluation per round.
     reports: dict[int, RoundReport] = field(default_factory=dict, init=False)
     server_metrics: dict[int, dict[str, Any]] = field(default_factory=dict, init=False)
@@ -411,12 +420,23 @@ class GuardedStrategy(Strategy):
         return metrics, None
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        # Flower calls this after every round's aggregation, a failed one included, so the final round's re-fit
+        # happens here, before the round is scored: the last record then scores the model the run delivers.
+        weights = self.ema.weights if self.ema is not None else parameters_to_ndarrays(parameters)
+        if self.head_refit is not None and server_round == self.final_round > 0:
+            weights, self.report(server_round).head_refit = self.head_refit(
+                weights, evaluate=None if self.evaluate_fn is None else lambda w: self._score(server_round, w))
+            self.final_weights = weights
         if self.evaluate_fn is None:
             return None
-        weights = self.ema.weights if self.ema is not None else parameters_to_ndarrays(parameters)
         loss, metrics = self.evaluate_fn(server_round, weights)
         self.server_metrics[server_round] = {"loss": loss, **metrics}
         return loss, metrics
+
+
+    def _score(self, server_round: int, weights: list[np.ndarray]) -> dict[str, Any]:
+        loss, metrics = self.evaluate_fn(server_round, weights)
+        return {"loss": loss, **metrics}
 
 
 def _replaced(res: FitRes, **changes: Any) -> FitRes:

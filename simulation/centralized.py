@@ -22,6 +22,7 @@ from client.node_data import cached_dataset, node_data_from_indices
 from models import create_model
 from privacy.report import privacy_report
 from server.evaluation import ServerEvaluator
+from server.head_refit import HeadRefit
 from server.public_pretrain import public_data, public_training_data, target_label_prior
 from server.report import write_report
 from server.records import RoundRecord, RoundReport, RunSummary, build_round, summarize
@@ -73,13 +74,16 @@ def run_centralized(
                                   seed=settings.seed, server_round=1, num_rounds=settings.num_server_rounds,
                                   label_prior=target_label_prior(settings))
 
-    def record(server_round: int, seconds: float, train_loss: float | None) -> None:
-        server = None
-        if evaluator is not None:
-            loss, metrics = evaluator(server_round, wire.get_weights(model))
-            server = {"loss": loss, **metrics}
+    def score(server_round: int, weights: list[np.ndarray]) -> dict | None:
+        if evaluator is None:
+            return None
+        loss, metrics = evaluator(server_round, weights)
+        return {"loss": loss, **metrics}
+
+    def record(server_round: int, seconds: float, train_loss: float | None, head_refit=None) -> None:
+        server = score(server_round, wire.get_weights(model))
         # One "client" (the pooled data) whose update is always accepted.
-        tally = RoundReport(num_results=1, num_accepted=1, train_loss=train_loss)
+        tally = RoundReport(num_results=1, num_accepted=1, train_loss=train_loss, head_refit=head_refit)
         entry = build_round(server_round, seconds=seconds, report=tally, server=server)
         run_dir.append_round(entry)
         if on_round is not None:
@@ -93,7 +97,13 @@ def run_centralized(
             model, local.loader, epochs=settings.local_epochs, optimizer=local.optimizer, criterion=local.criterion,
             lr_at=recipe.round_schedule(server_round=server_round, num_rounds=settings.num_server_rounds),
         )
-        record(server_round, time.perf_counter() - round_started, result.loss)
+        refit = None
+        if settings.head_refit and server_round == settings.num_server_rounds:
+            # The federation's end-of-run step, taken the same way here so that the comparison stays fair.
+            weights, refit = HeadRefit(settings)(wire.get_weights(model),
+                                                 evaluate=lambda w: score(server_round, w))
+            wire.set_weights(model, weights)
+        record(server_round, time.perf_counter() - round_started, result.loss, refit)
         run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},
                            round=server_round, checkpoint=True, **data_meta(settings))
     run_dir.save_model(model.state_dict(), model_name=settings.model, model_cfg={"dp": True},

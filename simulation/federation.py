@@ -112,6 +112,7 @@ def federation_stats(settings: RunSettings) -> dict:
             "seed": settings.seed,
             "pretrain_epochs": settings.public_epochs,
             "server_learning": settings.server_learning,
+            "head_refit": settings.head_refit,
             "faces": sum(s.faces for s in slices),
             "per_class": [int(n) for n in np.sum([s.per_class for s in slices], axis=0)],
             "datasets": {s.dataset: s.to_json() for s in slices},

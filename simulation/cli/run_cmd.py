@@ -103,6 +103,12 @@ def _make_command(mode: str):
             help="After each round's aggregation the server trains the global model on the public slice, as a site "
                  "trains on its data (needs --public-fraction; no privacy cost). `fer-sim centralized` then pools "
                  "the public slice too.")] = None,
+        head_refit: Annotated[bool | None, typer.Option(
+            "--head-refit/--no-head-refit",
+            help="At the end the server re-fits the model's classifier on the public slice, body frozen (needs "
+                 "--public-fraction; no privacy cost). `fer-sim centralized` takes the same step.")] = None,
+        head_refit_l2: Annotated[FloatOpt, typer.Option(
+            help="The re-fit's pull towards the trained classifier, head-refit-l2 * |W - W_trained|^2.")] = None,
         ntd_beta: Annotated[FloatOpt, typer.Option(
             help="Each site adds this weight of not-true distillation towards the round's global model (FedNTD; "
                  "0 = off; non-private runs).")] = None,
@@ -164,6 +170,8 @@ def _make_command(mode: str):
             "server-tau": server_tau,
             "server-ema": server_ema,
             "server-learning": server_learning,
+            "head-refit": head_refit,
+            "head-refit-l2": head_refit_l2,
             "ntd-beta": ntd_beta,
             "keep-momentum": keep_momentum,
             "fraction-fit": fraction_fit,
