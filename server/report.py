@@ -170,6 +170,12 @@ def _final_classes(rounds: Sequence[RoundRecord], confusion: str | None) -> list
                   *_table(["class", "recall", "F1", "support"], rows), "",
                   "A class absent from the test set has no recall or F1 (shown as —) and is left out of macro-F1.",
                   ""]
+    refit = next((r.head_refit for r in reversed(rounds) if r.head_refit is not None), None)
+    if refit is not None:
+        before = refit.server_before or {}
+        lines += [f"The final model's classifier was re-fitted on {refit.public_faces} public faces (head-refit, "
+                  f"l2 {refit.l2:g}): server accuracy {_pct(before.get('accuracy'))} before, as training left "
+                  f"it; the figures above score the re-fitted model.", ""]
     if confusion:
         if not lines:
             lines += ["## Final confusion matrix", ""]

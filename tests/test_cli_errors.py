@@ -186,6 +186,10 @@ CASES = {
                                            "--out", "out"), _nothing,
                                           "server-learning trains the global model on the public slice after every "
                                           "round: it needs public-fraction > 0", ["out"]),
+    "centralized-head-refit-without-slice": (("fer-sim", "centralized", "--dataset", "synthetic=20", "--head-refit",
+                                              "--out", "out"), _nothing,
+                                             "head-refit fits the classifier on the public slice at the end of the "
+                                             "run: it needs public-fraction > 0", ["out"]),
     "demo-non-empty-out": (("fer-sim", "demo", "--out", "out"), _non_empty_out,
                            "run directory out already exists and is not empty", []),
     "evaluate-missing-model": (("fer-sim", "evaluate", "--model", "run/model.pt", "--dataset", "synthetic=20"),

@@ -166,8 +166,8 @@ def test_the_step_is_deterministic_and_records_what_it_did():
 
 
 def test_the_centralised_baseline_takes_the_same_step_and_records_it(tmp_path):
-    """fer-sim centralized with head-refit: the last round scores the re-fitted model it saves, and records the
-    score of the model before the step."""
+    """fer-sim centralized with head-refit: the last round scores the re-fitted model it saves, records the score of
+    the model before the step, and report.md says so."""
     # Prepare
     settings = _make_settings(num_server_rounds=2, out_dir=str(tmp_path / "central"))
     run_dir = RunDirectory(tmp_path / "central")
@@ -187,6 +187,8 @@ def test_the_centralised_baseline_takes_the_same_step_and_records_it(tmp_path):
     assert score(2, wire.get_weights(model))[1]["accuracy"] == pytest.approx(last.server["accuracy"])
     assert 0 <= last.head_refit.server_before["accuracy"] <= 1
     assert last.head_refit.loss_after < last.head_refit.loss_before
+    report = (tmp_path / "central" / "report.md").read_text()
+    assert f"re-fitted on {last.head_refit.public_faces} public faces (head-refit" in report
 
 
 @pytest.mark.slow
