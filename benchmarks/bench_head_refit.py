@@ -4,7 +4,7 @@
 
 Loads RUN_DIR/model.pt (a `bench_fed_accuracy.py` or `fer-sim` run on FER2013 with public-fraction 0.2: the model
 the run delivered, the server's average over rounds where it had one), re-fits its classifier with the product's
-function (client/task.py refit_classifier, as server/head_refit.py calls it) at each --l2, and scores each model on
+function (client/refit.py refit_classifier, as server/head_refit.py calls it) at each --l2, and scores each model on
 the sites' held-out local splits (carved from train: the validation the l2 is chosen on) and on PublicTest, with the
 recipe's flip averaging. The re-fit is deterministic, so a run with `head-refit` on delivers exactly the model this
 script scores for its l2. --alpha and --seed must be the run's: they rebuild its sites' validation splits.
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from client import task  # noqa: E402
+from client import refit, task  # noqa: E402
 from client.config import RunSettings  # noqa: E402
 from client.data.preprocess import FERTorchDataset  # noqa: E402
 from client.node_data import cached_dataset, node_data_from_indices  # noqa: E402
@@ -64,7 +64,7 @@ res = {"args": {k: str(v) for k, v in vars(a).items()}, "public_faces": int(len(
 print("as trained", res["as_trained"], flush=True)
 for l2 in (float(v) for v in a.l2.split(",")):
     model, started = copy.deepcopy(trained), time.perf_counter()
-    fit = task.refit_classifier(model, public_images, public_labels, l2=l2)
+    fit = refit.refit_classifier(model, public_images, public_labels, l2=l2)
     seconds = round(time.perf_counter() - started, 1)  # the embedding of the public faces and the fit
     res["refit"][str(l2)] = {**scores(model), "public_loss_before": fit.loss_before, "public_loss_after": fit.loss_after,
                              "seconds": seconds}

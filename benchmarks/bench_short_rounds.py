@@ -32,7 +32,7 @@ p.add_argument("--server-lr", type=float, default=1.0)
 p.add_argument("--momentum", type=float, default=0.0)
 p.add_argument("--server-opt", choices=("sgd", "adam", "yogi"), default="sgd",
                help="the server's step: SGD with --momentum (FedAvg / FedAvgM), or FedAdam / FedYogi at rate "
-               "--server-lr with beta1 = --momentum, as Flower's strategies take it (server/strategy.py)")
+               "--server-lr with beta1 = --momentum, as Flower's strategies take it (server/strategies.py)")
 p.add_argument("--tau", type=float, default=1e-3, help="FedAdam / FedYogi's adaptivity floor (Reddi et al. 2021)")
 p.add_argument("--beta2", type=float, default=0.99, help="FedAdam / FedYogi's second-moment decay")
 p.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx: sites add mu/2 |w - w_round|^2")

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.data.labels import NUM_CLASSES
@@ -113,7 +111,7 @@ class RunSettings:
     flip_tta: str = RECIPE  # on | off: evaluate on the mean softmax of each face and its mirror
     # Federation
     num_server_rounds: int = 8  # rounds after round 0 (the initial model); the schedule runs over them
-    strategy: str = "fedavg"  # server/strategy.py STRATEGIES
+    strategy: str = "fedavg"  # server/strategies.py (the registry)
     fraction_fit: float = 1.0  # share of the connected sites trained each round (below 1: not reproducible)
     fraction_evaluate: float = 1.0  # share of the sites that score the global model on their own test split
     min_clients: int = 2  # a round waits for this many sites
@@ -137,7 +135,7 @@ class RunSettings:
     # label skew pulls them away from. The slice is public: no epsilon, no site's data. Needs public-fraction > 0.
     server_learning: bool = False
     # At the end of the run the server re-fits the model's linear classifier on the public slice, body frozen
-    # (client/task.py refit_classifier; server/head_refit.py): label skew bends the shared classifier towards the
+    # (client/refit.py refit_classifier; server/head_refit.py): label skew bends the shared classifier towards the
     # sites' label mixes far more than it bends the features. A convex fit with head-refit-l2 * |W - W_trained|^2
     # pulling towards the trained weights; the delivered and scored model is the re-fitted one, and `fer-sim
     # centralized` takes the same step. Public faces only: no epsilon. Needs public-fraction > 0.
@@ -398,28 +396,6 @@ class RunSettings:
     def update_bound(self) -> float:
         """The L2 norm a client clips its update to: central-clip under central DP, else max-update-norm."""
         return min(self.central_clip, self.max_update_norm) if self.central_dp_enabled else self.max_update_norm
-
-
-def read_run_config_file(path: Path) -> dict[str, Any]:
-    """Reads a run-config TOML file for `fer-server --config` and `fer-sim run/centralized --config`.
-
-    The file holds flat kebab-case keys, or a `[tool.flwr.app.config]` table as in pyproject.toml; a `dataset` given
-    as a list of specs is joined with ';' (the run config's one-string form). The keys are checked later, by
-    `RunSettings.from_run_config`.
-
-    Raises:
-        ConfigError: the file is missing or not valid TOML, in one line naming it.
-    """
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
-    if isinstance(table.get("dataset"), list):
-        table["dataset"] = ";".join(table["dataset"])
-    return table
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

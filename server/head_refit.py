@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client import task, wire
+from client import refit, wire
 from client.config import RunSettings
 from models import create_model
 from server.public_pretrain import public_training_data
@@ -27,7 +27,7 @@ Evaluate = Callable[[list[np.ndarray]], dict[str, Any] | None]
 
 class HeadRefit:
     """`head-refit`: re-fits the model's linear classifier on the public slice, the rest of the model frozen
-    (client/task.py refit_classifier, which says why).
+    (client/refit.py refit_classifier, which says why).
 
     It reads only the model the run produced and public faces the coordinator holds in the clear, so it is
     post-processing: no site's data, no epsilon (privacy.json names the public slice). Deterministic: L-BFGS on
@@ -53,7 +53,7 @@ class HeadRefit:
         model = create_model(self.settings.model, dp=True)
         wire.set_weights(model, weights)
         with torch.random.fork_rng():  # no stream of the run's is drawn from: nothing here is random
-            result = task.refit_classifier(model, self.images, self.labels, l2=self.settings.head_refit_l2,
+            result = refit.refit_classifier(model, self.images, self.labels, l2=self.settings.head_refit_l2,
                                            flip=self.flip)
         log.info("head re-fit on %d public faces (l2 %g): loss %.4f -> %.4f (not private, no epsilon)",
                  result.num_examples, self.settings.head_refit_l2, result.loss_before, result.loss_after)

@@ -47,7 +47,8 @@ from server.records import RoundRecord, build_round, format_round, summarize
 from server.replies import is_finite_number
 from server.rundir import RunDirectory
 from server.secagg import QuantizationCost, make_secagg_workflow
-from server.strategy import GuardedStrategy, create_strategy
+from server.strategies import create_strategy
+from server.strategy import GuardedStrategy
 
 log = logging.getLogger("fer_fl.server")
 

@@ -17,7 +17,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 
 from client.config import RunSettings
 from server.replies import bound_to_median_norm
-from server.strategy import GuardedStrategy, create_strategy
+from server.strategies import create_strategy
+from server.strategy import GuardedStrategy
 from simulation.attacks import ATTACK_REGISTRY, LIED_COUNT, attacker_partitions, flip_labels
 from tests.test_strategy import _Proxy
 

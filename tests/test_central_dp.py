@@ -11,7 +11,8 @@ from client.config import ConfigError, RunSettings
 from privacy.accounting import central_epsilon
 from privacy.central import CentralDP, add_central_noise
 from server.server_app import build_privacy_report, initial_weights
-from server.strategy import GuardedStrategy, create_strategy
+from server.strategies import create_strategy
+from server.strategy import GuardedStrategy
 from tests.test_client_app import _make_context, _make_message
 from tests.test_strategy import SHAPES, _make_delta, _make_fitres, _params, _Proxy
 

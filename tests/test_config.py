@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.config import ConfigError, RunSettings, read_run_config_file
+from client.config import ConfigError, RunSettings
+from client.config_file import read_run_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

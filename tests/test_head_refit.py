@@ -1,5 +1,5 @@
 """head-refit: at the end of a run the server re-fits the model's linear classifier on the public slice, body frozen
-(client/task.py refit_classifier, server/head_refit.py); the baseline takes the same step, the run records it."""
+(client/refit.py refit_classifier, server/head_refit.py); the baseline takes the same step, the run records it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import task, wire
+from client import refit, wire
 from client.config import ConfigError, RunSettings
 from client.data.synthetic import make_synthetic
 from models import create_model, list_models
@@ -72,7 +72,7 @@ def test_every_registered_model_has_a_linear_classifier_to_refit(name):
     model = create_model(name, dp=True)
     images = torch.zeros(2, 1, 48, 48)
     # Execute
-    layer = task.classifier_layer(model)
+    layer = refit.classifier_layer(model)
     model.eval()
     with torch.no_grad():
         embedding = model.forward_head(model.forward_features(images), pre_logits=True)
@@ -88,11 +88,11 @@ def test_the_fit_is_the_optimum_of_the_regularised_cross_entropy(l2):
     # Prepare
     model = _make_model()
     images, labels = _make_faces()
-    layer = task.classifier_layer(model)
+    layer = refit.classifier_layer(model)
     w0 = layer.weight.detach().double().numpy().copy()
-    features = task.embed(model, images, flip=True).flatten(0, 1).double().numpy()
+    features = refit.embed(model, images, flip=True).flatten(0, 1).double().numpy()
     # Execute
-    result = task.refit_classifier(model, images, labels, l2=l2)
+    result = refit.refit_classifier(model, images, labels, l2=l2)
     # Assert
     gradient = _objective_gradient(features, np.repeat(labels, 2), layer.weight.detach().double().numpy(),
                                    layer.bias.detach().double().numpy(), w0, l2)
@@ -108,7 +108,7 @@ def test_only_the_classifier_changes():
     before = copy.deepcopy(model.state_dict())
     images, labels = _make_faces()
     # Execute
-    task.refit_classifier(model, images, labels, l2=1e-3)
+    refit.refit_classifier(model, images, labels, l2=1e-3)
     # Assert
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"classifier.weight", "classifier.bias"}
@@ -119,15 +119,15 @@ def test_a_classifier_bent_towards_one_class_is_straightened():
     # Prepare
     model = _make_model()
     images, labels = _make_faces(240)
-    task.refit_classifier(model, images, labels, l2=0.1)
+    refit.refit_classifier(model, images, labels, l2=0.1)
     unbent, bent = copy.deepcopy(model), copy.deepcopy(model)
     with torch.no_grad():
-        task.classifier_layer(bent).bias[0] += 1e4
+        refit.classifier_layer(bent).bias[0] += 1e4
     score = ServerEvaluator(model_name="cnn_am", images=images, labels=labels, flip_tta=True)
     bent_accuracy = score(1, wire.get_weights(bent))[1]["accuracy"]
     # Execute
-    task.refit_classifier(unbent, images, labels, l2=0.1)
-    task.refit_classifier(bent, images, labels, l2=0.1)
+    refit.refit_classifier(unbent, images, labels, l2=0.1)
+    refit.refit_classifier(bent, images, labels, l2=0.1)
     # Assert
     assert bent_accuracy == pytest.approx(np.mean(labels == 0))
     straightened = score(1, wire.get_weights(bent))[1]["accuracy"]
@@ -141,8 +141,8 @@ def test_the_embedding_with_flip_holds_both_mirror_views():
     model = _make_model()
     images, _ = _make_faces(8)
     # Execute
-    both = task.embed(model, images, flip=True)
-    mirrored = task.embed(model, np.ascontiguousarray(images[:, :, ::-1]), flip=False)
+    both = refit.embed(model, images, flip=True)
+    mirrored = refit.embed(model, np.ascontiguousarray(images[:, :, ::-1]), flip=False)
     # Assert
     assert both.shape[:2] == (8, 2)
     torch.testing.assert_close(both[:, 1], mirrored)
@@ -212,6 +212,6 @@ def test_a_federation_delivers_and_scores_the_refitted_model(tmp_path):
     expected = create_model(settings.model, dp=True)
     expected.load_state_dict(raw)
     images, labels, _ = public_training_data(settings)
-    task.refit_classifier(expected, images, labels, l2=settings.head_refit_l2)
+    refit.refit_classifier(expected, images, labels, l2=settings.head_refit_l2)
     torch.testing.assert_close(final["classifier.weight"], expected.state_dict()["classifier.weight"])
     assert json.loads((out / "privacy.json").read_text())["public_data"]["head_refit"] is True

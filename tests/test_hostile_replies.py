@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from server.server_app import FerWorkflow, weighted_mean_of
-from server.strategy import GuardedStrategy, create_strategy
+from server.strategies import create_strategy
+from server.strategy import GuardedStrategy
 from tests.test_strategy import SHAPES, _Proxy
 
 MAX_NORM = 10.0

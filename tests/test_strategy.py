@@ -7,7 +7,8 @@ import pytest
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
-from server.strategy import GuardedStrategy, create_strategy, list_strategies, validate_update
+from server.strategies import create_strategy, list_strategies
+from server.strategy import GuardedStrategy, validate_update
 
 SHAPES = [(3, 2), (4,)]
 

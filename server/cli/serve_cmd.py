@@ -94,7 +94,8 @@ def start(
     listen: ListenOptions = ListenOptions(),
 ) -> None:
     """Start the SuperLink and run the federation to its last round, writing the run directory."""
-    from client.config import ConfigError, RunSettings, read_run_config_file
+    from client.config import ConfigError, RunSettings
+    from client.config_file import read_run_config_file
     from client.dp_training import check_model_dp_options
     from server.rundir import check_new_run_dir
 

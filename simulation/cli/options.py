@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from client.config import ConfigError, RunSettings, read_run_config_file
+from client.config import ConfigError, RunSettings
+from client.config_file import read_run_config_file
 
 
 def resolve_settings(*, config_file: Path | None, overrides: dict[str, Any]) -> RunSettings:
