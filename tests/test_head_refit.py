@@ -203,8 +203,8 @@ def test_a_federation_delivers_and_scores_the_refitted_model(tmp_path):
     # Assert
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [("head_refit" in r) for r in rounds] == [False, False, True]
-    refit = HeadRefitRecord.from_json(rounds[-1]["head_refit"])
-    assert refit.loss_after < refit.loss_before and refit.server_before is not None
+    record = HeadRefitRecord.from_json(rounds[-1]["head_refit"])
+    assert record.loss_after < record.loss_before and record.server_before is not None
     final = torch.load(out / "model.pt", weights_only=True)
     raw = torch.load(out / "checkpoints" / "round-002.pt", weights_only=True)
     changed = {k for k in final if not torch.equal(final[k], raw[k])}
