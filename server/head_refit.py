@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
 from client import refit, wire
 from client.config import RunSettings
@@ -52,9 +51,8 @@ class HeadRefit:
         """
         model = create_model(self.settings.model, dp=True)
         wire.set_weights(model, weights)
-        with torch.random.fork_rng():  # no stream of the run's is drawn from: nothing here is random
-            result = refit.refit_classifier(model, self.images, self.labels, l2=self.settings.head_refit_l2,
-                                           flip=self.flip)
+        result = refit.refit_classifier(model, self.images, self.labels, l2=self.settings.head_refit_l2,
+                                        flip=self.flip)
         log.info("head re-fit on %d public faces (l2 %g): loss %.4f -> %.4f (not private, no epsilon)",
                  result.num_examples, self.settings.head_refit_l2, result.loss_before, result.loss_after)
         record = HeadRefitRecord(public_faces=result.num_examples, l2=self.settings.head_refit_l2,
